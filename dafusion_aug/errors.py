@@ -1,0 +1,29 @@
+"""Exceptions raised by dafusion-aug.
+
+Every error the library raises on purpose is a :class:`DafusionError` (or a built-in ``ValueError`` /
+``TypeError`` for plainly wrong arguments), and its message names the argument and the value received.
+"""
+
+from __future__ import annotations
+
+__all__ = ["DafusionError", "TokenFileError", "CacheError", "PipelineError", "ErasureFileError"]
+
+
+class DafusionError(Exception):
+    """Base class of the errors dafusion-aug raises on purpose."""
+
+
+class TokenFileError(DafusionError):
+    """A class-token file is missing, corrupt, of the wrong format, or does not fit the pipeline."""
+
+
+class ErasureFileError(DafusionError):
+    """An erasure file is missing, corrupt, or was trained on another base model."""
+
+
+class CacheError(DafusionError):
+    """The augmentation cache cannot be used (folder not writable, disk full, entry missing)."""
+
+
+class PipelineError(DafusionError):
+    """A pipeline cannot be loaded or used as asked."""
