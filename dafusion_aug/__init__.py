@@ -1,3 +1,35 @@
-"""dafusion-aug: generative data augmentation with diffusion models (DA-Fusion)."""
+"""dafusion-aug: generative data augmentation with diffusion models (DA-Fusion).
+
+Example:
+    >>> from dafusion_aug import DiffusionAugment
+    >>> aug = DiffusionAugment("pocket", tokens="tokens.safetensors", cache="cache/")  # doctest: +SKIP
+"""
 
 __version__ = "0.1.0.dev0"
+
+from .cache import AugmentationCache
+from .data import AugmentedDataset, few_shot_indices, image_folder
+from .errors import CacheError, DafusionError, PipelineError, TokenFileError
+from .functional import diffuse
+from .pipeline import PipelineSpec, load_pipeline
+from .precompute import precompute
+from .tokens import ClassTokens
+from .transform import DiffusionAugment
+
+__all__ = [
+    "AugmentationCache",
+    "AugmentedDataset",
+    "CacheError",
+    "ClassTokens",
+    "DafusionError",
+    "DiffusionAugment",
+    "PipelineError",
+    "PipelineSpec",
+    "TokenFileError",
+    "__version__",
+    "diffuse",
+    "few_shot_indices",
+    "image_folder",
+    "load_pipeline",
+    "precompute",
+]

@@ -1,0 +1,148 @@
+"""Conversions between what users pass (PIL, tensors, tv_tensors) and canonical RGB uint8 arrays, and back.
+
+Each input becomes a list of ``(H, W, 3)`` uint8 arrays plus a ``restore`` function that rebuilds an
+object of the input's type, mode, size, dtype, device and value range from replacement arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import tv_tensors
+
+__all__ = ["is_image_leaf", "to_canonical", "Restore"]
+
+Restore = Callable[[Sequence[np.ndarray | None]], object]
+
+_PIL_MODES = {"RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1", "I", "I;16", "F"}
+_GRAY_W = np.array([299, 587, 114], dtype=np.uint32)
+
+
+def is_image_leaf(x: object) -> bool:
+    return isinstance(x, (Image.Image, tv_tensors.Image))
+
+
+def _gray(rgb: np.ndarray) -> np.ndarray:
+    # ITU-R 601-2 luma, the formula PIL's convert("L") uses, so tensors and PIL images agree.
+    return ((rgb.astype(np.uint32) @ _GRAY_W + 500) // 1000).astype(np.uint8)
+
+
+def _pil_to_canonical(img: Image.Image) -> tuple[list[np.ndarray], Restore]:
+    mode = img.mode
+    if mode not in _PIL_MODES:
+        raise ValueError(f"image has PIL mode {mode!r}, which dafusion-aug does not handle; convert it to 'RGB' first")
+    if img.width < 1 or img.height < 1:
+        raise ValueError(f"image must be at least 1x1, got {img.width}x{img.height}")
+    alpha = img.getchannel("A") if mode in ("RGBA", "LA", "PA") else None
+    if mode in ("I", "I;16", "F"):
+        # High bit-depth grayscale: scale to 8 bits for the model, keep the mode on the way back.
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if mode == "I;16" or arr.max(initial=0) > 255 else 255.0
+        if mode == "F":
+            hi = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
+        g = np.clip(np.round(arr / hi * 255.0), 0, 255).astype(np.uint8)
+        rgb = np.repeat(g[:, :, None], 3, axis=2)
+
+        def restore_hi(outs):
+            if outs[0] is None:
+                return img
+            g2 = _gray(outs[0]).astype(np.float64) / 255.0 * hi
+            if mode == "F":
+                return Image.fromarray(g2.astype(np.float32), "F")
+            if mode == "I;16":
+                return Image.fromarray(np.round(g2).astype(np.uint16), "I;16")
+            return Image.fromarray(np.round(g2).astype(np.int32), "I")
+
+        return [np.ascontiguousarray(rgb)], restore_hi
+    rgb = np.asarray(img.convert("RGB"))
+
+    def restore(outs):
+        out = outs[0]
+        if out is None:
+            return img
+        new = Image.fromarray(out, "RGB")
+        if mode == "RGB":
+            pass
+        elif mode in ("L", "LA"):
+            new = new.convert("L")
+        elif mode in ("P", "PA"):
+            new = new.convert("P", palette=Image.Palette.ADAPTIVE)
+        else:
+            new = new.convert(mode if mode != "RGBA" else "RGB")
+        if alpha is not None:
+            new = new.convert({"RGBA": "RGBA", "LA": "LA", "PA": "RGBA"}[mode])
+            new.putalpha(alpha)
+            if mode == "PA":
+                new = new.convert("PA")
+        return new
+
+    return [np.ascontiguousarray(rgb)], restore
+
+
+def _tensor_chw_to_canonical(t: torch.Tensor, where: str) -> np.ndarray:
+    c = t.shape[0]
+    if c not in (1, 3, 4):
+        raise ValueError(f"{where} must have 1, 3 or 4 channels (C, H, W), got shape {tuple(t.shape)}")
+    if t.shape[1] < 1 or t.shape[2] < 1:
+        raise ValueError(f"{where} must be at least 1x1, got shape {tuple(t.shape)}")
+    x = t.detach().to("cpu")
+    if x.dtype == torch.uint8:
+        u8 = x
+    elif x.is_floating_point():
+        x = x.float()
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{where} must hold finite values, got NaN or inf")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < -1e-6 or hi > 1 + 1e-6:
+            raise ValueError(f"{where} is a float tensor, so its values must be in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
+        u8 = x.clamp(0, 1).mul(255).round().to(torch.uint8)
+    else:
+        raise TypeError(f"{where} must be a uint8 or floating-point tensor, got dtype {t.dtype}")
+    arr = u8[:3].permute(1, 2, 0).numpy() if c >= 3 else u8[0].unsqueeze(-1).expand(-1, -1, 3).numpy()
+    return np.ascontiguousarray(arr)
+
+
+def _restore_chw(orig: torch.Tensor, out: np.ndarray) -> torch.Tensor:
+    c = orig.shape[0]
+    chans = torch.from_numpy(_gray(out)).unsqueeze(0) if c == 1 else torch.from_numpy(out).permute(2, 0, 1)
+    if orig.dtype == torch.uint8:
+        new = chans.to(torch.uint8)
+        if c == 4:
+            new = torch.cat([new, orig[3:].detach().to("cpu")])
+    else:
+        new = chans.to(torch.float32).div_(255.0)
+        if c == 4:
+            new = torch.cat([new, orig[3:].detach().to("cpu", torch.float32)])
+        new = new.to(orig.dtype)
+    return new.to(orig.device)
+
+
+def to_canonical(leaf: object, where: str = "image") -> tuple[list[np.ndarray], Restore]:
+    """Split ``leaf`` into canonical RGB arrays (one per sample) and a function that rebuilds its type.
+
+    ``restore(outs)`` takes one array or ``None`` per sample (``None`` keeps the sample) and returns the
+    input object itself when nothing is replaced.
+    """
+    if isinstance(leaf, Image.Image):
+        return _pil_to_canonical(leaf)
+    if not isinstance(leaf, torch.Tensor):
+        raise TypeError(f"{where} must be a PIL image or a tensor, got {type(leaf).__name__}")
+    if leaf.ndim == 3:
+        samples, batched = [leaf], False
+    elif leaf.ndim == 4:
+        samples, batched = list(leaf.unbind(0)), True
+    else:
+        raise ValueError(f"{where} must be a (C, H, W) or (B, C, H, W) tensor, got shape {tuple(leaf.shape)}")
+    arrays = [_tensor_chw_to_canonical(s, f"{where}[{i}]" if batched else where) for i, s in enumerate(samples)]
+
+    def restore(outs):
+        if all(o is None for o in outs):
+            return leaf
+        parts = [s if o is None else _restore_chw(s, o) for s, o in zip(samples, outs)]
+        new = torch.stack(parts) if batched else parts[0]
+        return tv_tensors.wrap(new, like=leaf) if isinstance(leaf, tv_tensors.TVTensor) else new
+
+    return arrays, restore

@@ -1,0 +1,193 @@
+"""A content-addressed, sharded, atomic, worker-safe image cache on disk.
+
+Entries live at ``root/ab/cd/<key>.<ext>`` (two levels of shards keep folders small). A write goes to a
+temporary file in the same folder and is renamed into place with ``os.replace``, so a reader sees either
+nothing or a whole file; no locks are taken, and two workers writing the same key is harmless (last
+rename wins; both wrote the same pixels). An entry that cannot be decoded counts as a miss and is removed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import io
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import CacheError
+
+__all__ = ["AugmentationCache", "CacheStats"]
+
+_FORMATS = {
+    # name: (extension, PIL format, save kwargs); chosen by benchmarks/bench_cache.py, see docs/performance.md
+    "png": (".png", "PNG", {"compress_level": 1}),
+    "webp": (".webp", "WEBP", {"lossless": True, "method": 0, "quality": 0}),
+}
+_KEY = re.compile(r"^[0-9a-f]{16,128}$")
+
+
+@dataclasses.dataclass
+class CacheStats:
+    """Counters of one process's use of a cache (each DataLoader worker counts its own)."""
+
+    hits: int = 0
+    misses: int = 0
+    writes: int = 0
+    bytes_written: int = 0
+    corrupt: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+class AugmentationCache:
+    """Lossless on-disk store of generated variants, keyed by content hashes.
+
+    Args:
+        root: the cache folder (created if needed). Must be writable unless ``read_only``.
+        format: ``"png"`` (level 1, the default: see docs/performance.md for the measurement) or ``"webp"``
+            (lossless, method 0).
+        read_only: never write (for a cache filled by ``precompute`` and shared read-only).
+
+    Raises:
+        CacheError: the folder cannot be created or written.
+
+    Example:
+        >>> cache = AugmentationCache("/tmp/dafusion-cache")  # doctest: +SKIP
+        >>> cache.get("0" * 64) is None  # doctest: +SKIP
+        True
+    """
+
+    def __init__(self, root: str | os.PathLike, format: str = "png", read_only: bool = False) -> None:
+        if format not in _FORMATS:
+            raise ValueError(f"format must be one of {sorted(_FORMATS)}, got {format!r}")
+        self.root = Path(root).expanduser()
+        self.format = format
+        self.read_only = read_only
+        self._ext, self._pil_format, self._save_kwargs = _FORMATS[format]
+        self._stats = CacheStats()
+        if not read_only:
+            self._check_writable()
+        elif not self.root.is_dir():
+            raise CacheError(f"cache root {str(self.root)!r} does not exist (read_only=True)")
+
+    def _check_writable(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=self.root, prefix=".probe-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise CacheError(f"cache root {str(self.root)!r} is not a writable folder: {e}") from e
+
+    def __repr__(self) -> str:
+        return f"AugmentationCache({str(self.root)!r}, format={self.format!r})"
+
+    def __reduce__(self):
+        return (type(self), (str(self.root), self.format, self.read_only))
+
+    # -- paths -------------------------------------------------------------------------------------
+    def path(self, key: str) -> Path:
+        """Where ``key`` lives (``root/ab/cd/key.ext``)."""
+        if not isinstance(key, str) or not _KEY.match(key):
+            raise ValueError(f"key must be a lowercase hex digest, got {key!r}")
+        return self.root / key[:2] / key[2:4] / f"{key}{self._ext}"
+
+    def __contains__(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    # -- reading -----------------------------------------------------------------------------------
+    def get(self, key: str) -> np.ndarray | None:
+        """The cached RGB uint8 ``(H, W, 3)`` array for ``key``, or ``None`` on a miss.
+
+        A file that cannot be decoded (torn by a crash, truncated, overwritten with junk) is a miss; it is
+        removed so the next write replaces it.
+        """
+        path = self.path(key)
+        try:
+            with Image.open(path) as im:
+                im.load()
+                arr = np.asarray(im.convert("RGB") if im.mode != "RGB" else im)
+        except FileNotFoundError:
+            self._stats.misses += 1
+            return None
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            self._stats.misses += 1
+            self._stats.corrupt += 1
+            try:
+                path.unlink()
+            except OSError:
+                pass
+            return None
+        self._stats.hits += 1
+        return arr
+
+    # -- writing -----------------------------------------------------------------------------------
+    def encode(self, image: np.ndarray) -> bytes:
+        """Encode an RGB uint8 ``(H, W, 3)`` array in the cache's lossless format."""
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"image must be an (H, W, 3) uint8 array, got {getattr(image, 'dtype', type(image))} {getattr(image, 'shape', '')}")
+        buf = io.BytesIO()
+        Image.fromarray(image, "RGB").save(buf, format=self._pil_format, **self._save_kwargs)
+        return buf.getvalue()
+
+    def put(self, key: str, image: np.ndarray | None = None, *, data: bytes | None = None) -> Path:
+        """Store ``image`` (or already-encoded ``data``) under ``key``, atomically.
+
+        Raises:
+            CacheError: the cache is read-only, or the disk is full or not writable (nothing partial is left).
+        """
+        if self.read_only:
+            raise CacheError(f"cache {str(self.root)!r} is read-only")
+        if data is None:
+            if image is None:
+                raise ValueError("put needs image or data")
+            data = self.encode(image)
+        path = self.path(key)
+        tmp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:16]}-", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+            tmp = None
+        except OSError as e:
+            reason = "the disk is full" if e.errno == errno.ENOSPC else str(e)
+            raise CacheError(f"cannot write cache entry {str(path)!r}: {reason}") from e
+        finally:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+        self._stats.writes += 1
+        self._stats.bytes_written += len(data)
+        return path
+
+    # -- bookkeeping -------------------------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        """This process's counters: hits, misses, writes, bytes_written, corrupt."""
+        return self._stats.as_dict()
+
+    def keys(self):
+        """Iterate over the keys stored on disk."""
+        for p in self.root.glob(f"??/??/*{self._ext}"):
+            yield p.name[: -len(self._ext)]
+
+    def clean_temporaries(self) -> int:
+        """Remove temporary files left by killed writers; returns how many were removed."""
+        n = 0
+        for p in self.root.glob("??/??/.*.tmp"):
+            try:
+                p.unlink()
+                n += 1
+            except OSError as e:
+                warnings.warn(f"could not remove {p}: {e}", stacklevel=2)
+        return n

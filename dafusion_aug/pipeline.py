@@ -1,0 +1,268 @@
+"""What to load, how to load it once per process, and a fingerprint that names what was loaded.
+
+A :class:`PipelineSpec` is small and picklable; the pipeline it loads is not pickled, ever. Every process
+loads a spec at most once (:func:`load_pipeline` keeps one pipeline per spec and process), so DataLoader
+workers started with ``spawn`` each load their own copy only when they must generate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._hashing import file_digest, stable_digest
+from .errors import PipelineError
+
+__all__ = ["PipelineSpec", "load_pipeline", "pipeline_fingerprint", "resolve_dtype", "resolve_device"]
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+_SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+_WEIGHT_SUFFIXES = (".safetensors", ".json", ".txt", ".model")
+
+_LOADED: dict[tuple, Any] = {}
+_LOCK = threading.Lock()
+_FILE_FP: dict[tuple, str] = {}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """``None`` -> float32; a name (``"fp16"``, ``"bfloat16"``, ...) or a ``torch.dtype`` -> that dtype."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise ValueError(f"dtype must be one of {sorted(set(_DTYPES))} or a torch.dtype, got {dtype!r}")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` -> CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from e
+
+
+def _pocket_path() -> Path:
+    from .pocket import model_path
+
+    return model_path()
+
+
+def _local_dir_fingerprint(path: Path) -> str:
+    files = sorted(
+        p for p in path.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+    if not files:
+        raise PipelineError(f"model folder {str(path)!r} holds no weights or configs (*.safetensors, *.json)")
+    stat_key = (str(path), tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if stat_key not in _FILE_FP:
+        _FILE_FP[stat_key] = stable_digest("local", [(f.relative_to(path).as_posix(), file_digest(str(f))) for f in files])
+    return _FILE_FP[stat_key]
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSpec:
+    """A picklable description of an img2img pipeline to load.
+
+    Args:
+        model: a Hugging Face Hub id (``"stable-diffusion-v1-5/stable-diffusion-v1-5"``), a local folder
+            written by ``save_pretrained``, or ``"pocket"`` for the digits model shipped in the package.
+        revision: Hub revision (branch, tag or commit); ignored for local folders.
+        dtype: ``"float32"`` (default), ``"float16"`` or ``"bfloat16"``, or a ``torch.dtype``.
+        device: ``"cpu"``, ``"cuda"``, ...; ``None`` picks CUDA when available.
+        erasure: optional path of an erasure file (see :func:`dafusion_aug.erase_concept`) applied at load time.
+        scheduler: ``None`` keeps the model's scheduler; or one of ``"ddim"``, ``"pndm"``, ``"euler"``,
+            ``"euler-a"``, ``"dpm++"``, ``"unipc"``.
+        local_files_only: never contact the Hub, use the local Hugging Face cache only.
+
+    Example:
+        >>> spec = PipelineSpec("pocket", device="cpu")
+        >>> pipe = spec.load()  # doctest: +SKIP
+    """
+
+    model: str
+    revision: str | None = None
+    dtype: str = "float32"
+    device: str | None = None
+    erasure: str | None = None
+    scheduler: str | None = None
+    local_files_only: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, (str, os.PathLike)) or not str(self.model):
+            raise TypeError(f"model must be a Hub id, a local folder or 'pocket', got {self.model!r}")
+        object.__setattr__(self, "model", os.fspath(self.model))
+        dt = resolve_dtype(self.dtype)
+        object.__setattr__(self, "dtype", str(dt).removeprefix("torch."))
+        if self.device is not None:
+            object.__setattr__(self, "device", str(resolve_device(self.device)))
+        if self.scheduler is not None and self.scheduler not in _SCHEDULERS:
+            raise ValueError(f"scheduler must be None or one of {sorted(_SCHEDULERS)}, got {self.scheduler!r}")
+        if self.erasure is not None:
+            object.__setattr__(self, "erasure", os.fspath(self.erasure))
+            if not os.path.isfile(self.erasure):
+                raise FileNotFoundError(f"erasure file not found: {self.erasure!r}")
+
+    # -- where the weights are -------------------------------------------------------------------
+    def local_path(self) -> Path | None:
+        """The folder the weights come from, or ``None`` for a Hub id."""
+        if self.model == "pocket":
+            return _pocket_path()
+        p = Path(self.model).expanduser()
+        if p.is_dir():
+            return p.resolve()
+        if p.exists() or self.model.startswith((".", "/", "~")) or self.model.count("/") > 1:
+            raise PipelineError(f"model {self.model!r} is neither a model folder nor a Hub id of the form 'owner/name'")
+        return None
+
+    def fingerprint(self) -> str:
+        """A digest that changes whenever the loaded weights would (stable across processes and machines).
+
+        Hub models: id + revision. Local folders (and ``"pocket"``): a content hash of the weight and config
+        files. Both add the scheduler choice and the erasure file's content. dtype and device are left out:
+        the same model in fp16 on a GPU and fp32 on a CPU share cached variants (see docs/design.md).
+        """
+        local = self.local_path()
+        base = _local_dir_fingerprint(local) if local is not None else stable_digest("hub", self.model, self.revision or "main")
+        erasure = file_digest(self.erasure) if self.erasure else None
+        return stable_digest("spec", base, self.scheduler, erasure)
+
+    def load(self):
+        """Load (once per process) and return the pipeline; see :func:`load_pipeline`."""
+        return load_pipeline(self)
+
+
+def _swap_scheduler(pipe, name: str) -> None:
+    import diffusers
+
+    cls = getattr(diffusers, _SCHEDULERS[name])
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+
+
+def _load_uncached(spec: PipelineSpec):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    dtype = resolve_dtype(spec.dtype)
+    device = resolve_device(spec.device)
+    local = spec.local_path()
+    kwargs: dict[str, Any] = dict(
+        torch_dtype=dtype,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        use_safetensors=True,
+    )
+    try:
+        if local is not None:
+            pipe = StableDiffusionImg2ImgPipeline.from_pretrained(str(local), local_files_only=True, **kwargs)
+        else:
+            pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
+                spec.model, revision=spec.revision, local_files_only=spec.local_files_only, **kwargs
+            )
+    except (OSError, ValueError) as e:
+        where = f"folder {str(local)!r}" if local is not None else f"Hub id {spec.model!r} (revision {spec.revision or 'main'})"
+        raise PipelineError(
+            f"could not load an img2img pipeline from {where}: {e}. "
+            "Only safetensors weights are loaded; no remote code is ever run."
+        ) from e
+    if spec.scheduler is not None:
+        _swap_scheduler(pipe, spec.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    pipe = pipe.to(device)
+    if spec.erasure is not None:
+        from .erase import Erasure
+
+        Erasure.load(spec.erasure).apply(pipe)
+    pipe._dafusion_fingerprint = spec.fingerprint()
+    return pipe
+
+
+def load_pipeline(spec: PipelineSpec | str | os.PathLike, **overrides: Any):
+    """Return the pipeline for ``spec``, loading it the first time this process asks.
+
+    Args:
+        spec: a :class:`PipelineSpec`, or a model id / folder / ``"pocket"`` (then ``overrides`` are
+            :class:`PipelineSpec` fields such as ``dtype`` or ``device``).
+
+    Returns:
+        A ``StableDiffusionImg2ImgPipeline`` on the spec's device and dtype. The same object is returned
+        to every caller in this process that asks for an equal spec; callers must not change its weights
+        for good (dafusion-aug only adds token rows and applies erasures inside ``try/finally``).
+
+    Raises:
+        PipelineError: the model cannot be found or loaded.
+    """
+    if not isinstance(spec, PipelineSpec):
+        spec = PipelineSpec(os.fspath(spec), **overrides)
+    elif overrides:
+        spec = dataclasses.replace(spec, **overrides)
+    key = (spec, str(resolve_device(spec.device)), os.getpid())
+    with _LOCK:
+        if key not in _LOADED:
+            _LOADED[key] = _load_uncached(spec)
+        return _LOADED[key]
+
+
+def pipeline_fingerprint(pipe) -> str:
+    """Fingerprint of an already-loaded pipeline: its component configs and weights.
+
+    Token rows added by dafusion-aug are left out (only the base vocabulary's rows count), so applying
+    class tokens does not change the fingerprint. Memoised on the pipeline object.
+    """
+    cached = getattr(pipe, "_dafusion_fingerprint", None)
+    if cached is not None:
+        return cached
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(f"pipeline:{type(pipe).__name__}".encode())
+    base_vocab = getattr(pipe, "_dafusion_base_vocab", None)
+    for name, component in sorted(pipe.components.items()):
+        if component is None:
+            continue
+        h.update(f"|{name}:{type(component).__name__}".encode())
+        config = getattr(component, "config", None)
+        if config is not None:
+            raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+            cfg = {k: v for k, v in raw.items() if not k.startswith("_") and k != "transformers_version"}
+            h.update(stable_digest(cfg).encode())
+        if isinstance(component, torch.nn.Module):
+            for pname, tensor in sorted(component.state_dict().items()):
+                t = tensor.detach()
+                if name == "text_encoder" and base_vocab is not None and t.shape and t.shape[0] > base_vocab and "token_embedding" in pname:
+                    t = t[:base_vocab]
+                h.update(f"{pname}:{tuple(t.shape)}:{t.dtype}".encode())
+                h.update(t.to("cpu", torch.float32).contiguous().numpy().tobytes())
+        elif hasattr(component, "get_vocab"):
+            vocab = component.get_vocab()
+            if base_vocab is not None:
+                vocab = {k: v for k, v in vocab.items() if v < base_vocab}
+            h.update(stable_digest(sorted(vocab.items())).encode())
+    fp = stable_digest("loaded", h.hexdigest())
+    pipe._dafusion_fingerprint = fp
+    return fp

@@ -1,0 +1,323 @@
+"""Class tokens: class names <-> learned tokens <-> embeddings, stored as one safetensors file.
+
+File format (see DESIGN.md): keys are tokens (``"<golden-retriever>"``), values float32
+``[num_vectors, dim]`` (diffusers' textual-inversion convention); metadata strings ``format=pt``,
+``dafusion_aug_version``, ``class_names`` (JSON list, index = label), ``tokens`` (JSON list),
+``base_model``, ``dim``, ``num_vectors`` and ``training`` (JSON of the hyper-parameters).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from ._hashing import stable_digest
+from .errors import TokenFileError
+
+__all__ = ["ClassTokens", "token_for_class"]
+
+_FORMAT = "dafusion-aug/class-tokens/1"
+
+
+def token_for_class(name: str, index: int | None = None) -> str:
+    """The token for a class name: ``"Golden Retriever"`` -> ``"<golden-retriever>"``.
+
+    Characters other than ASCII letters and digits become ``-``; a name with none of them (``"猫"``)
+    becomes ``<class-{index}>``.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"class name must be a str, got {type(name).__name__}: {name!r}")
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:48]
+    if not slug:
+        if index is None:
+            raise ValueError(f"class name {name!r} has no ASCII letters or digits; pass its index")
+        slug = f"class-{index}"
+    return f"<{slug}>"
+
+
+def _looks_like_pickle(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head[:1] == b"\x80" or head[:2] == b"PK"
+
+
+def _atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _read_safetensors(path: str, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        raise TokenFileError(f"{what} not found: {path!r}")
+    if _looks_like_pickle(path):
+        raise TokenFileError(
+            f"{what} {path!r} is a pickle / torch.save file; dafusion-aug never unpickles. "
+            "Import DA-Fusion .pt files with ClassTokens.from_dafusion(path)."
+        )
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise TokenFileError(f"{what} {path!r} is not a readable safetensors file: {e}") from e
+    return tensors, metadata
+
+
+class ClassTokens:
+    """Learned class tokens and their embeddings.
+
+    Args:
+        class_names: class names, index = label.
+        embeddings: one float tensor per class, ``[num_vectors, dim]`` (a ``[dim]`` tensor means one vector),
+            as a sequence in class order or a mapping ``class_name -> tensor``.
+        tokens: the token strings; default ``token_for_class(name)`` for each class.
+        metadata: free-form JSON-able information (base model fingerprint, hyper-parameters, ...).
+
+    Example:
+        >>> toks = ClassTokens(["cat", "dog"], [torch.zeros(1, 32), torch.ones(1, 32)])
+        >>> toks.tokens
+        ['<cat>', '<dog>']
+    """
+
+    def __init__(
+        self,
+        class_names: Sequence[str],
+        embeddings: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
+        tokens: Sequence[str] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        names = list(class_names)
+        if not names:
+            raise ValueError("class_names must name at least one class, got []")
+        if len(set(names)) != len(names):
+            raise ValueError(f"class_names must be unique, got {names}")
+        if isinstance(embeddings, Mapping):
+            missing = [n for n in names if n not in embeddings]
+            if missing:
+                raise ValueError(f"embeddings has no entry for classes {missing}")
+            embeddings = [embeddings[n] for n in names]
+        embs = [torch.as_tensor(e).detach().to("cpu", torch.float32) for e in embeddings]
+        if len(embs) != len(names):
+            raise ValueError(f"embeddings must have one entry per class ({len(names)}), got {len(embs)}")
+        embs = [e.unsqueeze(0) if e.ndim == 1 else e for e in embs]
+        shapes = {tuple(e.shape) for e in embs}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise ValueError(f"embeddings must all be [num_vectors, dim] of one shape, got {sorted(shapes)}")
+        if any(not torch.isfinite(e).all() for e in embs):
+            raise ValueError("embeddings must be finite, got NaN or inf values")
+        toks = list(tokens) if tokens is not None else [token_for_class(n, i) for i, n in enumerate(names)]
+        if len(toks) != len(names):
+            raise ValueError(f"tokens must have one entry per class ({len(names)}), got {len(toks)}")
+        if len(set(toks)) != len(toks):
+            dupes = sorted({t for t in toks if toks.count(t) > 1})
+            raise ValueError(f"class names map to the same token {dupes}; pass tokens= explicitly")
+        for t in toks:
+            if not isinstance(t, str) or not t or any(c.isspace() for c in t):
+                raise ValueError(f"each token must be a non-empty string without spaces, got {t!r}")
+        self.class_names: list[str] = names
+        self.tokens: list[str] = toks
+        self.embeddings: list[torch.Tensor] = embs
+        self.metadata: dict[str, Any] = dict(metadata or {})
+
+    # -- basic facts -------------------------------------------------------------------------------
+    @property
+    def num_vectors(self) -> int:
+        return int(self.embeddings[0].shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings[0].shape[1])
+
+    def __len__(self) -> int:
+        return len(self.class_names)
+
+    def __repr__(self) -> str:
+        return f"ClassTokens({len(self)} classes, num_vectors={self.num_vectors}, dim={self.dim})"
+
+    def token_for(self, label: int | str) -> str:
+        """The token of a class, by label or class name."""
+        if isinstance(label, str):
+            if label not in self.class_names:
+                raise ValueError(f"label {label!r} is not one of the class names {self.class_names}")
+            return self.tokens[self.class_names.index(label)]
+        if not 0 <= int(label) < len(self):
+            raise ValueError(f"label must be in [0, {len(self)}), got {label}")
+        return self.tokens[int(label)]
+
+    def content_hash(self) -> str:
+        """Digest of the names, tokens and embedding values (what changes generated images)."""
+        import hashlib
+
+        h = hashlib.sha256(stable_digest(self.class_names, self.tokens).encode())
+        for e in self.embeddings:
+            h.update(e.contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def expanded_tokens(self, index: int) -> list[str]:
+        """The tokenizer entries of class ``index``: ``<t>``, ``<t>_1``, ... (diffusers' multi-vector naming)."""
+        t = self.tokens[index]
+        return [t] + [f"{t}_{i}" for i in range(1, self.num_vectors)]
+
+    # -- files -------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the tokens to ``path`` (safetensors), atomically. Returns the path."""
+        path = Path(path)
+        meta = {
+            "format": "pt",
+            "dafusion_format": _FORMAT,
+            "dafusion_aug_version": __version__,
+            "class_names": json.dumps(self.class_names),
+            "tokens": json.dumps(self.tokens),
+            "dim": str(self.dim),
+            "num_vectors": str(self.num_vectors),
+            "base_model": str(self.metadata.get("base_model", "")),
+            "training": json.dumps({k: v for k, v in self.metadata.items() if k != "base_model"}, default=str),
+        }
+        _atomic_save_file({t: e.contiguous() for t, e in zip(self.tokens, self.embeddings)}, str(path), meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ClassTokens:
+        """Read a token file written by :meth:`save` (or a one-token diffusers ``learned_embeds.safetensors``).
+
+        Raises:
+            TokenFileError: missing, corrupt, a pickle, or inconsistent contents.
+        """
+        path = os.fspath(path)
+        tensors, meta = _read_safetensors(path, "token file")
+        if not tensors:
+            raise TokenFileError(f"token file {path!r} holds no tensors")
+        try:
+            tokens = json.loads(meta["tokens"]) if "tokens" in meta else list(tensors)
+            names = json.loads(meta["class_names"]) if "class_names" in meta else [t.strip("<>") for t in tokens]
+            extra = json.loads(meta.get("training", "{}") or "{}")
+        except json.JSONDecodeError as e:
+            raise TokenFileError(f"token file {path!r} has malformed metadata: {e}") from e
+        missing = [t for t in tokens if t not in tensors]
+        if missing:
+            raise TokenFileError(f"token file {path!r} lists tokens {missing} that it does not store")
+        if meta.get("base_model"):
+            extra["base_model"] = meta["base_model"]
+        try:
+            return cls(names, [tensors[t] for t in tokens], tokens=tokens, metadata=extra)
+        except (ValueError, TypeError) as e:
+            raise TokenFileError(f"token file {path!r} is inconsistent: {e}") from e
+
+    @classmethod
+    def from_dafusion(cls, path: str | os.PathLike, class_names: Sequence[str] | None = None) -> ClassTokens:
+        """Import an original DA-Fusion token file (a ``torch.save`` dict ``{"<class_name>": tensor}``).
+
+        Loaded with ``torch.load(weights_only=True)``, which refuses anything but tensors and plain
+        containers. DA-Fusion wrote class names with spaces as ``_``; they come back with spaces.
+
+        Args:
+            path: the ``.pt`` file.
+            class_names: optional class order (index = label); default: the file's order.
+        """
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise TokenFileError(f"DA-Fusion token file not found: {path!r}")
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... for bad files
+            raise TokenFileError(f"{path!r} is not a DA-Fusion token file loadable with weights_only=True: {e}") from e
+        if not isinstance(data, dict) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
+            raise TokenFileError(f"{path!r} must hold a dict of token -> tensor, got {type(data).__name__}")
+        by_name = {str(k).strip("<>").replace("_", " "): v for k, v in data.items()}
+        names = list(class_names) if class_names is not None else list(by_name)
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise TokenFileError(f"{path!r} has no tokens for classes {missing}; it has {list(by_name)}")
+        return cls(names, by_name, metadata={"imported_from": "da-fusion"})
+
+    def export_diffusers(self, folder: str | os.PathLike) -> list[Path]:
+        """Write one ``<folder>/<slug>/learned_embeds.safetensors`` per class.
+
+        Each file holds one key (the token) and loads into a plain diffusers pipeline with
+        ``pipe.load_textual_inversion(folder / slug)``.
+        """
+        out = []
+        for token, emb in zip(self.tokens, self.embeddings):
+            sub = Path(folder) / token.strip("<>")
+            path = sub / "learned_embeds.safetensors"
+            _atomic_save_file({token: emb.contiguous()}, str(path), {"format": "pt"})
+            out.append(path)
+        return out
+
+    # -- pipelines ---------------------------------------------------------------------------------
+    def apply(self, pipe, *, replace: bool = False) -> None:
+        """Add the tokens to ``pipe``'s tokenizer and text encoder (through ``load_textual_inversion``).
+
+        Idempotent: tokens already present with the same values are skipped.
+
+        Args:
+            pipe: a diffusers pipeline with ``tokenizer`` and ``text_encoder``.
+            replace: overwrite the rows of tokens that dafusion-aug added earlier with other values
+                (used when a process runs several experiments on one loaded pipeline).
+
+        Raises:
+            TokenFileError: the embedding size does not match the text encoder, or a token is already in
+                the vocabulary with other values (and ``replace`` does not allow overwriting it).
+        """
+        tokenizer, encoder = getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None)
+        if tokenizer is None or encoder is None:
+            raise TokenFileError(f"pipeline {type(pipe).__name__} has no tokenizer/text_encoder to apply tokens to")
+        weight = encoder.get_input_embeddings().weight
+        if weight.shape[1] != self.dim:
+            raise TokenFileError(
+                f"token embeddings have dim {self.dim} but the text encoder's embeddings have dim {weight.shape[1]}; "
+                f"these tokens were trained for another model (base_model={self.metadata.get('base_model', '?')!r})"
+            )
+        if not hasattr(pipe, "_dafusion_base_vocab"):
+            pipe._dafusion_base_vocab = len(tokenizer)
+        ours: set[str] = getattr(pipe, "_dafusion_tokens", set())
+        vocab = tokenizer.get_vocab()
+        new_tokens, new_embs = [], []
+        for i, emb in enumerate(self.embeddings):
+            names = self.expanded_tokens(i)
+            present = [n in vocab for n in names]
+            if not any(present):
+                new_tokens.append(self.tokens[i])
+                new_embs.append(emb)
+                continue
+            ids = [vocab.get(n) for n in names]
+            if all(present):
+                current = weight.detach()[ids].to("cpu", torch.float32)
+                target = emb.to(weight.dtype).to(torch.float32)
+                if torch.equal(current, target):
+                    continue
+                if replace and all(n in ours for n in names):
+                    with torch.no_grad():
+                        weight[ids] = emb.to(weight.device, weight.dtype)
+                    continue
+            raise TokenFileError(
+                f"token {self.tokens[i]!r} (class {self.class_names[i]!r}) is already in the tokenizer vocabulary "
+                "with other values; use other token names, or a fresh pipeline"
+            )
+        if new_tokens:
+            pipe.load_textual_inversion(new_embs, token=new_tokens)
+            for i, t in enumerate(self.tokens):
+                if t in new_tokens:
+                    ours.update(self.expanded_tokens(i))
+        pipe._dafusion_tokens = ours
