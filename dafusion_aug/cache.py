@@ -113,7 +113,7 @@ class AugmentationCache:
         try:
             with Image.open(path) as im:
                 im.load()
-                arr = np.asarray(im.convert("RGB") if im.mode != "RGB" else im)
+                arr = np.array(im.convert("RGB") if im.mode != "RGB" else im)
         except FileNotFoundError:
             self._stats.misses += 1
             return None

@@ -250,6 +250,8 @@ def pipeline_fingerprint(pipe) -> str:
         if config is not None:
             raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
             cfg = {k: v for k, v in raw.items() if not k.startswith("_") and k != "transformers_version"}
+            if name == "text_encoder" and base_vocab is not None and "vocab_size" in cfg:
+                cfg["vocab_size"] = base_vocab  # grown by added token rows, which do not count
             h.update(stable_digest(cfg).encode())
         if isinstance(component, torch.nn.Module):
             for pname, tensor in sorted(component.state_dict().items()):

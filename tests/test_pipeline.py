@@ -1,0 +1,113 @@
+"""PipelineSpec, load_pipeline and fingerprints; the tiny pipeline itself."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dafusion_aug import PipelineSpec, load_pipeline
+from dafusion_aug.errors import PipelineError
+from dafusion_aug.pipeline import pipeline_fingerprint
+from dafusion_aug.testing import tiny_pipeline
+
+
+def test_tiny_pipeline_is_fast_offline_and_seeded():
+    t0 = time.perf_counter()
+    a = tiny_pipeline(seed=0)
+    assert time.perf_counter() - t0 < 5.0
+    state = torch.random.get_rng_state()
+    b, c = tiny_pipeline(seed=0), tiny_pipeline(seed=1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    wa, wb, wc = (p.unet.conv_in.weight for p in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+    assert a.unet.config.sample_size * a.vae_scale_factor == 32
+    assert any("attn2" in n for n, _ in a.unet.named_modules())
+    assert "zebra</w>" in a.tokenizer.get_vocab()
+    assert a.tokenizer.tokenize("qwxz") == ["q", "w", "x", "z</w>"]  # character fall-back
+
+
+def test_local_folder_loads_once_per_process(tiny_folder):
+    spec = PipelineSpec(str(tiny_folder), device="cpu")
+    pipe = load_pipeline(spec)
+    assert load_pipeline(PipelineSpec(str(tiny_folder), device="cpu")) is pipe
+    assert spec.load() is pipe
+    assert pipe.safety_checker is None and pipe.unet.dtype == torch.float32
+    ref = tiny_pipeline(seed=0)
+    assert torch.equal(pipe.unet.conv_in.weight, ref.unet.conv_in.weight)
+
+
+def test_spec_pickles_small_and_fingerprint_is_stable_across_processes(tiny_folder):
+    spec = PipelineSpec(str(tiny_folder), device="cpu", scheduler="ddim")
+    assert len(pickle.dumps(spec)) < 1000
+    code = f"from dafusion_aug import PipelineSpec; print(PipelineSpec({str(tiny_folder)!r}, scheduler='ddim').fingerprint())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == spec.fingerprint()
+    assert PipelineSpec(str(tiny_folder), scheduler="euler").fingerprint() != out
+    assert PipelineSpec(str(tiny_folder), dtype="bfloat16").fingerprint() == PipelineSpec(str(tiny_folder)).fingerprint()
+
+
+def test_fingerprint_follows_weight_content(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    tiny_pipeline(seed=0).save_pretrained(a)
+    tiny_pipeline(seed=1).save_pretrained(b)
+    assert PipelineSpec(str(a)).fingerprint() != PipelineSpec(str(b)).fingerprint()
+
+
+def test_hub_ids_fingerprint_without_network():
+    a = PipelineSpec("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    assert a.local_path() is None
+    assert a.fingerprint() == PipelineSpec("stable-diffusion-v1-5/stable-diffusion-v1-5", revision="main").fingerprint()
+    assert a.fingerprint() != PipelineSpec("stable-diffusion-v1-5/stable-diffusion-v1-5", revision="fp16").fingerprint()
+
+
+def test_loaded_pipeline_fingerprint_ignores_added_tokens():
+    from dafusion_aug import ClassTokens
+
+    pipe, other = tiny_pipeline(seed=0), tiny_pipeline(seed=0)
+    before = pipeline_fingerprint(other)
+    ClassTokens(["cat"], [torch.randn(1, 32)]).apply(pipe)
+    assert pipeline_fingerprint(pipe) == before
+    assert pipeline_fingerprint(tiny_pipeline(seed=1)) != before
+
+
+def test_missing_models_fail_clearly(tmp_path):
+    with pytest.raises(PipelineError, match="could not load"):
+        load_pipeline(PipelineSpec("nobody/nothing", local_files_only=True, device="cpu"))
+    with pytest.raises(PipelineError, match="neither a model folder"):
+        PipelineSpec(str(tmp_path / "missing" / "x")).fingerprint()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(PipelineError, match="holds no weights"):
+        PipelineSpec(str(empty)).fingerprint()
+
+
+def test_only_safetensors_are_loaded(tmp_path):
+    folder = tmp_path / "bin"
+    tiny_pipeline().save_pretrained(folder, safe_serialization=False)
+    with pytest.raises(PipelineError, match="safetensors"):
+        load_pipeline(PipelineSpec(str(folder), device="cpu"))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(model="x/y", dtype="int8"), "dtype must be"),
+        (dict(model="x/y", scheduler="magic"), "scheduler must be"),
+        (dict(model="x/y", device="gpu0"), "device must be"),
+        (dict(model=""), "model must be"),
+        (dict(model="x/y", erasure="/no/such/file.safetensors"), "erasure file not found"),
+    ],
+)
+def test_spec_validation(kwargs, match):
+    with pytest.raises((ValueError, TypeError, FileNotFoundError), match=match):
+        PipelineSpec(**kwargs)
+
+
+def test_scheduler_swap(tiny_folder):
+    pipe = load_pipeline(PipelineSpec(str(tiny_folder), device="cpu", scheduler="euler"))
+    assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"

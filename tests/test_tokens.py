@@ -1,0 +1,169 @@
+"""ClassTokens: the file format, diffusers interoperability, DA-Fusion import, applying to pipelines."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from dafusion_aug import ClassTokens
+from dafusion_aug.errors import TokenFileError
+from dafusion_aug.testing import tiny_pipeline
+from dafusion_aug.tokens import token_for_class
+
+NAMES = ["cat", "golden retriever", "zebra"]
+
+
+def make_tokens(num_vectors=1, dim=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return ClassTokens(NAMES, [torch.randn(num_vectors, dim, generator=g) for _ in NAMES], metadata={"base_model": "abc", "steps": 3})
+
+
+def test_token_names_are_slugs():
+    assert token_for_class("Golden Retriever") == "<golden-retriever>"
+    assert token_for_class("a/../b\x00c") == "<a-b-c>"
+    assert token_for_class("猫", 4) == "<class-4>"
+    with pytest.raises(ValueError, match="pass its index"):
+        token_for_class("猫")
+    assert len(token_for_class("x" * 500)) <= 50
+
+
+@pytest.mark.parametrize("num_vectors", [1, 3])
+def test_save_load_round_trip_and_format(tmp_path, num_vectors):
+    toks = make_tokens(num_vectors)
+    path = toks.save(tmp_path / "t.safetensors")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        assert set(f.keys()) == set(toks.tokens)
+        assert f.get_tensor("<zebra>").dtype == torch.float32
+        assert tuple(f.get_tensor("<zebra>").shape) == (num_vectors, 32)
+    assert meta["format"] == "pt" and json.loads(meta["class_names"]) == NAMES
+    assert json.loads(meta["tokens"]) == toks.tokens and meta["num_vectors"] == str(num_vectors)
+    assert meta["base_model"] == "abc" and json.loads(meta["training"])["steps"] == 3
+    back = ClassTokens.load(path)
+    assert back.class_names == NAMES and back.content_hash() == toks.content_hash()
+    assert back.metadata["base_model"] == "abc"
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_apply_is_idempotent_and_conflicts_raise():
+    pipe = tiny_pipeline()
+    toks = make_tokens(2)
+    toks.apply(pipe)
+    size = len(pipe.tokenizer)
+    toks.apply(pipe)
+    assert len(pipe.tokenizer) == size
+    other = make_tokens(2, seed=1)
+    with pytest.raises(TokenFileError, match="already in the tokenizer vocabulary"):
+        other.apply(pipe)
+    other.apply(pipe, replace=True)
+    ids = pipe.tokenizer.convert_tokens_to_ids(["<cat>", "<cat>_1"])
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids], other.embeddings[0])
+
+
+def test_apply_refuses_vocabulary_words_and_wrong_dim():
+    pipe = tiny_pipeline()
+    clash = ClassTokens(["photo"], [torch.randn(1, 32)], tokens=["photo</w>"])
+    with pytest.raises(TokenFileError, match="already in the tokenizer"):
+        clash.apply(pipe, replace=True)
+    with pytest.raises(TokenFileError, match="dim 16"):
+        ClassTokens(["x"], [torch.randn(1, 16)]).apply(pipe)
+
+
+def test_export_loads_into_plain_diffusers_pipeline(tmp_path):
+    toks = make_tokens(2)
+    paths = toks.export_diffusers(tmp_path / "export")
+    assert [p.parent.name for p in paths] == ["cat", "golden-retriever", "zebra"]
+    pipe = tiny_pipeline()
+    pipe.load_textual_inversion(str(paths[1].parent))
+    ids = pipe.tokenizer.convert_tokens_to_ids(["<golden-retriever>", "<golden-retriever>_1"])
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids], toks.embeddings[1])
+
+
+def test_saved_file_loads_with_load_textual_inversion(tmp_path):
+    """The multi-class file itself loads in plain diffusers, as lists of tensors and tokens."""
+    toks = make_tokens()
+    path = toks.save(tmp_path / "t.safetensors")
+    with safe_open(str(path), "pt") as f:
+        tensors = [f.get_tensor(t) for t in toks.tokens]
+    pipe = tiny_pipeline()
+    pipe.load_textual_inversion(tensors, token=toks.tokens)
+    ids = pipe.tokenizer.convert_tokens_to_ids(toks.tokens)
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids], torch.cat(toks.embeddings))
+
+
+def test_one_key_diffusers_file_loads(tmp_path):
+    toks = make_tokens()
+    (path,) = ClassTokens(["cat"], [toks.embeddings[0]]).export_diffusers(tmp_path)
+    back = ClassTokens.load(path)
+    assert back.tokens == ["<cat>"] and back.class_names == ["cat"]
+
+
+def test_from_dafusion_imports_pt_files(tmp_path):
+    data = {"<golden_retriever>": torch.randn(32), "<cat>": torch.randn(32)}
+    torch.save(data, tmp_path / "tokens.pt")
+    toks = ClassTokens.from_dafusion(tmp_path / "tokens.pt", class_names=["cat", "golden retriever"])
+    assert toks.tokens == ["<cat>", "<golden-retriever>"]
+    assert torch.equal(toks.embeddings[1][0], data["<golden_retriever>"])
+    with pytest.raises(TokenFileError, match="no tokens for classes"):
+        ClassTokens.from_dafusion(tmp_path / "tokens.pt", class_names=["dog"])
+
+
+def test_from_dafusion_refuses_arbitrary_objects(tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"<cat>": Evil()}, f)
+    with pytest.raises(TokenFileError, match="weights_only"):
+        ClassTokens.from_dafusion(tmp_path / "evil.pt")
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"", "not a readable safetensors"),
+        (b"\x80\x04junk", "pickle"),
+        (b"PK\x03\x04zip", "pickle"),
+        (b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}", "not a readable safetensors"),
+    ],
+)
+def test_load_rejects_bad_files(tmp_path, content, match):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(TokenFileError, match=match):
+        ClassTokens.load(path)
+
+
+def test_load_rejects_truncated_file(tmp_path):
+    path = make_tokens().save(tmp_path / "t.safetensors")
+    path.write_bytes(path.read_bytes()[:-7])
+    with pytest.raises(TokenFileError, match=str(path.name)):
+        ClassTokens.load(path)
+
+
+def test_missing_file_names_the_path(tmp_path):
+    with pytest.raises(TokenFileError, match="nope.safetensors"):
+        ClassTokens.load(tmp_path / "nope.safetensors")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(class_names=[], embeddings=[]), "at least one class"),
+        (dict(class_names=["a", "a"], embeddings=[torch.zeros(1, 4)] * 2), "unique"),
+        (dict(class_names=["a", "b"], embeddings=[torch.zeros(1, 4)]), "one entry per class"),
+        (dict(class_names=["a", "b"], embeddings=[torch.zeros(1, 4), torch.zeros(2, 4)]), "one shape"),
+        (dict(class_names=["a"], embeddings=[torch.tensor([[float("nan")]])]), "finite"),
+        (dict(class_names=["A b", "a-b"], embeddings=[torch.zeros(1, 4)] * 2), "same token"),
+        (dict(class_names=["a"], embeddings=[torch.zeros(1, 4)], tokens=["has space"]), "without spaces"),
+    ],
+)
+def test_constructor_validation(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        ClassTokens(**kwargs)

@@ -1,0 +1,341 @@
+"""DiffusionAugment: the call contract, determinism, caching and validation."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from conftest import CLASS_NAMES, random_image
+from PIL import Image
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from dafusion_aug import AugmentationCache, ClassTokens, DiffusionAugment, PipelineSpec
+from dafusion_aug._hashing import image_digest
+from dafusion_aug.errors import CacheError, PipelineError
+
+
+def pixels(x) -> np.ndarray:
+    if isinstance(x, Image.Image):
+        return np.asarray(x).copy()
+    return x.detach().cpu().numpy().copy()
+
+
+def check_transform(aug, image, label=1):
+    """torchvision-style contract check: tuples, dicts, junk leaves by identity, pickling."""
+    junk = object()
+    out = aug(image, label, junk)
+    assert out[1] is label and out[2] is junk
+    assert type(out[0]) is type(image)
+    sample = {"image": image, "label": label, "meta": {"junk": junk, "name": "x"}}
+    out = aug(sample)
+    assert out["label"] is label and out["meta"]["junk"] is junk and out["meta"]["name"] == "x"
+    assert type(out["image"]) is type(image)
+    again = pickle.loads(pickle.dumps(aug))
+    assert again.fingerprint() == aug.fingerprint()
+    return out
+
+
+def test_check_transform_pil(make_aug):
+    check_transform(make_aug(), random_image(0))
+
+
+def test_check_transform_tensor(make_aug):
+    check_transform(make_aug(), torch.rand(3, 32, 32))
+
+
+def test_p0_returns_input_untouched(make_aug):
+    aug = make_aug(p=0.0)
+    img = random_image(1)
+    out, label = aug(img, 2)
+    assert out is img and label == 2
+    t = torch.rand(3, 32, 32)
+    assert aug(t, 0)[0] is t
+
+
+def test_p1_always_replaces(make_aug):
+    aug = make_aug(p=1.0)
+    for seed in range(4):
+        img = random_image(seed)
+        out, _ = aug(img, seed % 3)
+        assert out is not img
+        assert not np.array_equal(pixels(out), pixels(img))
+
+
+@pytest.mark.parametrize("p", [0.3, 0.7])
+def test_p_is_the_replacement_rate(make_aug, p):
+    aug = make_aug(p=p, num_variants=1)
+    torch.manual_seed(0)
+    params = [aug.make_params([torch.rand(3, 8, 8)])["apply"][0] for _ in range(2000)]
+    assert abs(np.mean(params) - p) < 0.04
+
+
+def test_decisions_follow_global_torch_rng(make_aug):
+    aug = make_aug(p=0.5, num_variants=5)
+    torch.manual_seed(123)
+    a = [aug.make_params([torch.zeros(4, 3, 8, 8)]) for _ in range(5)]
+    torch.manual_seed(123)
+    b = [aug.make_params([torch.zeros(4, 3, 8, 8)]) for _ in range(5)]
+    assert a == b and len(a[0]["apply"]) == 4
+
+
+def test_same_variant_same_pixels_and_cache_hit_equals_recompute(make_aug, tmp_path):
+    aug = make_aug(cache=tmp_path / "c1")
+    img = random_image(3)
+    arr = np.asarray(img)
+    var = aug.variant(image_digest(arr), 1, 2)
+    generated = aug.generate([arr], [var])[0]
+    torch.manual_seed(0)
+    out1, _ = aug(img, 1)
+    torch.manual_seed(0)
+    out2, _ = aug(img, 1)
+    assert np.array_equal(pixels(out1), pixels(out2))
+    assert aug.cache.stats()["hits"] == 1 and aug.cache.stats()["writes"] == 1
+    # a hit returns exactly what a fresh generation of the same variant gives
+    torch.manual_seed(0)
+    chosen = aug.make_params([img])["variant"][0]
+    fresh = aug.generate([arr], [aug.variant(image_digest(arr), 1, chosen)])[0]
+    assert np.array_equal(pixels(out1), fresh)
+    assert generated.shape == (32, 32, 3)
+
+
+def test_variants_differ_and_strengths_follow_probs(make_aug):
+    aug = make_aug(num_variants=200, strength=(0.25, 1.0), strength_probs=(0.8, 0.2))
+    digest = image_digest(np.zeros((4, 4, 3), np.uint8))
+    vs = [aug.variant(digest, 0, v) for v in range(200)]
+    assert len({v.seed for v in vs}) == 200 and len({v.key for v in vs}) == 200
+    share = np.mean([v.strength == 0.25 for v in vs])
+    assert 0.7 < share < 0.9
+
+
+def test_variant_depends_on_label_seed_and_settings(make_aug):
+    digest = image_digest(np.zeros((4, 4, 3), np.uint8))
+    a = make_aug()
+    assert a.variant(digest, 0, 0).key != a.variant(digest, 1, 0).key
+    assert a.variant(digest, 0, 0).seed != make_aug(seed=1).variant(digest, 0, 0).seed
+    assert a.variant(digest, 0, 0).key != make_aug(guidance_scale=3.0).variant(digest, 0, 0).key
+    assert a.variant(digest, 0, 0).key != make_aug(prompt="a drawing of a {name}").variant(digest, 0, 0).key
+
+
+def test_corrupt_cache_entry_is_regenerated(make_aug, tmp_path):
+    aug = make_aug(cache=tmp_path / "c2")
+    img = random_image(4)
+    torch.manual_seed(1)
+    first, _ = aug(img, 0)
+    (key,) = list(aug.cache.keys())
+    path = aug.cache.path(key)
+    path.write_bytes(path.read_bytes()[:40])  # torn file
+    torch.manual_seed(1)
+    second, _ = aug(img, 0)
+    assert np.array_equal(pixels(first), pixels(second))
+    assert aug.cache.stats()["corrupt"] == 1
+    assert aug.cache.get(key) is not None
+
+
+@pytest.mark.parametrize(
+    "make_input",
+    [
+        lambda: random_image(5),
+        lambda: random_image(5, (40, 24)),
+        lambda: random_image(5, mode="L"),
+        lambda: random_image(5, mode="RGBA"),
+        lambda: torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8),
+        lambda: torch.randint(0, 256, (1, 20, 30), dtype=torch.uint8),
+        lambda: torch.rand(3, 32, 32),
+        lambda: torch.rand(3, 32, 32, dtype=torch.float64),
+        lambda: torch.rand(4, 28, 28),
+        lambda: tv_tensors.Image(torch.rand(3, 32, 32)),
+        lambda: tv_tensors.Image(torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)),
+    ],
+)
+def test_output_matches_input_type_size_dtype_range(make_aug, make_input):
+    aug = make_aug()
+    x = make_input()
+    out, _ = aug(x, 2)
+    assert type(out) is type(x)
+    if isinstance(x, Image.Image):
+        assert out.size == x.size and out.mode == x.mode
+        if x.mode == "RGBA":
+            assert np.array_equal(np.asarray(out)[..., 3], np.asarray(x)[..., 3])
+    else:
+        assert out.shape == x.shape and out.dtype == x.dtype and out.device == x.device
+        if x.is_floating_point():
+            assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+        if x.shape[0] == 4:
+            assert torch.equal(out[3], x[3])  # alpha kept
+
+
+def test_batch_gets_one_decision_per_sample(make_aug):
+    aug = make_aug(p=0.5, num_variants=2)
+    x = torch.rand(8, 3, 32, 32)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    torch.manual_seed(7)
+    params = aug.make_params([x])
+    torch.manual_seed(7)
+    out, labels = aug(x, y)
+    assert labels is y and out.shape == x.shape
+    for j, applied in enumerate(params["apply"]):
+        same = torch.equal(out[j], x[j])
+        assert same != applied
+    # each replaced sample equals the same image transformed alone with the same decision
+    j = params["apply"].index(True)
+    arr = (x[j].permute(1, 2, 0).mul(255).round().to(torch.uint8)).numpy()
+    single = aug.generate([arr], [aug.variant(image_digest(arr), int(y[j]), params["variant"][j])])[0]
+    assert torch.equal(out[j], torch.from_numpy(single).permute(2, 0, 1).float() / 255)
+
+
+def test_float_and_uint8_versions_share_variants(make_aug):
+    aug = make_aug()
+    u8 = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    torch.manual_seed(0)
+    a, _ = aug(u8, 1)
+    torch.manual_seed(0)
+    b, _ = aug(u8.float() / 255, 1)
+    assert torch.equal(a.float() / 255, b)
+
+
+def test_compose_and_string_labels(make_aug):
+    aug = make_aug()
+    pipeline = v2.Compose([aug, v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+    img, label = pipeline(random_image(8), "zebra")
+    assert isinstance(img, tv_tensors.Image) and img.shape == (3, 32, 32) and label == "zebra"
+
+
+def test_prompts_use_tokens_names_lists_dicts_and_callables(make_aug):
+    d = image_digest(np.zeros((4, 4, 3), np.uint8))
+    assert make_aug().variant(d, 1, 0).prompt == "a photo of a golden retriever"
+    toks = ClassTokens(CLASS_NAMES, [torch.randn(1, 32) for _ in CLASS_NAMES])
+    assert make_aug(tokens=toks, class_names=None).variant(d, 1, 0).prompt == "a photo of a <golden-retriever>"
+    many = make_aug(prompt=["a {name}", "the {name}"], num_variants=50)
+    assert {many.variant(d, 2, v).prompt for v in range(50)} == {"a zebra", "the zebra"}
+    per_class = make_aug(prompt={0: "feline {name}", "golden retriever": "a dog", 2: ["stripes"]})
+    assert [per_class.variant(d, i, 0).prompt for i in range(3)] == ["feline cat", "a dog", "stripes"]
+    called = make_aug(prompt=lambda name, label: f"{label}:{name}")
+    assert called.variant(d, 2, 0).prompt == "2:zebra"
+    agnostic = make_aug(prompt="a photo", class_names=None)
+    assert agnostic.variant(d, None, 0).prompt == "a photo"
+
+
+def test_tokens_reach_the_pipeline(make_aug, fresh_pipe):
+    toks = ClassTokens(CLASS_NAMES, [torch.randn(2, 32) for _ in CLASS_NAMES])
+    aug = make_aug(pipeline=fresh_pipe, tokens=toks, class_names=None)
+    out, _ = aug(random_image(9), 2)
+    pipe = aug.pipeline()
+    var = aug.variant(image_digest(np.asarray(random_image(9))), 2, 0)
+    ids = pipe.tokenizer(pipe.maybe_convert_prompt(var.prompt, pipe.tokenizer)).input_ids
+    want = pipe.tokenizer.convert_tokens_to_ids(["<zebra>", "<zebra>_1"])
+    assert all(i in ids for i in want)
+    emb = pipe.text_encoder.get_input_embeddings().weight
+    assert torch.equal(emb[want], toks.embeddings[2])
+
+
+def test_two_transforms_with_different_tokens_on_one_pipeline(make_aug, fresh_pipe, tmp_path):
+    """DA-Fusion's singleton bug: one run's tokens silently reused by the next."""
+    t1 = ClassTokens(CLASS_NAMES, [torch.randn(1, 32) for _ in CLASS_NAMES])
+    t2 = ClassTokens(CLASS_NAMES, [torch.randn(1, 32) for _ in CLASS_NAMES])
+    a1 = make_aug(pipeline=fresh_pipe, tokens=t1, class_names=None, cache=None)
+    a2 = make_aug(pipeline=fresh_pipe, tokens=t2, class_names=None, cache=None)
+    img = random_image(10)
+    arr = np.asarray(img)
+    v1 = a1.variant(image_digest(arr), 0, 0)
+    first = a1.generate([arr], [v1])[0]
+    a2.generate([arr], [a2.variant(image_digest(arr), 0, 0)])
+    again = a1.generate([arr], [v1])[0]
+    assert np.array_equal(first, again)
+    assert a1.fingerprint() != a2.fingerprint()
+
+
+def test_on_miss_real_and_error(make_aug, tmp_path):
+    img = random_image(11)
+    real = make_aug(on_miss="real", cache=tmp_path / "empty")
+    out, _ = real(img, 0)
+    assert out is img
+    strict = make_aug(on_miss="error", cache=tmp_path / "empty2")
+    with pytest.raises(CacheError, match="on_miss='error'"):
+        strict(img, 0)
+
+
+def test_pickle_drops_loaded_pipeline(make_aug):
+    aug = make_aug(on_miss="generate")
+    clone = pickle.loads(pickle.dumps(aug))
+    assert clone._pipe is None and clone.fingerprint() == aug.fingerprint()
+    with pytest.raises(PipelineError, match="loaded pipeline"):
+        clone.pipeline()
+
+
+def test_pickle_spec_transform_reloads_lazily(tiny_folder, tmp_path):
+    aug = DiffusionAugment(PipelineSpec(str(tiny_folder), device="cpu"), class_names=CLASS_NAMES, num_inference_steps=4, num_variants=2, p=1.0, cache=tmp_path / "c")
+    clone = pickle.loads(pickle.dumps(aug))
+    assert clone._pipe is None
+    out, _ = clone(random_image(12), 0)
+    assert clone._pipe is not None and isinstance(out, Image.Image)
+
+
+def test_cache_object_or_path(make_aug, tmp_path):
+    a = make_aug(cache=str(tmp_path / "p"))
+    b = make_aug(cache=AugmentationCache(tmp_path / "p"))
+    assert a.cache.root == b.cache.root
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(strength=0.1, num_inference_steps=5), "strength=0.1"),
+        (dict(strength=1.5), "strength must be in"),
+        (dict(strength=[]), "strength"),
+        (dict(strength=(0.5, 1.0), strength_probs=(0.5, 0.6)), "strength_probs"),
+        (dict(strength=(0.5, 1.0), strength_probs=(1.0,)), "strength_probs"),
+        (dict(p=1.5), "p must be"),
+        (dict(num_variants=0), "num_variants"),
+        (dict(on_miss="maybe"), "on_miss"),
+        (dict(guidance_scale=-1), "guidance_scale"),
+        (dict(class_names=None), r"\{name\}"),
+        (dict(prompt="a {label}"), "prompt"),
+        (dict(prompt={0: "a"}), "no entry for classes"),
+        (dict(prompt=[]), "prompt"),
+        (dict(cache=None, on_miss="real"), "needs a cache"),
+        (dict(resolution=30), "resolution"),
+        (dict(num_inference_steps=0), "num_inference_steps"),
+        (dict(labels_getter="labels"), "labels_getter"),
+        (dict(batch_size=0), "batch_size"),
+    ],
+)
+def test_bad_arguments_name_themselves(make_aug, kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        make_aug(**kwargs)
+
+
+def test_bad_pipeline_and_token_mismatch(make_aug):
+    with pytest.raises(TypeError, match="pipeline must be"):
+        DiffusionAugment(42, class_names=CLASS_NAMES)
+    toks = ClassTokens(["a", "b"], [torch.zeros(1, 32), torch.zeros(1, 32)])
+    with pytest.raises(ValueError, match="class_names"):
+        make_aug(tokens=toks)
+
+
+@pytest.mark.parametrize(
+    "image, label, match",
+    [
+        (random_image(0), 7, r"label must be in \[0, 3\), got 7"),
+        (random_image(0), -1, "label must be"),
+        (random_image(0), "horse", "'horse' is not one of the class names"),
+        (random_image(0), 1.5, "label must be an int"),
+        (torch.rand(3, 8, 8) * 2, 0, r"values must be in \[0, 1\]"),
+        (torch.full((3, 8, 8), float("nan")), 0, "finite"),
+        (torch.zeros(2, 8, 8), 0, "1, 3 or 4 channels"),
+        (torch.zeros(3, 8, 8, dtype=torch.int32), 0, "dtype"),
+        (torch.rand(2, 3, 8, 8), torch.tensor([0, 1, 2]), "needs 2 labels"),
+    ],
+)
+def test_bad_samples_name_the_problem(make_aug, image, label, match):
+    aug = make_aug()
+    with pytest.raises((ValueError, TypeError), match=match):
+        aug(image, label)
+
+
+def test_missing_label_when_prompt_needs_one(make_aug):
+    aug = make_aug(labels_getter=None)
+    with pytest.raises(ValueError, match="no label"):
+        aug(random_image(0))
