@@ -138,7 +138,7 @@ def test_on_miss_real_workers_never_load_a_model(tiny_folder, tmp_path, context)
     aug = _aug(tiny_folder, tmp_path / "empty", on_miss="real")
     ds = LoadedProbe(AugmentedDataset(ImageList(items), aug, transform=v2.PILToTensor()))
     loader = DataLoader(ds, batch_size=2, num_workers=2, multiprocessing_context=context)
-    for images, labels, loaded in loader:
+    for _images, _labels, loaded in loader:
         assert loaded.tolist() == [0, 0]
     assert list(aug.cache.keys()) == []
 
