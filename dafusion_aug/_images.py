@@ -57,7 +57,7 @@ def _pil_to_canonical(img: Image.Image) -> tuple[list[np.ndarray], Restore]:
             return Image.fromarray(np.round(g2).astype(np.int32), "I")
 
         return [np.ascontiguousarray(rgb)], restore_hi
-    rgb = np.asarray(img.convert("RGB"))
+    rgb = np.asarray(img if mode == "RGB" else img.convert("RGB"))
 
     def restore(outs):
         out = outs[0]

@@ -113,12 +113,13 @@ def precompute(
             for arr, label in zip(arrays, label_list):
                 digest = image_digest(arr)
                 for v in range(m):
-                    var = augment.variant(digest, label, v)
-                    if var.key in queued or var.key in cache:
+                    key = augment.cache_key(digest, label, v)
+                    if key in queued or key in cache:
                         counts["skipped"] += 1
                         bar.update(1)
                         continue
-                    queued.add(var.key)
+                    queued.add(key)
+                    var = augment.variant(digest, label, v)
                     buckets[var.strength].append((arr, var))
                     if len(buckets[var.strength]) >= batch_size:
                         flush(var.strength)

@@ -324,8 +324,11 @@ class DiffusionAugment(Transform):
         options = self._prompt_options(label)
         prompt = options[stable_hash(self.seed, digest, label, v, "prompt") % len(options)]
         seed = stable_hash(self.seed, digest, label, v)
-        key = stable_digest(CACHE_FORMAT_VERSION, digest, label, self.fingerprint(), v)
-        return Variant(strength, prompt, seed, key)
+        return Variant(strength, prompt, seed, self.cache_key(digest, label, v))
+
+    def cache_key(self, digest: str, label: int | None, v: int) -> str:
+        """The cache key of variant ``v`` (cheaper than :meth:`variant`: a cache hit needs nothing else)."""
+        return stable_digest(CACHE_FORMAT_VERSION, digest, label, self.fingerprint(), v)
 
     # -- the model -----------------------------------------------------------------------------------
     def pipeline(self):
@@ -370,26 +373,26 @@ class DiffusionAugment(Transform):
             batch_size=self.batch_size,
         )
 
-    def _resolve(self, jobs: list[tuple[np.ndarray, Variant]]) -> list[np.ndarray | None]:
+    def _resolve(self, jobs: list[tuple[np.ndarray, str, int | None, int]]) -> list[np.ndarray | None]:
+        """Images for ``(canonical image, digest, label, v)`` jobs: cached, generated, or ``None`` (keep real)."""
         out: list[np.ndarray | None] = [None] * len(jobs)
         missing: list[int] = []
-        for i, (_, var) in enumerate(jobs):
-            hit = self.cache.get(var.key) if self.cache is not None else None
-            if hit is not None and hit.shape[:2] == jobs[i][0].shape[:2]:
+        for i, (arr, digest, label, v) in enumerate(jobs):
+            hit = self.cache.get(self.cache_key(digest, label, v)) if self.cache is not None else None
+            if hit is not None and hit.shape[:2] == arr.shape[:2]:
                 out[i] = hit
             else:
                 missing.append(i)
-        if not missing:
-            return out
-        if self.on_miss == "real":
+        if not missing or self.on_miss == "real":
             return out
         if self.on_miss == "error":
             raise CacheError(f"{len(missing)} variant(s) are not in the cache {self.cache} (on_miss='error'); run precompute first")
-        made = self.generate([jobs[i][0] for i in missing], [jobs[i][1] for i in missing])
-        for i, arr in zip(missing, made):
+        variants = [self.variant(*jobs[i][1:]) for i in missing]
+        made = self.generate([jobs[i][0] for i in missing], variants)
+        for i, var, arr in zip(missing, variants, made):
             out[i] = arr
             if self.cache is not None:
-                self.cache.put(jobs[i][1].key, arr)
+                self.cache.put(var.key, arr)
         return out
 
     # -- torchvision v2 --------------------------------------------------------------------------------
@@ -448,8 +451,7 @@ class DiffusionAugment(Transform):
             jobs, where = [], []
             for j, arr in enumerate(arrays):
                 if params["apply"][j]:
-                    var = self.variant(image_digest(arr), per_label[j], params["variant"][j])
-                    jobs.append((arr, var))
+                    jobs.append((arr, image_digest(arr), per_label[j], params["variant"][j]))
                     where.append(j)
             if not jobs:
                 continue
