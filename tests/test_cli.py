@@ -1,0 +1,55 @@
+"""The dafusion-aug command line: thin calls into the library, clear errors, resumable generation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import random_image
+
+from dafusion_aug import AugmentationCache
+from dafusion_aug.cli import main
+
+
+def make_data(root, classes=("cat", "dog"), n=2):
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            random_image(i + 10 * len(c)).save(root / c / f"{i}.png")
+    return root
+
+
+def test_help_and_version():
+    out = subprocess.run([sys.executable, "-m", "dafusion_aug", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("dafusion-aug ")
+    assert main([]) == 2
+
+
+def test_info(capsys, tiny_folder):
+    assert main(["info", "--model", str(tiny_folder)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["dafusion_aug"] and len(info["fingerprint"]) == 64
+
+
+def test_generate_fills_the_cache_and_resumes(tmp_path, tiny_folder, capsys):
+    data = make_data(tmp_path / "data")
+    args = ["generate", "--model", str(tiny_folder), "--data", str(data), "--cache", str(tmp_path / "cache"),
+            "--steps", "4", "--num-variants", "2", "--batch-size", "3", "--quiet", "--device", "cpu"]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["generated"] == 8 and first["failed"] == 0
+    assert len(list(AugmentationCache(tmp_path / "cache").keys())) == 8
+    assert main(args) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["generated"] == 0 and again["skipped"] == 8
+
+
+def test_errors_are_one_line_and_exit_2(tmp_path, tiny_folder, capsys):
+    code = main(["generate", "--model", str(tiny_folder), "--data", str(tmp_path / "none"), "--cache", str(tmp_path / "c")])
+    assert code == 2
+    assert "data folder not found" in capsys.readouterr().err
+    code = main(["generate", "--model", str(tiny_folder), "--data", str(make_data(tmp_path / "d")), "--cache", str(tmp_path / "c"),
+                 "--strength", "0.01", "--steps", "10"])
+    assert code == 2
+    assert "strength=0.01" in capsys.readouterr().err
