@@ -79,7 +79,8 @@ def diffuse(
     negative_prompt: str | Sequence[str] | None = None,
     resolution: int | None = None,
     batch_size: int | None = None,
-) -> list[np.ndarray]:
+    fallback_fp32: bool = True,
+) -> list[np.ndarray | None]:
     """Run img2img on a batch, deterministically, grouping calls by strength.
 
     Args:
@@ -93,9 +94,12 @@ def diffuse(
         negative_prompt: one for all, or one per image.
         resolution: generation size; default the model's native size.
         batch_size: most images per pipeline call; default all of a strength group at once.
+        fallback_fp32: when a float16/bfloat16 pipeline returns NaN or all-black images, redo those
+            samples in float32.
 
     Returns:
-        RGB uint8 arrays, one per input, each at its input's size, in input order.
+        RGB uint8 arrays, one per input, each at its input's size, in input order; ``None`` for a sample
+        whose output stayed NaN or black (never cache it).
 
     Raises:
         ValueError: the lists differ in length (never silently truncated), or a strength is invalid.
@@ -124,18 +128,55 @@ def diffuse(
         step = batch_size or len(idx)
         for start in range(0, len(idx), step):
             chunk = idx[start : start + step]
-            batch = _to_batch([images[i] for i in chunk], size)
-            negs = [negatives[i] for i in chunk]
-            out = pipe(
-                prompt=[prompts[i] for i in chunk],
-                negative_prompt=None if all(x is None for x in negs) else [x or "" for x in negs],
-                image=batch,
-                strength=strength,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                generator=[torch.Generator("cpu").manual_seed(int(seeds[i])) for i in chunk],
-                output_type="pt",
-            ).images
-            for i, arr in zip(chunk, _from_output(out, [images[i].shape[:2] for i in chunk])):
-                results[i] = arr
-    return results  # type: ignore[return-value]
+
+            def run(members: list[int], strength: float = strength) -> torch.Tensor:
+                negs = [negatives[i] for i in members]
+                return pipe(
+                    prompt=[prompts[i] for i in members],
+                    negative_prompt=None if all(x is None for x in negs) else [x or "" for x in negs],
+                    image=_to_batch([images[i] for i in members], size),
+                    strength=strength,
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    generator=[torch.Generator("cpu").manual_seed(int(seeds[i])) for i in members],
+                    output_type="pt",
+                ).images
+
+            out = run(chunk)
+            bad = [j for j in range(len(chunk)) if _is_bad(out[j])]
+            if bad and fallback_fp32 and _low_precision(pipe):
+                # fp16 VAEs can overflow into NaN or black images: redo just those samples in fp32
+                with _in_float32(pipe):
+                    redo = run([chunk[j] for j in bad])
+                out = out.clone().float()
+                for j, img in zip(bad, redo):
+                    out[j] = img.to(out.device, out.dtype)
+                bad = [j for j in bad if _is_bad(out[j])]
+            for j, (i, arr) in enumerate(zip(chunk, _from_output(out, [images[i].shape[:2] for i in chunk]))):
+                results[i] = None if j in bad else arr
+    return results
+
+
+def _is_bad(image: torch.Tensor) -> bool:
+    """NaN/inf anywhere, or an all-black picture (what an fp16 overflow or a safety checker gives)."""
+    return bool(not torch.isfinite(image).all() or image.max() <= 0)
+
+
+def _low_precision(pipe) -> bool:
+    unet = getattr(pipe, "unet", None)
+    return unet is not None and unet.dtype in (torch.float16, torch.bfloat16)
+
+
+class _in_float32:
+    """Temporarily run a pipeline in float32 (weights round-trip fp16 -> fp32 -> fp16 exactly)."""
+
+    def __init__(self, pipe) -> None:
+        self.pipe = pipe
+        self.dtype = pipe.unet.dtype
+
+    def __enter__(self):
+        self.pipe.to(torch.float32)
+        return self.pipe
+
+    def __exit__(self, *exc) -> None:
+        self.pipe.to(self.dtype)

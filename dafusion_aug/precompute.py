@@ -1,27 +1,39 @@
-"""Batched pre-generation of every (image, variant) pair into the cache.
+"""Batched pre-generation of every (image, variant) pair into the cache, locally or on Ray Data.
 
-One pass over the dataset: variants already cached are skipped, the rest wait in one bucket per strength,
-and a full bucket becomes one pipeline call. Encoding and writing run in a thread pool, so the model
-does not wait for PNG encoding. Every entry is written atomically, so a run killed at any moment leaves
-only whole files, and a rerun generates only what is missing.
+One pass over the dataset plans the work: variants already cached are skipped, the rest wait in one
+bucket per (erasure group, strength), and a full bucket becomes one batch, that is one pipeline call. The
+local backend runs the batches in this process, with encoding and writing in a thread pool so the model
+does not wait for PNG encoding; the Ray backend sends the same batches to actors that each load the
+pipeline once. Every entry is written atomically, so a run killed at any moment leaves only whole files,
+and a rerun generates only what is missing.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
+import os
+import shutil
+import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from ._hashing import image_digest
 from ._images import is_image_leaf, to_canonical
+from .tokens import token_for_class
 
 if TYPE_CHECKING:
     from .transform import DiffusionAugment, Variant
 
-__all__ = ["precompute"]
+__all__ = ["precompute", "plan_batches"]
+
+Batch = list[tuple[np.ndarray, "Variant", "int | None"]]
 
 
 def _split_item(augment: DiffusionAugment, item: Any) -> tuple[Any, Any]:
@@ -37,94 +49,104 @@ def _split_item(augment: DiffusionAugment, item: Any) -> tuple[Any, Any]:
     return leaves[0], labels
 
 
-def precompute(
-    augment: DiffusionAugment,
-    dataset: Any,
-    *,
-    backend: str = "local",
-    batch_size: int = 16,
-    progress: bool = True,
-    encode_threads: int = 2,
-) -> dict[str, Any]:
-    """Generate and cache all ``len(dataset) * augment.num_variants`` variants.
+def _source_of(dataset: Any, index: int) -> str:
+    items = getattr(dataset, "items", None) or getattr(dataset, "samples", None)
+    if items is not None:
+        try:
+            src = items[index][0]
+            if isinstance(src, (str, os.PathLike)):
+                return os.fspath(src)
+        except (IndexError, TypeError, KeyError):
+            pass
+    return f"#{index}"
 
-    Args:
-        augment: the transform whose variants to fill (it must have a cache).
-        dataset: a map-style dataset of ``(image, label)`` (or anything ``augment``'s ``labels_getter`` reads).
-        backend: ``"local"`` (this process).
-        batch_size: images per pipeline call; calls are grouped by strength.
-        progress: show a tqdm bar (images/s).
-        encode_threads: threads that encode and write images while the model runs.
 
-    Returns:
-        Counts: ``total``, ``generated``, ``skipped`` (already cached), ``failed`` and ``failures``
-        (``[(index, reason), ...]`` of items that could not be read; the run continues without them).
+def plan_batches(augment: DiffusionAugment, dataset: Any, batch_size: int, counts: dict, failures: list, records: list | None = None) -> Iterator[Batch]:
+    """Yield the batches still to generate, in a fixed order (the same for every backend).
 
-    Raises:
-        CacheError: the cache cannot be written (e.g. the disk is full); nothing half-written is left.
+    Updates ``counts`` (skipped, failed) and ``failures`` as it goes; appends one manifest record per
+    (image, variant) to ``records`` when given.
     """
-    from tqdm.auto import tqdm
-
-    if backend != "local":
-        raise ValueError(f"backend must be 'local', got {backend!r}")
-    if augment.cache is None:
-        raise ValueError("precompute needs a transform with a cache (cache=...), got cache=None")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     cache = augment.cache
-    cache.clean_temporaries()
     m = augment.num_variants
-    total = len(dataset) * m
-    counts = {"total": total, "generated": 0, "skipped": 0, "failed": 0}
-    failures: list[tuple[int, str]] = []
-    buckets: dict[float, list[tuple[np.ndarray, Variant]]] = defaultdict(list)
+    buckets: dict[tuple, Batch] = defaultdict(list)
     queued: set[str] = set()
+    for index in range(len(dataset)):
+        try:
+            image, labels = _split_item(augment, dataset[index])
+            arrays, _ = to_canonical(image)
+            label_list = augment._labels_per_sample(labels, len(arrays))
+        except (OSError, ValueError, TypeError) as e:
+            failures.append((index, f"{type(e).__name__}: {e}"))
+            counts["failed"] += m
+            continue
+        for arr, label in zip(arrays, label_list):
+            digest = image_digest(arr)
+            for v in range(m):
+                key = augment.cache_key(digest, label, v)
+                if records is not None:
+                    records.append((index, label, v, digest))
+                if key in queued or key in cache:
+                    counts["skipped"] += 1
+                    continue
+                queued.add(key)
+                var = augment.variant(digest, label, v)
+                group = (label if augment.erasure_group(label) is not None else -1, var.strength)
+                buckets[group].append((arr, var, label))
+                if len(buckets[group]) >= batch_size:
+                    yield buckets.pop(group)
+    for group in sorted(buckets):
+        yield buckets.pop(group)
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+
+
+def _generate(augment: DiffusionAugment, batch: Batch) -> list[np.ndarray | None]:
+    return augment.generate([a for a, _, _ in batch], [v for _, v, _ in batch], [lab for _, _, lab in batch])
+
+
+def _generate_backing_off(augment: DiffusionAugment, batch: Batch, state: dict) -> list[np.ndarray | None]:
+    """Generate ``batch`` in chunks of ``state['chunk']``, halving the chunk on CUDA out-of-memory."""
+    outs: list[np.ndarray | None] = []
+    start = 0
+    while start < len(batch):
+        chunk = batch[start : start + state["chunk"]]
+        try:
+            outs.extend(_generate(augment, chunk))
+        except Exception as e:
+            if not _is_oom(e) or state["chunk"] == 1:
+                raise
+            state["chunk"] = max(1, state["chunk"] // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        start += len(chunk)
+    return outs
+
+
+def _run_local(augment, batches: Iterator[Batch], counts: dict, bar, encode_threads: int, auto: bool, batch_size: int) -> None:
+    cache = augment.cache
     pool = cf.ThreadPoolExecutor(max_workers=max(1, encode_threads), thread_name_prefix="dafusion-encode")
     pending: list[cf.Future] = []
-    bar = tqdm(total=total, unit="img", desc="precompute", disable=not progress, smoothing=0.1)
-    t0 = time.perf_counter()
+    state = {"chunk": batch_size}
 
     def drain(limit: int) -> None:
         while len(pending) > limit:
-            pending.pop(0).result()  # re-raises CacheError (disk full) in the main thread
-
-    def flush(strength: float) -> None:
-        jobs = buckets.pop(strength, [])
-        if not jobs:
-            return
-        outs = augment.generate([a for a, _ in jobs], [v for _, v in jobs])
-        for (_, var), arr in zip(jobs, outs):
-            pending.append(pool.submit(cache.put, var.key, arr))
-        counts["generated"] += len(jobs)
-        bar.update(len(jobs))
-        drain(4 * batch_size)
+            pending.pop(0).result()  # re-raises CacheError (disk full) here, in the main thread
 
     try:
-        for index in range(len(dataset)):
-            try:
-                image, labels = _split_item(augment, dataset[index])
-                arrays, _ = to_canonical(image)
-            except (OSError, ValueError, TypeError) as e:
-                failures.append((index, f"{type(e).__name__}: {e}"))
-                counts["failed"] += m
-                bar.update(m)
-                continue
-            label_list = augment._labels_per_sample(labels, len(arrays))
-            for arr, label in zip(arrays, label_list):
-                digest = image_digest(arr)
-                for v in range(m):
-                    key = augment.cache_key(digest, label, v)
-                    if key in queued or key in cache:
-                        counts["skipped"] += 1
-                        bar.update(1)
-                        continue
-                    queued.add(key)
-                    var = augment.variant(digest, label, v)
-                    buckets[var.strength].append((arr, var))
-                    if len(buckets[var.strength]) >= batch_size:
-                        flush(var.strength)
-        for strength in sorted(buckets):
-            flush(strength)
+        for batch in batches:
+            outs = _generate_backing_off(augment, batch, state) if auto else _generate(augment, batch)
+            for (_, var, _), arr in zip(batch, outs):
+                if arr is None:  # NaN or black even in fp32: never cached
+                    counts["bad_outputs"] += 1
+                    continue
+                pending.append(pool.submit(cache.put, var.key, arr))
+                counts["generated"] += 1
+            bar.update(len(batch))
+            drain(4 * batch_size)
         drain(0)
     except BaseException:
         for f in pending:
@@ -132,11 +154,133 @@ def precompute(
         raise
     finally:
         pool.shutdown(wait=True)
-        bar.close()
+        if auto:
+            counts["batch_size"] = state["chunk"]
+
+
+def _export(augment: DiffusionAugment, dataset: Any, out: Path, records: list) -> int:
+    """Copy every cached variant into ``out/<label>-<slug>/<index>_v<v>.png`` and write ``manifest.jsonl``."""
+    out.mkdir(parents=True, exist_ok=True)
+    names = augment.class_names
+    lines = []
+    written = 0
+    for index, label, v, digest in records:
+        var = augment.variant(digest, label, v)
+        src = augment.cache.path(var.key)
+        if not src.is_file():
+            continue
+        if label is None:
+            folder = "unlabelled"
+        else:
+            slug = token_for_class(names[label], label).strip("<>") if names else "class"
+            folder = f"{label:03d}-{slug}"
+        rel = Path(folder) / f"{index:06d}_v{v:02d}{src.suffix}"
+        dst = out / rel
+        if not dst.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=".tmp-")
+            os.close(fd)
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+        written += 1
+        lines.append(json.dumps({
+            "file": rel.as_posix(), "source": _source_of(dataset, index), "index": index, "label": label,
+            "class_name": names[label] if names and label is not None else None, "variant": v,
+            "strength": var.strength, "seed": var.seed, "prompt": var.prompt, "key": var.key,
+        }))
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".manifest-")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + ("\n" if lines else ""))
+    os.replace(tmp, out / "manifest.jsonl")
+    return written
+
+
+def precompute(
+    augment: DiffusionAugment,
+    dataset: Any,
+    *,
+    backend: str = "local",
+    batch_size: int | str = 16,
+    progress: bool = True,
+    encode_threads: int = 2,
+    out: str | os.PathLike | None = None,
+    concurrency: int | None = None,
+    num_gpus: float | None = None,
+) -> dict[str, Any]:
+    """Generate and cache all ``len(dataset) * augment.num_variants`` variants.
+
+    Args:
+        augment: the transform whose variants to fill (it must have a cache).
+        dataset: a map-style dataset of ``(image, label)`` (or anything ``augment``'s ``labels_getter`` reads).
+        backend: ``"local"`` (this process) or ``"ray"`` (Ray Data actors; ``pip install "dafusion-aug[ray]"``).
+        batch_size: images per pipeline call (calls are grouped by strength), or ``"auto"``: start at 64 on
+            CUDA (16 on CPU) and halve on out-of-memory.
+        progress: show a progress bar (images/s).
+        encode_threads: threads that encode and write images while the model runs (local backend).
+        out: also write an ImageFolder-style copy of every variant plus ``manifest.jsonl`` (source, label,
+            variant, strength, seed, prompt, cache key) into this folder.
+        concurrency: number of Ray actors (default: the number of GPUs, or 2 on CPU).
+        num_gpus: GPUs per Ray actor (default 1 when CUDA is available, else 0).
+
+    Returns:
+        Counts: ``total``, ``generated``, ``skipped`` (already cached), ``failed`` (variants of items that
+        could not be read), ``bad_outputs`` (NaN/black even in fp32, not cached), ``failures``
+        (``[(index, reason), ...]``; the run goes on without them), ``seconds`` and ``images_per_second``.
+
+    Raises:
+        CacheError: the cache cannot be written (e.g. the disk is full); nothing half-written is left.
+        ImportError: ``backend="ray"`` without Ray installed.
+
+    Example:
+        >>> aug = DiffusionAugment("pocket", class_names=CLASS_NAMES, cache="cache/")  # doctest: +SKIP
+        >>> precompute(aug, digits("B"), batch_size=16)["generated"]  # doctest: +SKIP
+        3600
+    """
+    from tqdm.auto import tqdm
+
+    if backend not in ("local", "ray"):
+        raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
+    if augment.cache is None:
+        raise ValueError("precompute needs a transform with a cache (cache=...), got cache=None")
+    auto = batch_size == "auto"
+    if auto:
+        batch_size = 64 if torch.cuda.is_available() else 16
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1 or 'auto', got {batch_size!r}")
+    augment.cache.clean_temporaries()
+    total = len(dataset) * augment.num_variants
+    counts: dict[str, Any] = {"total": total, "generated": 0, "skipped": 0, "failed": 0, "bad_outputs": 0}
+    failures: list[tuple[int, str]] = []
+    records: list | None = [] if out is not None else None
+    t0 = time.perf_counter()
+    batches = plan_batches(augment, dataset, batch_size, counts, failures, records)
+    if backend == "ray":
+        from ._ray import run_ray
+
+        run_ray(augment, batches, counts, batch_size=batch_size, concurrency=concurrency, num_gpus=num_gpus, progress=progress)
+    else:
+        with tqdm(total=total, unit="img", desc="precompute", disable=not progress, smoothing=0.1) as bar:
+            done_before = 0
+
+            def counted(it):
+                nonlocal done_before
+                for b in it:
+                    skipped_now = counts["skipped"] + counts["failed"]
+                    bar.update(skipped_now - done_before)
+                    done_before = skipped_now
+                    yield b
+                bar.update(counts["skipped"] + counts["failed"] - done_before)
+
+            _run_local(augment, counted(batches), counts, bar, encode_threads, auto, batch_size)
+    if out is not None:
+        counts["exported"] = _export(augment, dataset, Path(out), records or [])
     elapsed = time.perf_counter() - t0
     counts["seconds"] = round(elapsed, 3)
     counts["images_per_second"] = round(counts["generated"] / elapsed, 3) if elapsed > 0 else 0.0
-    result: dict[str, Any] = dict(counts)
-    result["failures"] = failures
-    return result
+    counts["failures"] = failures
+    if failures:
+        import warnings
+
+        warnings.warn(f"precompute skipped {len(failures)} unreadable item(s), first: {failures[0][1]}", stacklevel=2)
+    return counts
 

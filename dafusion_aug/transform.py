@@ -8,10 +8,12 @@ so it is the same picture on every worker and every run; it is read from the cac
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import multiprocessing
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -95,6 +97,9 @@ class DiffusionAugment(Transform):
             ``sample -> labels``, or ``None`` when no label is needed.
         resolution: generation size; default the model's native resolution.
         batch_size: most images per pipeline call when generating.
+        class_erasures: ``label or class name -> Erasure or erasure file``: class c is augmented by the model
+            with c erased (DA-Fusion's leakage-free protocol). Generation is grouped by class and the small
+            erasure deltas are swapped in place, with no model reload and no second UNet in memory.
 
     Example:
         >>> from torchvision.transforms import v2
@@ -124,6 +129,7 @@ class DiffusionAugment(Transform):
         labels_getter: str | Callable[[Any], Any] | None = "default",
         resolution: int | None = None,
         batch_size: int | None = None,
+        class_erasures: Mapping[int | str, Any] | None = None,
     ) -> None:
         super().__init__()
         # -- the model -------------------------------------------------------------------------------
@@ -206,9 +212,30 @@ class DiffusionAugment(Transform):
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         self.batch_size = batch_size
+        self.class_erasures = self._load_erasures(class_erasures)
+        if self.class_erasures and self.spec is not None and self.spec.erasure is not None:
+            raise ValueError("class_erasures cannot be combined with a PipelineSpec that already has an erasure")
         self._fingerprint: str | None = None
+        self._warned_bad = False
 
     # -- validation helpers --------------------------------------------------------------------------
+    def _load_erasures(self, mapping: Mapping[int | str, Any] | None) -> dict[int, Any]:
+        if mapping is None:
+            return {}
+        if not isinstance(mapping, Mapping):
+            raise TypeError(f"class_erasures must be a dict label -> Erasure or path, got {type(mapping).__name__}")
+        if mapping and self.class_names is None:
+            raise ValueError("class_erasures needs class_names or tokens")
+        from .erase import Erasure
+
+        out: dict[int, Any] = {}
+        for key, value in mapping.items():
+            label = self._label_index(key, "class_erasures key")
+            if label in out:
+                raise ValueError(f"class_erasures names class {key!r} twice")
+            out[label] = value if isinstance(value, Erasure) else Erasure.load(value)
+        return out
+
     def _needs_names(self, template: str) -> bool:
         return "{name}" in template
 
@@ -307,6 +334,7 @@ class DiffusionAugment(Transform):
                 self.num_inference_steps,
                 self.negative_prompt,
                 self.resolution,
+                sorted((label, e.content_hash()) for label, e in self.class_erasures.items()),
             )
         return self._fingerprint
 
@@ -357,21 +385,48 @@ class DiffusionAugment(Transform):
                 pipe._dafusion_active_tokens = wanted
         return pipe
 
-    def generate(self, images: Sequence[np.ndarray], variants: Sequence[Variant]) -> list[np.ndarray]:
-        """Generate the given variants (no cache involved)."""
+    def erasure_group(self, label: int | None):
+        """The erasure that generates images of ``label`` (``None``: the model as loaded)."""
+        return self.class_erasures.get(label) if label is not None else None
+
+    def generate(self, images: Sequence[np.ndarray], variants: Sequence[Variant], labels: Sequence[int | None] | None = None) -> list[np.ndarray | None]:
+        """Generate the given variants (no cache involved); ``None`` where the output stayed NaN/black.
+
+        With ``class_erasures``, pass ``labels``: images are generated in groups, one per erasure, each
+        inside ``erasure.applied(pipe)``.
+        """
         pipe = self.pipeline()
-        return diffuse(
-            pipe,
-            images,
-            [v.prompt for v in variants],
-            [v.strength for v in variants],
-            [v.seed for v in variants],
+        kwargs = dict(
             guidance_scale=self.guidance_scale,
             num_inference_steps=self.num_inference_steps,
             negative_prompt=self.negative_prompt,
             resolution=self.resolution,
             batch_size=self.batch_size,
         )
+        if not self.class_erasures:
+            return diffuse(pipe, images, [v.prompt for v in variants], [v.strength for v in variants], [v.seed for v in variants], **kwargs)
+        if labels is None or len(labels) != len(images):
+            raise ValueError("generate with class_erasures needs one label per image")
+        groups: dict[int, list[int]] = {}
+        for i, label in enumerate(labels):
+            groups.setdefault(id(self.erasure_group(label)), []).append(i)
+        out: list[np.ndarray | None] = [None] * len(images)
+        for members in groups.values():
+            erasure = self.erasure_group(labels[members[0]])
+            with contextlib.ExitStack() as stack:
+                if erasure is not None:
+                    stack.enter_context(erasure.applied(pipe))
+                made = diffuse(
+                    pipe,
+                    [images[i] for i in members],
+                    [variants[i].prompt for i in members],
+                    [variants[i].strength for i in members],
+                    [variants[i].seed for i in members],
+                    **kwargs,
+                )
+            for i, arr in zip(members, made):
+                out[i] = arr
+        return out
 
     def _resolve(self, jobs: list[tuple[np.ndarray, str, int | None, int]]) -> list[np.ndarray | None]:
         """Images for ``(canonical image, digest, label, v)`` jobs: cached, generated, or ``None`` (keep real)."""
@@ -388,8 +443,14 @@ class DiffusionAugment(Transform):
         if self.on_miss == "error":
             raise CacheError(f"{len(missing)} variant(s) are not in the cache {self.cache} (on_miss='error'); run precompute first")
         variants = [self.variant(*jobs[i][1:]) for i in missing]
-        made = self.generate([jobs[i][0] for i in missing], variants)
+        made = self.generate([jobs[i][0] for i in missing], variants, [jobs[i][2] for i in missing])
         for i, var, arr in zip(missing, variants, made):
+            if arr is None:
+                if not self._warned_bad:
+                    warnings.warn("a generated variant was NaN or black even in float32; the real image is used instead "
+                                  "and nothing is cached (warned once)", RuntimeWarning, stacklevel=3)
+                    self._warned_bad = True
+                continue
             out[i] = arr
             if self.cache is not None:
                 self.cache.put(var.key, arr)
