@@ -156,7 +156,7 @@ def bench_formats(size: int, n: int, repeat: int) -> list[dict]:
                           ("webp lossless method 0", "WEBP", {"lossless": True, "method": 0, "quality": 0})]:
         blobs = []
 
-        def enc():
+        def enc(blobs=blobs, fmt=fmt, kw=kw):
             blobs.clear()
             for a in imgs:
                 buf = io.BytesIO()
@@ -165,7 +165,7 @@ def bench_formats(size: int, n: int, repeat: int) -> list[dict]:
 
         t_enc = timeit(enc, repeat) / n
 
-        def dec():
+        def dec(blobs=blobs):
             for b in blobs:
                 with Image.open(io.BytesIO(b)) as im:
                     im.load()
