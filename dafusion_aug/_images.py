@@ -15,7 +15,7 @@ from torchvision import tv_tensors
 
 __all__ = ["is_image_leaf", "to_canonical", "Restore"]
 
-Restore = Callable[[Sequence[np.ndarray | None]], object]
+Restore = Callable[[Sequence["np.ndarray | Image.Image | None"]], object]
 
 _PIL_MODES = {"RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1", "I", "I;16", "F"}
 _GRAY_W = np.array([299, 587, 114], dtype=np.uint32)
@@ -49,7 +49,7 @@ def _pil_to_canonical(img: Image.Image) -> tuple[list[np.ndarray], Restore]:
         def restore_hi(outs):
             if outs[0] is None:
                 return img
-            g2 = _gray(outs[0]).astype(np.float64) / 255.0 * hi
+            g2 = _gray(np.asarray(outs[0])).astype(np.float64) / 255.0 * hi
             if mode == "F":
                 return Image.fromarray(g2.astype(np.float32), "F")
             if mode == "I;16":
@@ -63,7 +63,7 @@ def _pil_to_canonical(img: Image.Image) -> tuple[list[np.ndarray], Restore]:
         out = outs[0]
         if out is None:
             return img
-        new = Image.fromarray(out, "RGB")
+        new = out if isinstance(out, Image.Image) else Image.fromarray(out, "RGB")
         if mode == "RGB":
             pass
         elif mode in ("L", "LA"):
@@ -105,7 +105,8 @@ def _tensor_chw_to_canonical(t: torch.Tensor, where: str) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def _restore_chw(orig: torch.Tensor, out: np.ndarray) -> torch.Tensor:
+def _restore_chw(orig: torch.Tensor, out: np.ndarray | Image.Image) -> torch.Tensor:
+    out = np.array(out) if isinstance(out, Image.Image) else out
     c = orig.shape[0]
     chans = torch.from_numpy(_gray(out)).unsqueeze(0) if c == 1 else torch.from_numpy(out).permute(2, 0, 1)
     if orig.dtype == torch.uint8:

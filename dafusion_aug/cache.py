@@ -72,6 +72,7 @@ class AugmentationCache:
         self.read_only = read_only
         self._ext, self._pil_format, self._save_kwargs = _FORMATS[format]
         self._stats = CacheStats()
+        self._root_str = str(self.root)
         if not read_only:
             self._check_writable()
         elif not self.root.is_dir():
@@ -93,14 +94,18 @@ class AugmentationCache:
         return (type(self), (str(self.root), self.format, self.read_only))
 
     # -- paths -------------------------------------------------------------------------------------
-    def path(self, key: str) -> Path:
-        """Where ``key`` lives (``root/ab/cd/key.ext``)."""
+    def _file(self, key: str) -> str:
         if not isinstance(key, str) or not _KEY.match(key):
             raise ValueError(f"key must be a lowercase hex digest, got {key!r}")
-        return self.root / key[:2] / key[2:4] / f"{key}{self._ext}"
+        # string joins: this runs on every cache hit, and pathlib costs more than the PNG header parse
+        return os.path.join(self._root_str, key[:2], key[2:4], key + self._ext)
+
+    def path(self, key: str) -> Path:
+        """Where ``key`` lives (``root/ab/cd/key.ext``)."""
+        return Path(self._file(key))
 
     def __contains__(self, key: str) -> bool:
-        return self.path(key).is_file()
+        return os.path.isfile(self._file(key))
 
     # -- reading -----------------------------------------------------------------------------------
     def get(self, key: str) -> np.ndarray | None:
@@ -109,11 +114,16 @@ class AugmentationCache:
         A file that cannot be decoded (torn by a crash, truncated, overwritten with junk) is a miss; it is
         removed so the next write replaces it.
         """
-        path = self.path(key)
+        image = self.get_image(key)
+        return None if image is None else np.array(image)
+
+    def get_image(self, key: str) -> Image.Image | None:
+        """Like :meth:`get`, but the decoded RGB ``PIL.Image`` (no copy into numpy)."""
+        path = self._file(key)
         try:
             with Image.open(path) as im:
                 im.load()
-                arr = np.array(im.convert("RGB") if im.mode != "RGB" else im)
+                image = im.copy() if im.mode == "RGB" else im.convert("RGB")  # a plain Image, not a closed file
         except FileNotFoundError:
             self._stats.misses += 1
             return None
@@ -121,12 +131,12 @@ class AugmentationCache:
             self._stats.misses += 1
             self._stats.corrupt += 1
             try:
-                path.unlink()
+                os.unlink(path)
             except OSError:
                 pass
             return None
         self._stats.hits += 1
-        return arr
+        return image
 
     # -- writing -----------------------------------------------------------------------------------
     def encode(self, image: np.ndarray) -> bytes:
@@ -149,7 +159,7 @@ class AugmentationCache:
             if image is None:
                 raise ValueError("put needs image or data")
             data = self.encode(image)
-        path = self.path(key)
+        path = Path(self._file(key))
         tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

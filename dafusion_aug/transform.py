@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import inspect
 import multiprocessing
 import os
@@ -356,7 +357,10 @@ class DiffusionAugment(Transform):
 
     def cache_key(self, digest: str, label: int | None, v: int) -> str:
         """The cache key of variant ``v`` (cheaper than :meth:`variant`: a cache hit needs nothing else)."""
-        return stable_digest(CACHE_FORMAT_VERSION, digest, label, self.fingerprint(), v)
+        # sha256(format_version, image_digest, label, generation_fingerprint, v), as DESIGN.md specifies;
+        # a plain joined string (all parts are hex, ints or None) is cheaper than the JSON of stable_digest.
+        fp = self._fingerprint or self.fingerprint()
+        return hashlib.sha256(f"dafusion-aug/cache-key/{CACHE_FORMAT_VERSION}|{digest}|{label}|{fp}|{int(v)}".encode()).hexdigest()
 
     # -- the model -----------------------------------------------------------------------------------
     def pipeline(self):
@@ -428,13 +432,14 @@ class DiffusionAugment(Transform):
                 out[i] = arr
         return out
 
-    def _resolve(self, jobs: list[tuple[np.ndarray, str, int | None, int]]) -> list[np.ndarray | None]:
-        """Images for ``(canonical image, digest, label, v)`` jobs: cached, generated, or ``None`` (keep real)."""
-        out: list[np.ndarray | None] = [None] * len(jobs)
+    def _resolve(self, jobs: list[tuple[np.ndarray, str, int | None, int]]) -> list[Any]:
+        """Images for ``(canonical image, digest, label, v)`` jobs: a cached PIL image, a generated array,
+        or ``None`` (keep the real image)."""
+        out: list[Any] = [None] * len(jobs)
         missing: list[int] = []
         for i, (arr, digest, label, v) in enumerate(jobs):
-            hit = self.cache.get(self.cache_key(digest, label, v)) if self.cache is not None else None
-            if hit is not None and hit.shape[:2] == arr.shape[:2]:
+            hit = self.cache.get_image(self.cache_key(digest, label, v)) if self.cache is not None else None
+            if hit is not None and hit.size == (arr.shape[1], arr.shape[0]):
                 out[i] = hit
             else:
                 missing.append(i)
@@ -464,8 +469,9 @@ class DiffusionAugment(Transform):
             if isinstance(leaf, torch.Tensor) and leaf.ndim == 4:
                 n = leaf.shape[0]
                 break
-        apply = (torch.rand(n) < self.p).tolist()
-        variants = torch.randint(self.num_variants, (n,)).tolist()
+        u = torch.rand(n, 2).tolist()  # one RNG call: [apply?, which variant] per sample
+        apply = [row[0] < self.p for row in u]
+        variants = [min(int(row[1] * self.num_variants), self.num_variants - 1) for row in u]
         return {"apply": apply, "variant": variants}
 
     def _image_leaf_indices(self, flat: list[Any], labels: Any) -> list[int]:
@@ -516,7 +522,7 @@ class DiffusionAugment(Transform):
                     where.append(j)
             if not jobs:
                 continue
-            outs: list[np.ndarray | None] = [None] * n
+            outs: list[Any] = [None] * n
             for j, arr in zip(where, self._resolve(jobs)):
                 outs[j] = arr
             flat[i] = restore(outs)
