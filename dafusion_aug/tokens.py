@@ -258,8 +258,8 @@ class ClassTokens:
         ``pipe.load_textual_inversion(folder / slug)``.
         """
         out = []
-        for token, emb in zip(self.tokens, self.embeddings):
-            sub = Path(folder) / token.strip("<>")
+        for i, (token, emb) in enumerate(zip(self.tokens, self.embeddings)):
+            sub = Path(folder) / token_for_class(token.strip("<>"), i).strip("<>")  # never a raw name in a path
             path = sub / "learned_embeds.safetensors"
             _atomic_save_file({token: emb.contiguous()}, str(path), {"format": "pt"})
             out.append(path)

@@ -217,7 +217,7 @@ class DiffusionAugment(Transform):
         if self.class_erasures and self.spec is not None and self.spec.erasure is not None:
             raise ValueError("class_erasures cannot be combined with a PipelineSpec that already has an erasure")
         self._fingerprint: str | None = None
-        self._warned_bad = False
+        self._warned: set[str] = set()
 
     # -- validation helpers --------------------------------------------------------------------------
     def _load_erasures(self, mapping: Mapping[int | str, Any] | None) -> dict[int, Any]:
@@ -389,6 +389,19 @@ class DiffusionAugment(Transform):
                 pipe._dafusion_active_tokens = wanted
         return pipe
 
+    def _check_prompt_lengths(self, pipe, variants: Sequence[Variant]) -> None:
+        tokenizer = getattr(pipe, "tokenizer", None)
+        limit = getattr(tokenizer, "model_max_length", None)
+        if tokenizer is None or not limit or limit > 100_000 or "long_prompt" in self._warned:
+            return
+        for var in variants:
+            text = pipe.maybe_convert_prompt(var.prompt, tokenizer) if hasattr(pipe, "maybe_convert_prompt") else var.prompt
+            n = len(tokenizer(text).input_ids)
+            if n > limit:
+                self._warn_once("long_prompt", f"prompt {var.prompt[:60]!r}... has {n} tokens; the text encoder reads the "
+                                               f"first {limit} (start and end tokens included), the rest is cut (warned once)")
+                return
+
     def erasure_group(self, label: int | None):
         """The erasure that generates images of ``label`` (``None``: the model as loaded)."""
         return self.class_erasures.get(label) if label is not None else None
@@ -400,6 +413,7 @@ class DiffusionAugment(Transform):
         inside ``erasure.applied(pipe)``.
         """
         pipe = self.pipeline()
+        self._check_prompt_lengths(pipe, variants)
         kwargs = dict(
             guidance_scale=self.guidance_scale,
             num_inference_steps=self.num_inference_steps,
@@ -451,15 +465,21 @@ class DiffusionAugment(Transform):
         made = self.generate([jobs[i][0] for i in missing], variants, [jobs[i][2] for i in missing])
         for i, var, arr in zip(missing, variants, made):
             if arr is None:
-                if not self._warned_bad:
-                    warnings.warn("a generated variant was NaN or black even in float32; the real image is used instead "
-                                  "and nothing is cached (warned once)", RuntimeWarning, stacklevel=3)
-                    self._warned_bad = True
+                self._warn_once("bad", "a generated variant was NaN or black even in float32; the real image is used "
+                                       "instead and nothing is cached (warned once)")
                 continue
             out[i] = arr
             if self.cache is not None:
-                self.cache.put(var.key, arr)
+                try:
+                    self.cache.put(var.key, arr)
+                except CacheError as e:  # full disk, read-only folder: keep training, say it once
+                    self._warn_once("cache", f"{e}; generated variants are used but not cached (warned once)")
         return out
+
+    def _warn_once(self, what: str, message: str) -> None:
+        if what not in self._warned:
+            self._warned.add(what)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
 
     # -- torchvision v2 --------------------------------------------------------------------------------
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
