@@ -93,7 +93,8 @@ class DiffusionAugment(Transform):
         cache: a folder or :class:`~dafusion_aug.AugmentationCache`; ``None`` generates every time.
         on_miss: ``"generate"`` (default), ``"real"`` (keep the real image; never loads a model) or ``"error"``.
         seed: base seed of the variants' generators.
-        device, dtype: where and how to load the model (ignored for an already-loaded pipeline).
+        device: where to load the model (not for an already-loaded pipeline).
+        dtype: the model's dtype when dafusion-aug loads it (not for an already-loaded pipeline).
         labels_getter: ``"default"`` (second element of a tuple, or a dict's ``"labels"`` key), a callable
             ``sample -> labels``, or ``None`` when no label is needed.
         resolution: generation size; default the model's native resolution.
