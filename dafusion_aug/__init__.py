@@ -10,6 +10,7 @@ __version__ = "0.1.0.dev0"
 from .cache import AugmentationCache
 from .data import AugmentedDataset, few_shot_indices, image_folder
 from .errors import CacheError, DafusionError, PipelineError, TokenFileError
+from .fit import fit_tokens
 from .functional import diffuse
 from .pipeline import PipelineSpec, load_pipeline
 from .precompute import precompute
@@ -29,6 +30,7 @@ __all__ = [
     "__version__",
     "diffuse",
     "few_shot_indices",
+    "fit_tokens",
     "image_folder",
     "load_pipeline",
     "precompute",

@@ -117,7 +117,85 @@ def _add_generate(sub) -> None:
     p.set_defaults(func=_cmd_generate)
 
 
-_COMMANDS: list[Callable] = [_add_info, _add_generate]
+# -- fit-tokens ------------------------------------------------------------------------------------
+def _cmd_fit_tokens(args) -> int:
+    from .fit import fit_tokens
+
+    tokens = fit_tokens(
+        _spec(args),
+        args.data,
+        num_vectors=args.num_vectors,
+        initializer=args.initializer,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        scale_lr=args.scale_lr,
+        resolution=args.resolution,
+        seed=args.seed,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
+        resume=not args.no_resume,
+        progress=not args.quiet,
+    )
+    path = tokens.save(args.out)
+    _print_json(
+        {
+            "out": str(path),
+            "class_names": tokens.class_names,
+            "tokens": tokens.tokens,
+            "num_vectors": tokens.num_vectors,
+            "final_loss": tokens.metadata.get("final_loss"),
+            "base_model": tokens.metadata.get("base_model"),
+        }
+    )
+    return 0
+
+
+def _add_fit_tokens(sub) -> None:
+    p = sub.add_parser("fit-tokens", help="learn one textual-inversion token per class of a class-folder data set")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="folder with one sub-folder of images per class")
+    p.add_argument("--out", required=True, help="token file to write (.safetensors)")
+    p.add_argument("--steps", type=int, default=1000, help="optimisation steps, all classes together")
+    p.add_argument("--batch-size", type=int, default=4, help="samples per step, mixed across classes")
+    p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate")
+    p.add_argument("--scale-lr", action="store_true", help="multiply --lr by --batch-size (DA-Fusion, diffusers)")
+    p.add_argument("--num-vectors", type=int, default=1, help="vectors per token")
+    p.add_argument("--initializer", default="class_name", help="'class_name' or one vocabulary word, e.g. 'the'")
+    p.add_argument("--resolution", type=int, default=None, help="training image size (default: the model's native size)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--erasure", default=None, help="erasure file applied to the model")
+    p.add_argument("--checkpoint-dir", default=None, help="checkpoint here; rerunning the command resumes")
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints and start over")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_fit_tokens)
+
+
+# -- demo ------------------------------------------------------------------------------------------
+def _cmd_demo(args) -> int:
+    from .fewshot import run_demo
+
+    run_demo(args.out, full=args.full, erase=args.erase, build_erasures_only=args.build_erasures, progress=not args.quiet)
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the paper's few-shot experiment on the pocket model (baseline, real guidance, DA-Fusion); ~10 min on 2 CPU cores",
+        description="Few-shot digits (pocket model, digits part B): k images per class to train, the rest to test. "
+        "Quick mode: k in {1, 2, 4}, 3 seeds. Writes results.csv/json, results.png, augmentations.png, summary.md.",
+    )
+    p.add_argument("--out", default="dafusion-demo", help="output folder (default: ./dafusion-demo); caches live here too")
+    p.add_argument("--full", action="store_true", help="k in {1, 2, 4, 8, 16} and 5 seeds (about an hour on 2 CPU cores)")
+    p.add_argument("--erase", action="store_true", help="leakage-free protocol: class c is augmented with c erased (builds 10 erasures first)")
+    p.add_argument("--build-erasures", action="store_true", help="only build (or find) the per-class erasure files under OUT/erasures")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_demo)
+
+
+_COMMANDS: list[Callable] = [_add_info, _add_generate, _add_fit_tokens]
 
 
 def build_parser() -> argparse.ArgumentParser:
