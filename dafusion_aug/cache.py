@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ._io import atomic_write_bytes
 from .errors import CacheError
 
 __all__ = ["AugmentationCache", "CacheStats"]
@@ -159,27 +160,15 @@ class AugmentationCache:
             if image is None:
                 raise ValueError("put needs image or data")
             data = self.encode(image)
-        path = Path(self._file(key))
-        tmp = None
+        path = self._file(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:16]}-", suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-            tmp = None
+            atomic_write_bytes(path, data, prefix=f".{key[:16]}-", suffix=".tmp")
         except OSError as e:
             reason = "the disk is full" if e.errno == errno.ENOSPC else str(e)
-            raise CacheError(f"cannot write cache entry {str(path)!r}: {reason}") from e
-        finally:
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
+            raise CacheError(f"cannot write cache entry {path!r}: {reason}") from e
         self._stats.writes += 1
         self._stats.bytes_written += len(data)
-        return path
+        return Path(path)
 
     # -- bookkeeping -------------------------------------------------------------------------------
     def stats(self) -> dict[str, int]:

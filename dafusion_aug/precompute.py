@@ -14,7 +14,6 @@ import concurrent.futures as cf
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ import torch
 
 from ._hashing import image_digest
 from ._images import is_image_leaf, to_canonical
+from ._io import atomic_path, atomic_write_bytes
 from .tokens import token_for_class
 
 if TYPE_CHECKING:
@@ -177,21 +177,15 @@ def _export(augment: DiffusionAugment, dataset: Any, out: Path, records: list) -
         rel = Path(folder) / f"{index:06d}_v{v:02d}{src.suffix}"
         dst = out / rel
         if not dst.is_file():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=".tmp-")
-            os.close(fd)
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
+            with atomic_path(dst) as tmp:
+                shutil.copyfile(src, tmp)
         written += 1
         lines.append(json.dumps({
             "file": rel.as_posix(), "source": _source_of(dataset, index), "index": index, "label": label,
             "class_name": names[label] if names and label is not None else None, "variant": v,
             "strength": var.strength, "seed": var.seed, "prompt": var.prompt, "key": var.key,
         }))
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".manifest-")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + ("\n" if lines else ""))
-    os.replace(tmp, out / "manifest.jsonl")
+    atomic_write_bytes(out / "manifest.jsonl", ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8"))
     return written
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 
 from . import __version__
 from ._hashing import stable_digest
+from ._io import atomic_path
 from .errors import TokenFileError
 
 __all__ = ["ClassTokens", "token_for_class"]
@@ -52,17 +52,8 @@ def _looks_like_pickle(path: str) -> bool:
 def _atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".safetensors") as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _read_safetensors(path: str, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -258,8 +249,13 @@ class ClassTokens:
         ``pipe.load_textual_inversion(folder / slug)``.
         """
         out = []
+        used: set[str] = set()
         for i, (token, emb) in enumerate(zip(self.tokens, self.embeddings)):
-            sub = Path(folder) / token_for_class(token.strip("<>"), i).strip("<>")  # never a raw name in a path
+            slug = token_for_class(token.strip("<>"), i).strip("<>")  # never a raw name in a path
+            while slug in used:  # "<A>" and "<a>" share a slug: never overwrite another class's file
+                slug = f"{slug}-{i}"
+            used.add(slug)
+            sub = Path(folder) / slug
             path = sub / "learned_embeds.safetensors"
             _atomic_save_file({token: emb.contiguous()}, str(path), {"format": "pt"})
             out.append(path)
@@ -298,6 +294,14 @@ class ClassTokens:
             names = self.expanded_tokens(i)
             present = [n in vocab for n in names]
             if not any(present):
+                for n in names:
+                    word = tokenizer.encode(n, add_special_tokens=False)
+                    if len(word) == 1 and word[0] != tokenizer.unk_token_id:
+                        # an added token is matched before BPE: it would replace this word in every prompt
+                        raise TokenFileError(
+                            f"token {n!r} (class {self.class_names[i]!r}) is a word of the tokenizer's vocabulary; added, it "
+                            f"would replace that word in every prompt. Use a delimited token such as {'<' + n.strip('<>') + '>'!r}"
+                        )
                 new_tokens.append(self.tokens[i])
                 new_embs.append(emb)
                 continue
