@@ -52,7 +52,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(CacheError, match="disk is full"):
         cache.put(KEY, image())
     monkeypatch.undo()
-    assert list(tmp_path.rglob("*.png")) == [] and list(tmp_path.rglob("*.tmp")) == []
+    assert list(tmp_path.rglob("*.webp")) == [] and list(tmp_path.rglob("*.tmp")) == []
 
 
 def test_unwritable_root_fails_at_construction(tmp_path):

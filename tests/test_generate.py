@@ -169,7 +169,7 @@ def test_kill_9_leaves_no_corrupt_entry_and_the_rerun_completes(tiny_folder, tmp
     cache = tmp_path / "cache"
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(tiny_folder), str(cache)], stdout=subprocess.PIPE, text=True)
     deadline = time.time() + 240
-    while time.time() < deadline and len(list(cache.rglob("*.png"))) < 6:
+    while time.time() < deadline and len(list(cache.rglob("*.webp"))) < 6:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
