@@ -1,0 +1,414 @@
+"""Rebuild the pocket model and its judge from scratch: ``python -m dafusion_aug.pocket.train``.
+
+Stages (all seeded, CPU, part A of :func:`dafusion_aug.pocket.digits` only):
+
+1. the judge CNN (``judge.safetensors``);
+2. the VAE (L1 + MSE reconstruction, a small KL term), then its latent scaling factor;
+3. the UNet and the text encoder together: DDPM noise-prediction MSE with SD's betas, random captions
+   from :mod:`dafusion_aug.pocket.arch` (10% empty for classifier-free guidance), EMA weights;
+4. ``StableDiffusionImg2ImgPipeline.save_pretrained(OUT/model)`` (UNet and VAE in float16, the small
+   text encoder in float32, so a plain ``from_pretrained`` loads everything in float32).
+
+Example:
+    python -m dafusion_aug.pocket.train                  # writes into the package (25-45 min on 2 cores)
+    python -m dafusion_aug.pocket.train --out /tmp/pocket --quick   # a smoke run (about 15 s)
+
+On a CPU shared with other processes, run it with ``OMP_WAIT_POLICY=PASSIVE`` (or ``--threads 1``):
+OpenMP's default busy-waiting made the two training threads several times slower under contention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import arch
+from .data import digits, random_affine
+from .judge import judge_accuracy, save_judge, train_judge
+
+__all__ = [
+    "TrainConfig",
+    "train_vae",
+    "encode_latents",
+    "train_diffusion",
+    "save_pipeline",
+    "write_vocab_files",
+    "run",
+    "main",
+]
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of the whole rebuild (the defaults made the shipped weights)."""
+
+    seed: int = 0
+    judge_steps: int = 300
+    vae_steps: int = 300
+    vae_batch_size: int = 64
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-4
+    latent_copies: int = 16
+    unet_steps: int = 2500
+    batch_size: int = 128
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    ema_decay: float = 0.999
+    threads: int = 2
+
+    @classmethod
+    def quick(cls) -> TrainConfig:
+        """A few-steps configuration for smoke tests (the result makes noise, not digits)."""
+        return cls(
+            judge_steps=5,
+            vae_steps=5,
+            vae_batch_size=16,
+            latent_copies=1,
+            unet_steps=5,
+            batch_size=16,
+            warmup_steps=1,
+        )
+
+
+def _cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
+    """Linear warm-up then cosine decay to ``floor`` times the peak learning rate."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_vae(images: torch.Tensor, cfg: TrainConfig, progress: bool = True):
+    """Train the pocket ``AutoencoderKL`` on augmented part-A images.
+
+    Args:
+        images: float ``(N, 3, 32, 32)`` in [0, 1].
+        cfg: the hyper-parameters (``vae_*``, ``seed``).
+        progress: show a tqdm bar.
+
+    Returns:
+        The trained VAE in eval mode (its ``scaling_factor`` is still the default; see :func:`encode_latents`).
+    """
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(cfg.seed + 1)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    vae = arch.build_vae().train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: _cosine(s, cfg.vae_steps, max(1, cfg.vae_steps // 20))
+    )
+    bar = tqdm(range(cfg.vae_steps), desc="vae", disable=not progress, mininterval=10.0)
+    for _ in bar:
+        idx = torch.randint(0, len(images), (cfg.vae_batch_size,), generator=gen)
+        x = random_affine(images[idx], gen) * 2.0 - 1.0
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        rec = (recon - x).abs().mean() + (recon - x).pow(2).mean()
+        kl = posterior.kl().mean() / posterior.mean[0].numel()
+        loss = rec + cfg.vae_kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(rec=f"{rec.item():.4f}", kl=f"{kl.item():.2f}", refresh=False)
+    return vae.eval()
+
+
+@torch.no_grad()
+def reconstruct(vae, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Encode (posterior mean) and decode images in [0, 1]; returns images in [0, 1]."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size] * 2.0 - 1.0
+        out.append(vae.decode(vae.encode(x).latent_dist.mean).sample)
+    return (torch.cat(out) / 2.0 + 0.5).clamp(0.0, 1.0)
+
+
+@torch.no_grad()
+def encode_latents(
+    vae, images: torch.Tensor, copies: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Encode ``copies`` augmented versions of every image (the first one unaugmented) and set the scale.
+
+    The VAE's ``scaling_factor`` is set to ``1 / std`` of sampled latents, as SD's 0.18215 was chosen.
+
+    Args:
+        vae: the trained VAE (eval mode); its config is updated in place.
+        images: float ``(N, 3, 32, 32)`` in [0, 1].
+        copies: versions per image.
+        seed: seeds the augmentation and the posterior samples.
+
+    Returns:
+        ``(means, stds, scaling_factor)``: posterior means and standard deviations ``(N * copies, 4, 8, 8)``,
+        unscaled.
+    """
+    gen = torch.Generator().manual_seed(seed + 2)
+    means, stds = [], []
+    for c in range(copies):
+        batch = images if c == 0 else random_affine(images, gen)
+        for i in range(0, len(batch), 256):
+            dist = vae.encode(batch[i : i + 256] * 2.0 - 1.0).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
+    mean, std = torch.cat(means), torch.cat(stds)
+    samples = mean + std * torch.randn(mean.shape, generator=gen)
+    scaling = float(1.0 / samples.std())
+    vae.register_to_config(scaling_factor=scaling)
+    return mean, std, scaling
+
+
+def train_diffusion(
+    means: torch.Tensor,
+    stds: torch.Tensor,
+    labels: torch.Tensor,
+    scaling: float,
+    tokenizer,
+    cfg: TrainConfig,
+    progress: bool = True,
+):
+    """Train the UNet and the text encoder jointly with DDPM noise prediction (SD's betas).
+
+    Args:
+        means, stds: posterior statistics of the training latents (unscaled), ``(M, 4, 8, 8)``.
+        labels: the digit of each latent, ``(M,)``.
+        scaling: the VAE's scaling factor.
+        tokenizer: the pocket tokenizer.
+        cfg: the hyper-parameters (``unet_steps``, ``batch_size``, ``lr``, ``warmup_steps``, ``ema_decay``).
+        progress: show a tqdm bar.
+
+    Returns:
+        ``(unet, text_encoder, losses)``: the EMA copies of both models in eval mode, and the mean loss of
+        every block of 100 steps.
+    """
+    from diffusers import DDPMScheduler
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(cfg.seed + 3)
+    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    rng = random.Random(cfg.seed + 3)
+    unet = arch.build_unet().train()
+    text_encoder = arch.build_text_encoder(tokenizer).train()
+    noise_sched = DDPMScheduler(
+        **{k: v for k, v in arch.scheduler_kwargs().items() if k != "set_alpha_to_one"}
+    )
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
+    for p in ema_params:
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, cfg.unet_steps, cfg.warmup_steps))
+    losses: list[float] = []
+    window: list[float] = []
+    bar = tqdm(range(cfg.unet_steps), desc="unet+text", disable=not progress, mininterval=10.0)
+    for step in bar:
+        idx = torch.randint(0, len(means), (cfg.batch_size,), generator=gen)
+        latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scaling
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
+        noisy = noise_sched.add_noise(latents, noise, t)
+        captions = [arch.sample_caption(int(labels[i]), rng) for i in idx]
+        unique = sorted(set(captions))  # encode each distinct caption once, then gather
+        where = torch.tensor([unique.index(c) for c in captions])
+        hidden = text_encoder(arch.caption_ids(unique, tokenizer))[0][where]
+        pred = unet(noisy, t, encoder_hidden_states=hidden).sample
+        loss = nn.functional.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        decay = min(cfg.ema_decay, (1.0 + step) / (10.0 + step))
+        with torch.no_grad():
+            for e, p in zip(ema_params, params):
+                e.lerp_(p.detach(), 1.0 - decay)
+        window.append(loss.item())
+        if len(window) == 100 or step == cfg.unet_steps - 1:
+            losses.append(sum(window) / len(window))
+            window = []
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    return ema_unet, ema_text, losses
+
+
+def save_pipeline(vae, unet, text_encoder, tokenizer, folder: str | Path) -> Path:
+    """Save the pocket model as a ``StableDiffusionImg2ImgPipeline`` folder.
+
+    The UNet and VAE weights are stored in float16 (half the size); the text encoder stays float32 so
+    that transformers' automatic dtype loads it in float32, like diffusers does for the others.
+
+    Args:
+        vae, unet, text_encoder, tokenizer: the trained components.
+        folder: the output folder (replaced files, others kept).
+
+    Returns:
+        The folder.
+    """
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    # nn.Module.to: a plain cast (diffusers' own .to warns about modules to keep in float32; none here).
+    pipe = StableDiffusionImg2ImgPipeline(
+        vae=nn.Module.to(copy.deepcopy(vae), torch.float16),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=nn.Module.to(copy.deepcopy(unet), torch.float16),
+        scheduler=arch.build_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    folder = Path(folder)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    write_vocab_files(tokenizer, folder / "tokenizer")
+    return folder
+
+
+def write_vocab_files(tokenizer, folder: str | Path) -> None:
+    """Add ``vocab.json`` and ``merges.txt`` next to ``tokenizer.json`` (older transformers need them).
+
+    Args:
+        tokenizer: the pocket tokenizer that was saved (built by :func:`arch.build_tokenizer`).
+        folder: the saved tokenizer folder.
+
+    Raises:
+        ValueError: when ``tokenizer`` is not the pocket tokenizer (its vocabulary differs).
+    """
+    rebuilt = arch.build_tokenizer(save_to=folder)
+    if rebuilt.get_vocab() != tokenizer.get_vocab():
+        raise ValueError("the tokenizer differs from the pocket tokenizer; cannot write its vocab files")
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def run(cfg: TrainConfig, out: Path, progress: bool = True) -> dict[str, object]:
+    """Run every stage and write ``OUT/judge.safetensors``, ``OUT/model/`` and ``OUT/training.json``.
+
+    Args:
+        cfg: the hyper-parameters.
+        out: the output folder.
+        progress: show tqdm bars.
+
+    Returns:
+        The report written to ``training.json`` (timings, parameter counts, losses, checks).
+    """
+    torch.set_num_threads(cfg.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, object] = {"config": asdict(cfg), "torch": torch.__version__, "timings_s": {}}
+    timings: dict[str, float] = report["timings_s"]  # type: ignore[assignment]
+    start = time.perf_counter()
+    part_a, part_b = digits("A"), digits("B")
+    xa, ya = part_a.tensors()
+    xb, yb = part_b.tensors()
+
+    t0 = time.perf_counter()
+    net = train_judge(xa, ya, steps=cfg.judge_steps, seed=cfg.seed, progress=progress)
+    timings["judge"] = time.perf_counter() - t0
+    report["judge_accuracy_part_b"] = judge_accuracy(net, xb, yb)
+    save_judge(
+        net,
+        out / "judge.safetensors",
+        {"trained_on": "pocket digits part A", "steps": cfg.judge_steps, "seed": cfg.seed},
+    )
+    print(
+        f"[judge] {timings['judge']:.0f}s, accuracy on part B {report['judge_accuracy_part_b']:.4f}",
+        flush=True,
+    )
+
+    t0 = time.perf_counter()
+    vae = train_vae(xa, cfg, progress=progress)
+    timings["vae"] = time.perf_counter() - t0
+    recon_b = reconstruct(vae, xb)
+    report["vae_mse_part_b"] = float((recon_b - xb).pow(2).mean())
+    report["judge_accuracy_vae_recon_part_b"] = judge_accuracy(net, recon_b, yb)
+    print(
+        f"[vae] {timings['vae']:.0f}s, part B reconstruction MSE {report['vae_mse_part_b']:.5f}, "
+        f"judged correctly {report['judge_accuracy_vae_recon_part_b']:.4f}",
+        flush=True,
+    )
+
+    t0 = time.perf_counter()
+    means, stds, scaling = encode_latents(vae, xa, cfg.latent_copies, cfg.seed)
+    labels = ya.repeat(cfg.latent_copies)
+    timings["encode"] = time.perf_counter() - t0
+    report["vae_scaling_factor"] = scaling
+    print(
+        f"[latents] {len(means)} latents in {timings['encode']:.0f}s, scaling factor {scaling:.4f}",
+        flush=True,
+    )
+
+    t0 = time.perf_counter()
+    tokenizer = arch.build_tokenizer()
+    unet, text_encoder, losses = train_diffusion(
+        means, stds, labels, scaling, tokenizer, cfg, progress=progress
+    )
+    timings["unet_text"] = time.perf_counter() - t0
+    report["diffusion_loss_per_100_steps"] = [round(v, 5) for v in losses]
+    print(f"[unet+text] {timings['unet_text']:.0f}s, loss {losses[0]:.4f} -> {losses[-1]:.4f}", flush=True)
+
+    folder = save_pipeline(vae, unet, text_encoder, tokenizer, out / "model")
+    timings["total"] = time.perf_counter() - start
+    report["parameters"] = {
+        "vae": _count(vae),
+        "unet": _count(unet),
+        "text_encoder": _count(text_encoder),
+        "judge": _count(net),
+    }
+    report["vocab_size"] = len(tokenizer)
+    report["weights_bytes"] = (
+        sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+        + (out / "judge.safetensors").stat().st_size
+    )
+    (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(
+        f"[done] {timings['total'] / 60:.1f} min in all; weights {report['weights_bytes'] / 1e6:.2f} MB in {out}",
+        flush=True,
+    )
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; see ``--help``."""
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m dafusion_aug.pocket.train", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--out", type=Path, default=PACKAGE_DIR, help="output folder (default: the package folder)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a few steps of each stage (smoke test; makes noise)"
+    )
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--judge-steps", type=int, default=None)
+    parser.add_argument("--vae-steps", type=int, default=None)
+    parser.add_argument("--unet-steps", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--threads", type=int, default=defaults.threads)
+    parser.add_argument("--no-progress", action="store_true", help="hide the tqdm bars")
+    args = parser.parse_args(argv)
+    cfg = TrainConfig.quick() if args.quick else TrainConfig()
+    cfg.seed, cfg.threads = args.seed, args.threads
+    for name in ("judge_steps", "vae_steps", "unet_steps", "batch_size", "lr"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    run(cfg, args.out, progress=not args.no_progress)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

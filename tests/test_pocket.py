@@ -1,0 +1,207 @@
+"""Tests of the pocket model, its data and its judge (CPU, offline, a few seconds each)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("sklearn")
+
+from dafusion_aug import pocket  # noqa: E402
+from dafusion_aug.pocket import CLASS_NAMES, digits, judge, judge_images, model_path, split_indices  # noqa: E402
+from dafusion_aug.pocket import data as pocket_data  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+    torch.set_num_threads(2)
+    img2img = StableDiffusionImg2ImgPipeline.from_pretrained(model_path())
+    img2img.set_progress_bar_config(disable=True)
+    txt2img = StableDiffusionPipeline(**img2img.components)
+    txt2img.set_progress_bar_config(disable=True)
+    return img2img, txt2img
+
+
+@pytest.fixture(scope="module")
+def part_b():
+    return digits("B").tensors()
+
+
+# --- data ---------------------------------------------------------------------------------------------
+
+
+def test_digits_items_and_attributes():
+    ds = digits("A")
+    image, label = ds[0]
+    assert isinstance(image, Image.Image) and image.mode == "RGB" and image.size == (32, 32)
+    assert isinstance(label, int) and label == ds.targets[0]
+    assert (
+        ds.class_names
+        == list(CLASS_NAMES)
+        == ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    )
+    assert isinstance(ds.targets, list) and len(ds.targets) == len(ds)
+    array = np.asarray(image)
+    assert array.dtype == np.uint8 and array.max() > 200 and array[0, 0, 0] < 30  # white digit on black
+    assert ds[-1][1] == ds.targets[-1]
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+    with pytest.raises(ValueError):
+        digits("C")
+
+
+def test_digits_split_is_stratified_disjoint_and_deterministic():
+    a, b = digits("A"), digits("B")
+    assert len(a) + len(b) == 1797
+    assert not set(a.indices) & set(b.indices)
+    assert sorted(a.indices + b.indices) == list(range(1797))
+    ca, cb = Counter(a.targets), Counter(b.targets)
+    assert set(ca) == set(cb) == set(range(10))
+    assert all(0 <= ca[k] - cb[k] <= 1 for k in range(10))
+    again = digits("A")
+    assert again.indices == a.indices and again.targets == a.targets
+    assert np.array_equal(np.asarray(again[5][0]), np.asarray(a[5][0]))
+    other_a, _ = split_indices(np.asarray(a.targets + b.targets), seed=1)
+    assert len(other_a) == len(a)
+
+
+def test_tensors_match_items():
+    ds = digits("B")
+    x, y = ds.tensors()
+    assert x.shape == (len(ds), 3, 32, 32) and x.dtype == torch.float32 and y.tolist() == ds.targets
+    assert torch.allclose(x[3], torch.from_numpy(np.array(ds[3][0])).permute(2, 0, 1).float() / 255)
+
+
+def test_missing_sklearn_names_the_extra(monkeypatch):
+    pocket_data._raw.cache_clear()
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    try:
+        with pytest.raises(ImportError, match=r'pip install "dafusion-aug\[pocket\]"'):
+            digits("A")
+    finally:
+        monkeypatch.undo()
+        pocket_data._raw.cache_clear()
+
+
+# --- judge --------------------------------------------------------------------------------------------
+
+
+def test_judge_accuracy_on_part_b(part_b):
+    x, y = part_b
+    net = judge()
+    assert not net.training
+    logits = net(x[:4])
+    assert logits.shape == (4, 10)
+    accuracy = float((judge_images(x, model=net) == y).float().mean())
+    assert accuracy >= 0.97, accuracy
+
+
+def test_judge_images_accepts_pil_uint8_and_float():
+    ds = digits("B")
+    pils = [ds[i][0] for i in range(8)]
+    x, _ = ds.tensors()
+    from_pil = judge_images(pils)
+    assert from_pil.dtype == torch.long and from_pil.shape == (8,)
+    assert torch.equal(from_pil, judge_images(x[:8]))
+    assert torch.equal(from_pil, judge_images((x[:8] * 255).round().to(torch.uint8)))
+    assert judge_images(pils[0]).shape == (1,)
+
+
+def test_judge_file_is_safetensors_only():
+    path = pocket.JUDGE_FILE
+    assert path.suffix == ".safetensors" and path.is_file()
+    header_len = int.from_bytes(path.read_bytes()[:8], "little")
+    json.loads(path.read_bytes()[8 : 8 + header_len])  # a safetensors header, not a pickle
+
+
+# --- model --------------------------------------------------------------------------------------------
+
+
+def test_model_path_and_layout(pipes):
+    img2img, _ = pipes
+    folder = model_path()
+    assert (folder / "model_index.json").is_file()
+    assert img2img.unet.dtype == img2img.vae.dtype == img2img.text_encoder.dtype == torch.float32
+    assert img2img.vae_scale_factor == 4 and img2img.unet.config.sample_size == 8
+    assert any(name.endswith("attn2.to_k") for name, _ in img2img.unet.named_modules())
+    cfg = img2img.scheduler.config
+    assert type(img2img.scheduler).__name__ == "DDIMScheduler"
+    assert (cfg.beta_schedule, cfg.beta_start, cfg.beta_end) == ("scaled_linear", 0.00085, 0.012)
+    assert cfg.clip_sample is False and cfg.set_alpha_to_one is False and cfg.steps_offset == 1
+    tok = img2img.tokenizer
+    assert len(tok.tokenize("a photo of a handwritten digit seven")) == 7
+    assert tok.tokenize("zebra")  # unknown words fall back to characters
+
+
+def test_weights_are_small():
+    files = list(model_path().rglob("*.safetensors")) + [pocket.JUDGE_FILE]
+    assert not list(model_path().rglob("*.bin")) and not list(model_path().rglob("*.pkl"))
+    assert sum(f.stat().st_size for f in files) <= 20 * 1024 * 1024
+
+
+def test_model_path_missing(monkeypatch, tmp_path):
+    monkeypatch.setattr(pocket, "_MODEL_DIR", tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="dafusion_aug.pocket.train"):
+        pocket.model_path()
+
+
+def test_loads_with_explicit_float32():
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(model_path(), torch_dtype=torch.float32)
+    assert pipe.unet.dtype == torch.float32 and pipe.text_encoder.dtype == torch.float32
+
+
+def test_img2img_keeps_the_class(pipes):
+    img2img, _ = pipes
+    ds = digits("B")
+    picks = [ds.targets.index(k) for k in range(10)]
+    images = [ds[i][0] for i in picks]
+    out = img2img(
+        [pocket.prompt(k) for k in range(10)],
+        image=images,
+        strength=0.5,
+        num_inference_steps=20,
+        generator=[torch.Generator().manual_seed(k) for k in range(10)],
+    ).images
+    assert all(isinstance(im, Image.Image) and im.size == (32, 32) for im in out)
+    assert any(np.asarray(a).tolist() != np.asarray(b).tolist() for a, b in zip(images, out))
+    kept = (judge_images(out) == torch.arange(10)).sum().item()
+    assert kept >= 8, kept
+
+
+def test_txt2img_draws_the_prompted_digit(pipes):
+    _, txt2img = pipes
+    labels = [3] * 8 + [7] * 8
+    out = txt2img(
+        [pocket.prompt(k) for k in labels],
+        num_inference_steps=20,
+        guidance_scale=7.5,
+        generator=[torch.Generator().manual_seed(i) for i in range(len(labels))],
+        output_type="pt",
+    ).images
+    assert out.shape == (16, 3, 32, 32)
+    correct = (judge_images(out) == torch.tensor(labels)).sum().item()
+    assert correct >= 13, correct
+
+
+@pytest.mark.slow
+def test_quick_training_writes_a_loadable_model(tmp_path):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from dafusion_aug.pocket.train import main
+
+    assert main(["--out", str(tmp_path), "--quick", "--no-progress"]) == 0
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(tmp_path / "model")
+    assert pipe.unet.dtype == torch.float32
+    assert judge(tmp_path / "judge.safetensors")(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    report = json.loads((tmp_path / "training.json").read_text())
+    assert report["config"]["unet_steps"] == 5 and report["weights_bytes"] > 0
