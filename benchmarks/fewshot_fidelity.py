@@ -1,0 +1,90 @@
+"""How often do the demo's cached variants still show their class? The pocket judge reads them, per strength.
+
+    python benchmarks/fewshot_fidelity.py --demo dafusion-demo/quick --cache dafusion-demo/cache --tokens dafusion-demo/tokens
+
+For each (k, seed) of the demo run (read from its ``results.json``), every variant of every training image
+is read back from the cache (nothing is generated) for each generative method and scored by
+``dafusion_aug.pocket.judge_images``: the share the judge reads as the image's own label, per strength.
+A low share means label noise: the variant shows another digit (or none) under the real image's label.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dafusion_aug import DiffusionAugment, PipelineSpec, few_shot_indices
+from dafusion_aug._hashing import image_digest
+from dafusion_aug.pocket import digits, judge_images
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--demo", required=True, help="a demo result folder (with results.json)")
+    p.add_argument("--cache", required=True)
+    p.add_argument("--tokens", required=True, help="folder of the fitted tokens")
+    p.add_argument("--shots", type=int, nargs="+", default=None, help="default: the run's")
+    p.add_argument("--erasures", default=None, help="folder of per-class erasures, for runs made with --erase")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    settings = json.loads((Path(a.demo) / "results.json").read_text())["settings"]
+    gen = settings["generation"]
+    data = digits("B")
+    names = data.class_names
+    spec = PipelineSpec("pocket")
+    erasures = None
+    if settings["erase"]:
+        files = sorted(glob.glob(str(Path(a.erasures) / "erase-*.safetensors")))
+        erasures = dict(enumerate(files))
+    common = dict(
+        num_variants=gen["num_variants"], strength=tuple(gen["strength"]), num_inference_steps=gen["num_inference_steps"],
+        guidance_scale=gen["guidance_scale"], cache=a.cache, on_miss="real", class_erasures=erasures,
+    )
+    totals: dict[tuple[str, int], dict[float, list[int]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+    for k in a.shots or settings["shots"]:
+        for seed in settings["seeds"]:
+            subset = [data[i] for i in few_shot_indices(data.targets, k, seed, len(names))]
+            augs = {
+                "real-guidance": DiffusionAugment(spec, class_names=names, prompt=gen["prompt"], **common),
+                "real-guidance-agnostic": DiffusionAugment(spec, class_names=names, prompt=gen["agnostic_prompt"], **common),
+            }
+            for path in glob.glob(str(Path(a.tokens) / f"k{k}-seed{seed}-*.safetensors")):
+                try:
+                    aug = DiffusionAugment(spec, tokens=path, prompt=gen["prompt"], **common)
+                    aug.cache_key(image_digest(np.asarray(subset[0][0])), subset[0][1], 0)
+                except Exception:  # noqa: BLE001 - a token file of other settings: skip it
+                    continue
+                augs.setdefault("da-fusion", aug)
+            for method, aug in augs.items():
+                found, labels = [], []
+                strengths = []
+                for image, label in subset:
+                    digest = image_digest(np.asarray(image))
+                    for v in range(aug.num_variants):
+                        var = aug.variant(digest, label, v)
+                        arr = aug.cache.get(var.key)
+                        if arr is not None:
+                            found.append(torch.from_numpy(np.array(arr)).permute(2, 0, 1))
+                            labels.append(label)
+                            strengths.append(var.strength)
+                if not found:
+                    continue
+                ok = (judge_images(torch.stack(found)) == torch.tensor(labels)).tolist()
+                for s, hit in zip(strengths, ok):
+                    totals[(method, k)][s].append(int(hit))
+    print("| method | k | " + " | ".join(f"strength {s:g}" for s in gen["strength"]) + " | all |")
+    print("| --- | ---: |" + " ---: |" * (len(gen["strength"]) + 1))
+    for (method, k), per in sorted(totals.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        cells = [f"{100 * np.mean(per[s]):.0f}%" if per.get(s) else "" for s in gen["strength"]]
+        every = [h for hs in per.values() for h in hs]
+        print(f"| {method} | {k} | " + " | ".join(cells) + f" | {100 * np.mean(every):.0f}% (n={len(every)}) |")
+
+
+if __name__ == "__main__":
+    main()

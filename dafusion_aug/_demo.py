@@ -1,0 +1,151 @@
+"""``dafusion-aug demo``: the few-shot experiment on the pocket model and digits part B, quick or full.
+
+The settings of both modes live here, in one place, and docs/results.md quotes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DemoSettings", "QUICK", "FULL", "ERASURE_PROMPTS", "run_demo", "demo_folder"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSettings:
+    """One mode of the demo. Every field is passed to :func:`~dafusion_aug.fewshot.run_fewshot`."""
+
+    shots: tuple[int, ...]
+    seeds: tuple[int, ...]
+    num_inference_steps: int
+    num_variants: int
+    fit_steps: int
+    classifier_steps: int
+    p: float = 0.5
+    strength: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+    guidance_scale: float = 7.5
+    fit_batch_size: int = 4
+    fit_learning_rate: float = 5e-4
+    classifier_batch_size: int = 32
+    classifier_width: int = 16
+    classifier_image_size: int = 16
+    fit_initializer: str | None = None
+    grid_classes: tuple[int, ...] = (0, 2, 4, 7)
+
+
+#: The default, ``dafusion-aug demo``: k in {1, 2, 4}, 3 seeds.
+QUICK = DemoSettings(shots=(1, 2, 4), seeds=(0, 1, 2), num_inference_steps=15, num_variants=5, fit_steps=200, classifier_steps=200)
+#: ``--full``: the paper's grid of k and 5 seeds, with the same per-run settings as QUICK (so both share
+#: cached variants and tokens, and QUICK's rows are a subset of FULL's).
+FULL = dataclasses.replace(QUICK, shots=(1, 2, 4, 8, 16), seeds=(0, 1, 2, 3, 4))
+
+#: Prompts each class's erasure is trained on (the augmentation's prompt among them).
+ERASURE_PROMPTS = ("a photo of a {name}", "a photo of a handwritten digit {name}", "{name}")
+#: erase_concept settings for the pocket model (measured in docs/erasure.md).
+ERASURE_SETTINGS = dict(method="esd-x", steps=200, learning_rate=1e-3, ddim_steps=25)
+
+
+def demo_folder(out: str | os.PathLike, full: bool, erase: bool) -> Path:
+    """Where a mode writes its results: ``OUT/quick``, ``OUT/full``, ``OUT/quick-erase`` or ``OUT/full-erase``."""
+    return Path(out) / (("full" if full else "quick") + ("-erase" if erase else ""))
+
+
+def run_demo(
+    out: str | os.PathLike = "dafusion-demo",
+    *,
+    full: bool = False,
+    erase: bool = False,
+    build_erasures_only: bool = False,
+    settings: DemoSettings | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], Any] = print,
+) -> Any:
+    """Run the paper's few-shot experiment on the pocket model: digits part B, k per class to train, the rest to test.
+
+    Methods: baseline, real-guidance, real-guidance-agnostic, da-fusion; a small CNN classifier (see
+    :class:`DemoSettings`; random affine as the standard augmentation of every method). Variants, tokens
+    and erasures are cached under ``out``, so a rerun is fast and an interrupted run resumes.
+
+    Args:
+        out: the output folder; results go to :func:`demo_folder` inside it, the variant cache to
+            ``out/cache`` and the per-class erasures to ``out/erasures``.
+        full: :data:`FULL` instead of :data:`QUICK`.
+        erase: the leakage-free protocol: class c's images are augmented with c erased from the model
+            (the erasures are built first if missing: ten ESD runs of 200 steps).
+        build_erasures_only: build (or find) the ten erasure files and return ``{class name: path}``.
+        settings: override the mode's settings.
+        threads: ``torch.set_num_threads`` for the run (``None``: torch's default); 1 is fastest for this
+            small model when other jobs share the cores.
+        progress: show progress bars.
+        log: where to print the table and the paths.
+
+    Returns:
+        A :class:`~dafusion_aug.fewshot.FewShotResult` (or the erasure files with ``build_erasures_only``).
+
+    Raises:
+        FileNotFoundError: the pocket model is missing (``python -m dafusion_aug.pocket.train`` rebuilds it).
+    """
+    from ._classifier import small_cnn
+    from .fewshot import build_erasures, run_fewshot
+    from .pipeline import PipelineSpec
+    from .pocket import digits, model_path
+
+    model_path()  # a clear error first when the weights are missing
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    cfg = settings or (FULL if full else QUICK)
+    out = Path(out)
+    data = digits("B")
+    spec = PipelineSpec("pocket")
+    t0 = time.perf_counter()
+    erasures = None
+    if erase or build_erasures_only:
+        log(f"building/finding the per-class erasures in {out / 'erasures'} (esd-x, {ERASURE_SETTINGS['steps']} steps per class)")
+        erasures = build_erasures(spec, data.class_names, out / "erasures", prompts=ERASURE_PROMPTS, progress=progress, **ERASURE_SETTINGS)
+        if build_erasures_only:
+            for name, path in erasures.items():
+                log(f"  {name}: {path}")
+            return erasures
+    folder = demo_folder(out, full, erase)
+    result = run_fewshot(
+        spec,
+        data,
+        None,
+        out=folder,
+        cache=out / "cache",
+        tokens_dir=out / "tokens",
+        shots=cfg.shots,
+        seeds=cfg.seeds,
+        classifier=small_cnn(
+            steps=cfg.classifier_steps, batch_size=cfg.classifier_batch_size, width=cfg.classifier_width, image_size=cfg.classifier_image_size
+        ),
+        num_variants=cfg.num_variants,
+        p=cfg.p,
+        strength=cfg.strength,
+        num_inference_steps=cfg.num_inference_steps,
+        guidance_scale=cfg.guidance_scale,
+        fit_steps=cfg.fit_steps,
+        fit_batch_size=cfg.fit_batch_size,
+        fit_learning_rate=cfg.fit_learning_rate,
+        fit_initializer=cfg.fit_initializer,
+        erase=erase,
+        erasures=erasures,
+        grid_classes=cfg.grid_classes,
+        progress=progress,
+    )
+    log("")
+    log(f"class-balanced test accuracy (%), mean ± 95% CI over seeds {list(cfg.seeds)}"
+        + (", each class augmented with itself erased" if erase else ""))
+    log(result.table())
+    log("")
+    for what, path in result.files.items():
+        log(f"{what:>8}: {path}")
+    log(f"finished in {time.perf_counter() - t0:.0f} s")
+    return result

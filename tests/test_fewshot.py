@@ -1,0 +1,211 @@
+"""The few-shot protocol: statistics on known numbers, argument checks, and small end-to-end runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dafusion_aug._report import format_table, mean_confidence_interval, summarize, t_quantile
+from dafusion_aug.data import ImageList
+from dafusion_aug.fewshot import METHODS, build_erasures, check_grid, run_fewshot, small_cnn
+
+NAMES = ["cat", "dog", "zebra"]  # words of the tiny tokenizer, so class-name initialisation works
+
+
+def _pocket_available() -> bool:
+    try:
+        from dafusion_aug.pocket import model_path
+
+        model_path()
+        return True
+    except (FileNotFoundError, ImportError):
+        return False
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread, and far faster than on two when other jobs share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def toy_data():
+    """Four random 32x32 images per class (the tiny pipeline's native size)."""
+    rng = np.random.default_rng(0)
+    items = [(Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)), c) for c in range(3) for _ in range(4)]
+    return ImageList(items, NAMES)
+
+
+FAST = dict(num_variants=2, num_inference_steps=4, fit_steps=3, classifier=small_cnn(steps=4, batch_size=4), progress=False)
+
+
+# -- statistics ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "q,df,expected",
+    [(0.975, 1, 12.706204736), (0.975, 2, 4.302652730), (0.975, 4, 2.776445105), (0.975, 30, 2.042272456), (0.95, 3, 2.353363435)],
+)
+def test_t_quantile_matches_tables(q, df, expected):
+    assert t_quantile(q, df) == pytest.approx(expected, abs=1e-8)
+    assert t_quantile(1 - q, df) == pytest.approx(-expected, abs=1e-8)
+
+
+def test_t_quantile_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="q must be in"):
+        t_quantile(1.0, 3)
+    with pytest.raises(ValueError, match="df must be"):
+        t_quantile(0.9, 0)
+
+
+def test_confidence_interval_on_known_numbers():
+    mean, lo, hi = mean_confidence_interval([0.5, 0.6, 0.7, 0.8, 0.9])
+    half = 2.776445105 * math.sqrt(0.025) / math.sqrt(5)  # sd = sqrt(0.025)
+    assert mean == pytest.approx(0.7)
+    assert (lo, hi) == (pytest.approx(0.7 - half), pytest.approx(0.7 + half))
+    m1, lo1, hi1 = mean_confidence_interval([0.4])
+    assert m1 == 0.4 and math.isnan(lo1) and math.isnan(hi1)
+    with pytest.raises(ValueError, match="values"):
+        mean_confidence_interval([])
+
+
+def test_summarize_groups_by_method_and_k():
+    rows = [{"method": m, "k": k, "seed": s, "accuracy": a} for m, k, s, a in [
+        ("baseline", 1, 0, 0.5), ("baseline", 1, 1, 0.7), ("da-fusion", 1, 0, 0.6), ("da-fusion", 1, 1, 0.8), ("baseline", 2, 0, 0.9),
+    ]]
+    summary = summarize(rows)
+    assert [(s["method"], s["k"], s["n"]) for s in summary] == [("baseline", 1, 2), ("baseline", 2, 1), ("da-fusion", 1, 2)]
+    first = summary[0]
+    assert first["mean"] == pytest.approx(0.6)
+    assert first["half_width"] == pytest.approx(12.706204736 * math.sqrt(0.02) / math.sqrt(2))
+    assert first["seeds"] == [0, 1]
+    table = format_table(summary)
+    assert "| baseline | 60.0 ± " in table and "90.0 (n=1)" in table and "k = 2" in table
+
+
+# -- argument checks -----------------------------------------------------------------------------------
+def test_check_grid_errors_name_the_argument():
+    targets = [0, 0, 1, 1]
+    with pytest.raises(ValueError, match="methods must be among .*'mixup'"):
+        check_grid(["baseline", "mixup"], [1], [0], targets, ["a", "b"], True)
+    with pytest.raises(ValueError, match="shots: k=3 is larger than class 'a'"):
+        check_grid(["baseline"], [1, 3], [0], targets, ["a", "b"], True)
+    with pytest.raises(ValueError, match="shots: k=2 .*for testing"):
+        check_grid(["baseline"], [2], [0], targets, ["a", "b"], False)  # nothing left to test on
+    with pytest.raises(ValueError, match="seeds must not repeat"):
+        check_grid(["baseline"], [1], [0, 0], targets, ["a", "b"], True)
+    with pytest.raises(ValueError, match="shots must hold ints >= 1"):
+        check_grid(["baseline"], [0], [0], targets, ["a", "b"], True)
+    with pytest.raises(ValueError, match="methods, shots and seeds must be non-empty"):
+        check_grid([], [1], [0], targets, ["a", "b"], True)
+    check_grid(list(METHODS), [1, 2], [0, 1], targets, ["a", "b"], True)
+
+
+def test_run_fewshot_bad_arguments(toy_data, tiny_pipe, tmp_path):
+    with pytest.raises(ValueError, match="methods must be among"):
+        run_fewshot(tiny_pipe, toy_data, out=tmp_path, methods=["baseline", "cutmix"], shots=[1], seeds=[0], **FAST)
+    with pytest.raises(ValueError, match="shots: k=5 is larger than class 'cat'"):
+        run_fewshot(tiny_pipe, toy_data, out=tmp_path, shots=[5], seeds=[0], **FAST)
+    with pytest.raises(ValueError, match="classifier must be"):
+        run_fewshot(tiny_pipe, toy_data, out=tmp_path, shots=[1], seeds=[0], **{**FAST, "classifier": "vgg"})
+    with pytest.raises(ValueError, match="erasures"):
+        run_fewshot(tiny_pipe, toy_data, out=tmp_path, shots=[1], seeds=[0], erase=True, **FAST)
+    with pytest.raises(ValueError, match="erasures has no entry for class 'zebra'"):
+        run_fewshot(tiny_pipe, toy_data, out=tmp_path, shots=[1], seeds=[0], erase=True, erasures={"cat": "x", "dog": "y"}, **FAST)
+    with pytest.raises(ValueError, match="class_names is required"):
+        run_fewshot(tiny_pipe, list(toy_data.items), out=tmp_path, shots=[1], seeds=[0], **FAST)
+
+
+# -- end to end ----------------------------------------------------------------------------------------
+def _check_outputs(res, methods, shots, seeds):
+    keys = [(r["method"], r["k"], r["seed"]) for r in res.rows]
+    assert sorted(keys) == sorted((m, k, s) for m in methods for k in shots for s in seeds)
+    with open(res.files["csv"], newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert sorted((r["method"], int(r["k"]), int(r["seed"])) for r in csv_rows) == sorted(keys)
+    payload = json.loads(res.files["json"].read_text())
+    assert len(payload["rows"]) == len(keys) and payload["settings"]["shots"] == list(shots)
+    assert res.files["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for r in res.rows:
+        assert 0.0 <= r["accuracy"] <= 1.0
+        # generative methods really read their variants (share ~ p = 0.5); the baseline never does
+        assert (r["synthetic_share"] == 0.0) if r["method"] == "baseline" else (0.2 < r["synthetic_share"] < 0.8)
+
+
+def test_protocol_end_to_end_and_resume(tmp_path, tiny_pipe, toy_data):
+    """k = 1, one seed, every method (the pocket model when it is shipped, else the tiny pipeline)."""
+    if _pocket_available():
+        from dafusion_aug.pocket import digits
+
+        pipe, data, kw = "pocket", digits("B"), dict(FAST, num_inference_steps=10, classifier=small_cnn(steps=20, batch_size=16))
+    else:
+        pipe, data, kw = tiny_pipe, toy_data, FAST
+    runs: list[dict] = []
+    torch.manual_seed(123)
+    res = run_fewshot(pipe, data, out=tmp_path / "run", shots=[1], seeds=[0], grid_classes=[0, 1], _on_run=runs.append, **kw)
+    _check_outputs(res, METHODS, [1], [0])
+    assert len(runs) == len(METHODS)
+    assert res.files["grid"].is_file()
+    assert "| da-fusion |" in res.table()
+    assert len(list((tmp_path / "run" / "tokens").glob("*.safetensors"))) == 1
+    # a rerun with the same settings reads every row back instead of training again
+    again: list[dict] = []
+    res2 = run_fewshot(pipe, data, out=tmp_path / "run", shots=[1], seeds=[0], _on_run=again.append, **kw)
+    assert again == [] and res2.rows == res.rows
+
+
+def test_protocol_is_reproducible(tmp_path, tiny_pipe, toy_data):
+    kw = dict(FAST, methods=["baseline", "real-guidance"], shots=[1, 2], seeds=[3], test=toy_data)
+    a = run_fewshot(tiny_pipe, toy_data, out=tmp_path / "a", cache=tmp_path / "cache", **kw)
+    b = run_fewshot(tiny_pipe, toy_data, out=tmp_path / "b", cache=tmp_path / "cache", **kw)
+    assert [r["accuracy"] for r in a.rows] == [r["accuracy"] for r in b.rows]
+    assert [r["synthetic_share"] for r in a.rows] == [r["synthetic_share"] for r in b.rows]
+    _check_outputs(a, ["baseline", "real-guidance"], [1, 2], [3])
+    assert all(r["num_test"] == len(toy_data) for r in a.rows)
+
+
+def test_protocol_with_per_class_erasures(tmp_path, toy_data):
+    from dafusion_aug.erase import Erasure
+    from dafusion_aug.testing import tiny_pipeline
+
+    pipe = tiny_pipeline(seed=0)
+    files = build_erasures(pipe, NAMES, tmp_path / "erasures", steps=1, ddim_steps=2, progress=False)
+    assert sorted(files) == sorted(NAMES) and all(p.is_file() for p in files.values())
+    again = build_erasures(pipe, NAMES, tmp_path / "erasures", steps=1, ddim_steps=2, progress=False)
+    assert again == files  # found, not retrained
+    res = run_fewshot(pipe, toy_data, out=tmp_path / "run", shots=[1], seeds=[0], erase=True, erasures=files, **FAST)
+    _check_outputs(res, METHODS, [1], [0])
+    assert all(r["erase"] for r in res.rows)
+    assert Erasure.active(pipe) is None  # every erasure was restored
+    # variants made with the classes erased are cached under their own keys, apart from the base model's
+    cached = lambda: sum(1 for _ in (tmp_path / "run" / "cache").rglob("*.webp"))  # noqa: E731
+    before = cached()
+    run_fewshot(pipe, toy_data, out=tmp_path / "base", cache=tmp_path / "run" / "cache", methods=["real-guidance"], shots=[1], seeds=[0], **FAST)
+    assert cached() == before + len(NAMES) * FAST["num_variants"]
+    # one run of fit_tokens per class, each with its class erased, merged into one token file
+    from dafusion_aug.tokens import ClassTokens
+
+    (token_file,) = (tmp_path / "run" / "tokens").glob("*.safetensors")
+    assert ClassTokens.load(token_file).class_names == NAMES
+
+
+def test_cli_demo_is_registered(capsys):
+    from dafusion_aug.cli import build_parser
+
+    args = build_parser().parse_args(["demo", "--out", "x", "--full", "--erase"])
+    assert (args.out, args.full, args.erase, args.build_erasures) == ("x", True, True, False)
+
+
+@pytest.mark.skipif(_pocket_available(), reason="checks the error shown when the pocket model is missing")
+def test_cli_demo_without_pocket_model_says_how_to_build_it(tmp_path, capsys):
+    from dafusion_aug.cli import main
+
+    assert main(["demo", "--out", str(tmp_path), "--quiet"]) == 2
+    assert "pocket.train" in capsys.readouterr().err
