@@ -53,7 +53,8 @@ def _pil_to_canonical(img: Image.Image) -> tuple[list[np.ndarray], Restore]:
             if mode == "F":
                 return Image.fromarray(g2.astype(np.float32), "F")
             if mode == "I;16":
-                return Image.fromarray(np.round(g2).astype(np.uint16), "I;16")
+                # frombytes: Pillow 13 refuses fromarray(uint16 array, "I;16")
+                return Image.frombytes("I;16", img.size, np.round(g2).astype("<u2").tobytes())
             return Image.fromarray(np.round(g2).astype(np.int32), "I")
 
         return [np.ascontiguousarray(rgb)], restore_hi

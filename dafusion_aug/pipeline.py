@@ -146,7 +146,8 @@ class PipelineSpec:
         p = Path(self.model).expanduser()
         if p.is_dir():
             return p.resolve()
-        if p.exists() or self.model.startswith((".", "/", "~")) or self.model.count("/") > 1:
+        # a bare name ("my_model") is a missing folder, not a Hub id: never send it to the Hub
+        if p.exists() or self.model.startswith((".", "/", "~")) or self.model.count("/") != 1:
             raise PipelineError(f"model {self.model!r} is neither a model folder nor a Hub id of the form 'owner/name'")
         return None
 

@@ -307,7 +307,10 @@ class DiffusionAugment(Transform):
         if callable(prompt) and not isinstance(prompt, str):
             name = self._name(label) if label is not None else ""
             out = prompt(name, label)
-            return [out] if isinstance(out, str) else list(out)
+            options = [out] if isinstance(out, str) else list(out) if isinstance(out, (list, tuple)) else None
+            if not options or not all(isinstance(t, str) for t in options):
+                raise TypeError(f"the prompt callable must return a str or a non-empty list of str, got {out!r} for label {label!r}")
+            return options
         if isinstance(prompt, Mapping):
             if label is None:
                 raise ValueError("a per-class prompt dict needs a label, but the sample has none")
@@ -505,6 +508,19 @@ class DiffusionAugment(Transform):
                 return [i]
         return []
 
+    @staticmethod
+    def _check_no_image(flat: list[Any], labels: Any) -> None:
+        # An array that looks like a picture but is no image leaf would silently never be augmented.
+        for x in flat:
+            if x is labels:
+                continue
+            if type(x) is torch.Tensor and x.ndim >= 2:
+                raise ValueError(f"image must be a PIL image, a tv_tensors.Image or a (C, H, W) / (B, C, H, W) tensor, "
+                                 f"got a tensor of shape {tuple(x.shape)}")
+            if isinstance(x, np.ndarray) and x.ndim >= 2:
+                raise TypeError(f"image must be a PIL image, a tv_tensors.Image or a (C, H, W) / (B, C, H, W) tensor, got a "
+                                f"numpy array of shape {x.shape}; use Image.fromarray(a) or torch.from_numpy(a).permute(2, 0, 1)")
+
     def _labels_per_sample(self, labels: Any, n: int) -> list[int | None]:
         if isinstance(labels, (torch.Tensor, np.ndarray)):
             labels = [labels.item()] if int(np.prod(labels.shape)) == 1 else labels.tolist()
@@ -528,6 +544,7 @@ class DiffusionAugment(Transform):
         labels = self._labels_getter(sample) if self._labels_getter is not None else None
         image_idx = self._image_leaf_indices(flat, labels)
         if not image_idx:
+            self._check_no_image(flat, labels)
             return sample
         params = self.make_params([flat[i] for i in image_idx])
         n = len(params["apply"])
