@@ -20,7 +20,7 @@ import time
 import torch
 
 from dafusion_aug import PipelineSpec, few_shot_indices, fit_tokens
-from dafusion_aug.pocket import CLASS_NAMES, digits, judge_images
+from dafusion_aug.pocket import CLASS_NAMES, digits, judge, judge_images
 
 
 def _txt2img(folder: str, tokens=None):
@@ -36,7 +36,7 @@ def _txt2img(folder: str, tokens=None):
 
 
 @torch.no_grad()
-def _accuracy(pipe, prompts: list[str], samples: int, seed: int, batch_size: int = 64) -> list[float]:
+def _accuracy(pipe, prompts: list[str], samples: int, seed: int, judge_net, batch_size: int = 64) -> list[float]:
     """Per digit: the fraction of ``samples`` images from ``prompts[digit]`` that the judge reads as that digit."""
     out = []
     for label, text in enumerate(prompts):
@@ -45,7 +45,7 @@ def _accuracy(pipe, prompts: list[str], samples: int, seed: int, batch_size: int
             n = min(batch_size, samples - start)
             gens = [torch.Generator().manual_seed(seed * 100_000 + label * 1_000 + start + i) for i in range(n)]
             images = pipe([text] * n, num_inference_steps=50, guidance_scale=7.5, generator=gens, output_type="pt").images
-            hits += int((judge_images(images.float().clamp(0, 1)) == label).sum())
+            hits += int((judge_images(images.float().clamp(0, 1), model=judge_net) == label).sum())
         out.append(hits / samples)
     return out
 
@@ -62,10 +62,12 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=64, help="txt2img samples per digit")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--judge", default=None, help="judge weights (default: the shipped judge)")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     folder = str(PipelineSpec(args.model).local_path())
+    judge_net = judge(args.judge)
     data = digits("B")
     items = [data[i] for i in few_shot_indices(data.targets, args.shots, args.seed, num_classes=10)]
     rows: dict[str, list[float]] = {}
@@ -74,7 +76,7 @@ def main() -> None:
         start_words = list(CLASS_NAMES) if init == "class_name" else [init] * 10
         t0 = time.perf_counter()
         rows[f"untrained start ({init!r}): 'a photo of a {{word}}'"] = _accuracy(
-            _txt2img(folder), [f"a photo of a {w}" for w in start_words], args.samples, args.seed
+            _txt2img(folder), [f"a photo of a {w}" for w in start_words], args.samples, args.seed, judge_net
         )
         tokens = fit_tokens(
             args.model, items, list(CLASS_NAMES), initializer=init, steps=args.steps, batch_size=args.batch_size,
@@ -82,7 +84,7 @@ def main() -> None:
         )
         fit_s = time.perf_counter() - t0
         rows[f"fit_tokens (initializer {init!r}): 'a photo of a {{token}}'"] = _accuracy(
-            _txt2img(folder, tokens), [f"a photo of a {t}" for t in tokens.tokens], args.samples, args.seed
+            _txt2img(folder, tokens), [f"a photo of a {t}" for t in tokens.tokens], args.samples, args.seed, judge_net
         )
         report["fit"][init] = {"final_loss": tokens.metadata["final_loss"], "seconds_incl_untrained_eval": round(fit_s, 1)}
         print(f"[{init}] final loss {tokens.metadata['final_loss']:.4f}", flush=True)

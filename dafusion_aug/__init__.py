@@ -9,7 +9,9 @@ __version__ = "0.1.0.dev0"
 
 from .cache import AugmentationCache
 from .data import AugmentedDataset, few_shot_indices, image_folder
-from .errors import CacheError, DafusionError, PipelineError, TokenFileError
+from .erase import Erasure, erase_concept
+from .errors import CacheError, DafusionError, ErasureFileError, PipelineError, TokenFileError
+from .fewshot import run_fewshot
 from .fit import fit_tokens
 from .functional import diffuse
 from .pipeline import PipelineSpec, load_pipeline
@@ -24,14 +26,18 @@ __all__ = [
     "ClassTokens",
     "DafusionError",
     "DiffusionAugment",
+    "Erasure",
+    "ErasureFileError",
     "PipelineError",
     "PipelineSpec",
     "TokenFileError",
     "__version__",
     "diffuse",
+    "erase_concept",
     "few_shot_indices",
     "fit_tokens",
     "image_folder",
     "load_pipeline",
     "precompute",
+    "run_fewshot",
 ]

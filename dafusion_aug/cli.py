@@ -38,6 +38,8 @@ def _spec(args):
         dtype=args.dtype,
         local_files_only=args.local_files_only,
         erasure=getattr(args, "erasure", None),
+        channels_last=getattr(args, "channels_last", False),
+        compile=getattr(args, "compile", False),
     )
 
 
@@ -93,7 +95,9 @@ def _cmd_generate(args) -> int:
         return 2
     from .precompute import precompute
 
-    result = precompute(aug, data, batch_size=args.batch_size, progress=not args.quiet)
+    batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+    result = precompute(aug, data, backend=args.backend, batch_size=batch_size, progress=not args.quiet,
+                        out=args.out, concurrency=args.concurrency)
     _print_json(result)
     return 0 if not result["failures"] else 1
 
@@ -110,11 +114,96 @@ def _add_generate(sub) -> None:
     p.add_argument("--steps", type=int, default=50, help="num_inference_steps")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--num-variants", type=int, default=10, help="M, variants per image")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", default="16", help="images per pipeline call, or 'auto' (back off on out-of-memory)")
+    p.add_argument("--backend", choices=["local", "ray"], default="local", help="ray needs pip install 'dafusion-aug[ray]'")
+    p.add_argument("--concurrency", type=int, default=None, help="Ray actors (default: one per GPU, or 2 on CPU)")
+    p.add_argument("--out", default=None, help="also write an ImageFolder copy with manifest.jsonl here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--erasure", default=None, help="erasure file applied to the model")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format (CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)
+
+
+# -- erase -----------------------------------------------------------------------------------------
+class _ConceptOrPrompt(argparse.Action):
+    """Keeps --concept and --prompt in command-line order: each --prompt belongs to the --concept before it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = list(getattr(namespace, "erase_items", None) or [])
+        items.append((self.dest, values))
+        namespace.erase_items = items
+
+
+def _erase_concepts(items) -> dict[str, list[str]]:
+    concepts: dict[str, list[str]] = {}
+    last = None
+    for kind, value in items or []:
+        if kind == "concept":
+            last = value
+            concepts.setdefault(value, [])
+        elif last is None:
+            raise ValueError(f"--prompt {value!r} must follow the --concept it belongs to")
+        else:
+            concepts[last].append(value)
+    if not concepts:
+        raise ValueError("erase needs at least one --concept")
+    return {c: ps or [c] for c, ps in concepts.items()}
+
+
+def _cmd_erase(args) -> int:
+    from .erase import erase_concept
+
+    erasure = erase_concept(
+        _spec(args),
+        _erase_concepts(args.erase_items),
+        method=args.method,
+        negative_guidance=args.negative_guidance,
+        steps=args.steps,
+        learning_rate=args.lr,
+        start_guidance=args.start_guidance,
+        ddim_steps=args.ddim_steps,
+        seed=args.seed,
+        progress=not args.quiet,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
+        resume=not args.no_resume,
+    )
+    path = erasure.save(args.out)
+    losses = erasure.metadata.get("losses") or [None]
+    _print_json(
+        {
+            "out": str(path),
+            "concepts": erasure.concepts,
+            "method": erasure.method,
+            "tensors": len(erasure.tensors),
+            "parameters": erasure.num_parameters,
+            "final_loss": losses[-1],
+            "content_hash": erasure.content_hash(),
+        }
+    )
+    return 0
+
+
+def _add_erase(sub) -> None:
+    p = sub.add_parser("erase", help="erase concepts from a model with ESD; writes a small erasure file")
+    _add_model_args(p)
+    p.add_argument("--concept", dest="concept", action=_ConceptOrPrompt, required=True, help="concept to erase (repeatable)")
+    p.add_argument("--prompt", dest="prompt", action=_ConceptOrPrompt, help="a prompt of the preceding --concept (repeatable; default: the concept itself)")
+    p.add_argument("--method", default="esd-x", choices=["esd-x", "esd-x-strict", "esd-u", "full"])
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--lr", type=float, default=1e-5, help="Adam learning rate")
+    p.add_argument("--negative-guidance", type=float, default=1.0, help="eta")
+    p.add_argument("--start-guidance", type=float, default=3.0, help="guidance used to sample x_t")
+    p.add_argument("--ddim-steps", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-dir", default=None, help="checkpoint here; rerunning the command resumes")
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--out", required=True, help="erasure file to write (.safetensors)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_erase, erase_items=None)
 
 
 # -- fit-tokens ------------------------------------------------------------------------------------
@@ -176,7 +265,7 @@ def _add_fit_tokens(sub) -> None:
 def _cmd_demo(args) -> int:
     from .fewshot import run_demo
 
-    run_demo(args.out, full=args.full, erase=args.erase, build_erasures_only=args.build_erasures, progress=not args.quiet)
+    run_demo(args.out, full=args.full, erase=args.erase, build_erasures_only=args.build_erasures, threads=args.threads, progress=not args.quiet)
     return 0
 
 
@@ -191,11 +280,12 @@ def _add_demo(sub) -> None:
     p.add_argument("--full", action="store_true", help="k in {1, 2, 4, 8, 16} and 5 seeds (about an hour on 2 CPU cores)")
     p.add_argument("--erase", action="store_true", help="leakage-free protocol: class c is augmented with c erased (builds 10 erasures first)")
     p.add_argument("--build-erasures", action="store_true", help="only build (or find) the per-class erasure files under OUT/erasures")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 is fastest when other jobs share the cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
 
 
-_COMMANDS: list[Callable] = [_add_info, _add_generate, _add_fit_tokens]
+_COMMANDS: list[Callable] = [_add_info, _add_generate, _add_erase, _add_fit_tokens, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:
