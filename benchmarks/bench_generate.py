@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(__file__))
+import bench_core  # noqa: E402
 from bench_core import bench_precompute, load, natural_images  # noqa: E402
 
 from dafusion_aug import DiffusionAugment, PipelineSpec, precompute  # noqa: E402
@@ -97,10 +98,13 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="+", default=["tiny", "pocket"])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: process CPU time for the precompute ratio (loaded machines); Ray is always wall time")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    bench_core.CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    print(f"# bench_generate: torch {torch.__version__}, threads={args.threads}, cpu={os.cpu_count()}, gpu={gpu}")
+    print(f"# bench_generate: torch {torch.__version__}, threads={args.threads}, cpu={os.cpu_count()}, gpu={gpu}, clock={args.clock}")
     n = 8 if args.quick else 24
     for model in args.models:
         try:
