@@ -84,9 +84,9 @@ def build_erasures(
     *,
     prompts: Sequence[str] = ("a photo of a {name}", "{name}"),
     method: str = "esd-x",
-    steps: int = 200,
+    steps: int = 100,
     learning_rate: float = 1e-3,
-    ddim_steps: int = 25,
+    ddim_steps: int = 10,
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Path]:
