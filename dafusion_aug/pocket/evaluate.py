@@ -54,7 +54,7 @@ def load_pipelines(folder: str | Path | None = None):
     from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
     folder = Path(folder) if folder is not None else model_path()
-    img2img = StableDiffusionImg2ImgPipeline.from_pretrained(str(folder), torch_dtype=torch.float32)
+    img2img = StableDiffusionImg2ImgPipeline.from_pretrained(str(folder))  # float32 (see docs/pocket.md)
     txt2img = StableDiffusionPipeline(**img2img.components)
     for pipe in (img2img, txt2img):
         pipe.set_progress_bar_config(disable=True)
