@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--digits", type=int, nargs="+", default=list(range(10)), help="digits to erase (one run each)")
     p.add_argument("--method", default="esd-x")
     p.add_argument("--steps", type=int, default=100, help="ESD optimisation steps per digit")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--negative-guidance", type=float, default=1.0)
     p.add_argument("--start-guidance", type=float, default=3.0)
     p.add_argument("--ddim-steps", type=int, default=10, help="DDIM schedule used to sample x_t during training")
