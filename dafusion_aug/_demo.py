@@ -47,7 +47,7 @@ FULL = dataclasses.replace(QUICK, shots=(1, 2, 4, 8, 16), seeds=(0, 1, 2, 3, 4))
 ERASURE_PROMPTS = ("a photo of a {name}", "a photo of a handwritten digit {name}", "{name}")
 #: erase_concept settings for the pocket model: esd-x, 100 steps, lr 1e-3, 10 DDIM steps took "seven" from
 #: 100% to 6% judge-read txt2img samples while every other digit stayed at 100% (docs/erasure.md).
-ERASURE_SETTINGS = dict(method="esd-x", steps=100, learning_rate=1e-3, ddim_steps=10)
+ERASURE_SETTINGS = dict(method="esd-x", steps=100, learning_rate=2e-3, ddim_steps=10)
 
 
 def demo_folder(out: str | os.PathLike, full: bool, erase: bool) -> Path:
@@ -62,7 +62,7 @@ def run_demo(
     erase: bool = False,
     build_erasures_only: bool = False,
     settings: DemoSettings | None = None,
-    threads: int | None = None,
+    threads: int | None = 1,
     progress: bool = True,
     log: Callable[[str], Any] = print,
 ) -> Any:
@@ -80,8 +80,10 @@ def run_demo(
             (the erasures are built first if missing: ten ESD runs of 100 steps).
         build_erasures_only: build (or find) the ten erasure files and return ``{class name: path}``.
         settings: override the mode's settings.
-        threads: ``torch.set_num_threads`` for the run (``None``: torch's default); 1 is fastest for this
-            small model when other jobs share the cores.
+        threads: ``torch.set_num_threads`` for the run (``None`` leaves torch's default). The default, 1,
+            is what the measured times used: this model is small, and on a shared machine more threads
+            spin against other jobs (a pocket UNet call measured up to 19x slower with 2 threads than with 1
+            while other jobs ran).
         progress: show progress bars.
         log: where to print the table and the paths.
 
