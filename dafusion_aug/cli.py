@@ -280,7 +280,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--full", action="store_true", help="k in {1, 2, 4, 8, 16} and 5 seeds (about an hour on 2 CPU cores)")
     p.add_argument("--erase", action="store_true", help="leakage-free protocol: class c is augmented with c erased (builds 10 erasures first)")
     p.add_argument("--build-erasures", action="store_true", help="only build (or find) the per-class erasure files under OUT/erasures")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 is fastest when other jobs share the cores)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the model is small, and one thread is not slowed by other jobs)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
 
