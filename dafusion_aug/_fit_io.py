@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from PIL import Image
 
 from ._hashing import image_digest, stable_digest
 from ._images import to_canonical
+from ._io import atomic_path, atomic_write_bytes
 from .errors import DafusionError
 
 __all__ = ["FitError", "IMAGENET_TEMPLATES", "TrainingData", "open_training_data", "read_training_data", "save_checkpoint", "load_checkpoint", "clear_checkpoints"]
@@ -185,18 +185,6 @@ def read_training_data(ds: Any, names: list[str], consume: Callable[[np.ndarray]
 
 
 # -- checkpoints --------------------------------------------------------------------------------------
-def _atomic_write_bytes(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_checkpoint(folder: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> Path:
     """Write checkpoint ``step`` (tensors, then the JSON that names them) and drop all but the newest two."""
     from safetensors.torch import save_file
@@ -207,14 +195,10 @@ def save_checkpoint(folder: str | os.PathLike, step: int, tensors: dict[str, tor
     tensor_path, json_path = folder / f"{stem}.safetensors", folder / f"{stem}.json"
     meta = {"format": CHECKPOINT_FORMAT, "step": str(step), "config_digest": info["config_digest"]}
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    _atomic_write_bytes(tensor_path, lambda tmp: save_file(cpu, tmp, metadata=meta))
+    with atomic_path(tensor_path, suffix=".safetensors") as tmp:
+        save_file(cpu, tmp, metadata=meta)
     doc = dict(info, format=CHECKPOINT_FORMAT, step=step, tensors=tensor_path.name)
-
-    def write_json(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1, default=str)
-
-    _atomic_write_bytes(json_path, write_json)
+    atomic_write_bytes(json_path, json.dumps(doc, indent=1, default=str).encode("utf-8"), suffix=".json")
     for old in _list_checkpoints(folder)[_KEEP_CHECKPOINTS:]:
         old.unlink(missing_ok=True)
         old.with_suffix(".safetensors").unlink(missing_ok=True)

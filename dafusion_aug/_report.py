@@ -11,10 +11,11 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from ._io import atomic_write_bytes
 
 __all__ = ["t_quantile", "mean_confidence_interval", "summarize", "format_table", "write_rows", "plot_summary", "augmentation_grid"]
 
@@ -190,16 +191,7 @@ def format_table(summary: Sequence[Mapping[str, Any]], percent: bool = True) -> 
 
 # -- files --------------------------------------------------------------------------------------------
 def _atomic_write(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, data, suffix=path.suffix)
     return path
 
 
