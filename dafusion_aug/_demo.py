@@ -147,6 +147,11 @@ def run_demo(
     log(f"class-balanced test accuracy (%), mean ± 95% CI over seeds {list(cfg.seeds)}"
         + (", each class augmented with itself erased" if erase else ""))
     log(result.table())
+    comparison = result.compare()
+    if comparison:
+        log("")
+        log("da-fusion minus each reference, paired by seed (accuracy points, mean ± 95% CI):")
+        log(comparison)
     log("")
     for what, path in result.files.items():
         log(f"{what:>8}: {path}")

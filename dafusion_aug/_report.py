@@ -17,7 +17,7 @@ from typing import Any
 
 from ._io import atomic_write_bytes
 
-__all__ = ["t_quantile", "mean_confidence_interval", "summarize", "format_table", "write_rows", "plot_summary", "augmentation_grid"]
+__all__ = ["t_quantile", "mean_confidence_interval", "summarize", "paired_differences", "format_table", "write_rows", "plot_summary", "augmentation_grid"]
 
 
 # -- statistics ---------------------------------------------------------------------------------------
@@ -163,6 +163,39 @@ def summarize(rows: Iterable[Mapping[str, Any]], confidence: float = 0.95, key: 
             }
         )
     return out
+
+
+def paired_differences(
+    rows: Iterable[Mapping[str, Any]], method: str, reference: str, confidence: float = 0.95, key: str = "accuracy"
+) -> list[dict[str, Any]]:
+    """``method`` minus ``reference`` per k, paired by seed (the same few-shot subset), with a t interval.
+
+    Pairing removes the spread between subsets that both methods share, so the interval is the one to read
+    when asking whether ``method`` beats ``reference``.
+
+    Args:
+        rows: dicts with ``method``, ``k``, ``seed`` and ``key``.
+        method, reference: the two methods to compare.
+        confidence: coverage of the interval.
+        key: the measurement.
+
+    Returns:
+        Dicts shaped like :func:`summarize`'s (so :func:`format_table` prints them), with ``method`` set to
+        ``"{method} - {reference}"``, one per k where both methods have a seed in common.
+
+    Example:
+        >>> rows = [dict(method=m, k=1, seed=s, accuracy=a) for m, s, a in
+        ...         [("a", 0, 0.7), ("a", 1, 0.8), ("b", 0, 0.6), ("b", 1, 0.6)]]
+        >>> round(paired_differences(rows, "a", "b")[0]["mean"], 4)
+        0.15
+    """
+    by: dict[tuple[str, int, int], float] = {(r["method"], int(r["k"]), int(r["seed"])): float(r[key]) for r in rows}
+    diffs = [
+        {"method": f"{method} - {reference}", "k": k, "seed": seed, key: v - by[(reference, k, seed)]}
+        for (m, k, seed), v in by.items()
+        if m == method and (reference, k, seed) in by
+    ]
+    return summarize(diffs, confidence, key)
 
 
 def format_table(summary: Sequence[Mapping[str, Any]], percent: bool = True) -> str:

@@ -47,7 +47,7 @@ from ._fewshot_parts import (
 )
 from ._hashing import image_digest, stable_digest, stable_hash
 from ._images import to_canonical
-from ._report import augmentation_grid, format_table, plot_summary, summarize, write_rows
+from ._report import augmentation_grid, format_table, paired_differences, plot_summary, summarize, write_rows
 from .data import ImageList, few_shot_indices
 from .errors import CacheError
 from .pipeline import pipeline_fingerprint
@@ -78,6 +78,17 @@ class FewShotResult:
     def table(self) -> str:
         """The summary as a Markdown table (accuracy in %, mean ± CI half-width)."""
         return format_table(self.summary)
+
+    def compare(self, method: str = "da-fusion", references: Sequence[str] = ("baseline", "real-guidance-agnostic")) -> str:
+        """``method`` minus each reference, paired by seed, as a Markdown table (accuracy points, mean ± CI).
+
+        A row whose interval lies above 0 says ``method`` beat that reference at that k on these seeds.
+        Methods that did not run are left out.
+        """
+        present = {r["method"] for r in self.rows}
+        diffs = [d for ref in references if method in present and ref in present and ref != method
+                 for d in paired_differences(self.rows, method, ref, self.confidence)]
+        return format_table(diffs) if diffs else ""
 
     def __repr__(self) -> str:
         return f"FewShotResult({len(self.rows)} rows, files={ {k: str(v) for k, v in self.files.items()} })"
@@ -344,11 +355,15 @@ def run_fewshot(
 def _write(rows: list[dict[str, Any]], files: dict[str, Path], confidence: float, config: str, settings: dict[str, Any]) -> None:
     from ._report import _atomic_write
 
-    summary = summarize(rows, confidence)
-    extra = {"config": config, "confidence": confidence, "settings": settings, "summary": summary}
+    result = FewShotResult(rows, confidence, files)
+    extra = {"config": config, "confidence": confidence, "settings": settings, "summary": result.summary}
     write_rows(rows, files["csv"], files["json"], extra=extra)
-    _atomic_write(files["summary"], (format_table(summary) + "\n").encode())
-    plot_summary(summary, files["plot"], title=f"few-shot accuracy (mean ± {confidence:.0%} CI)")
+    text = result.table() + "\n"
+    comparison = result.compare()
+    if comparison:
+        text += f"\nda-fusion minus each reference, paired by seed (accuracy points, mean ± {confidence:.0%} CI):\n\n{comparison}\n"
+    _atomic_write(files["summary"], text.encode())
+    plot_summary(result.summary, files["plot"], title=f"few-shot accuracy (mean ± {confidence:.0%} CI)")
 
 
 from ._demo import run_demo  # noqa: E402  (the demo module imports this one lazily)

@@ -11,9 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from dafusion_aug._report import format_table, mean_confidence_interval, summarize, t_quantile
+from dafusion_aug._report import (
+    format_table,
+    mean_confidence_interval,
+    paired_differences,
+    summarize,
+    t_quantile,
+)
 from dafusion_aug.data import ImageList
-from dafusion_aug.fewshot import METHODS, build_erasures, check_grid, run_fewshot, small_cnn
+from dafusion_aug.fewshot import METHODS, FewShotResult, build_erasures, check_grid, run_fewshot, small_cnn
 
 NAMES = ["cat", "dog", "zebra"]  # words of the tiny tokenizer, so class-name initialisation works
 
@@ -90,6 +96,24 @@ def test_summarize_groups_by_method_and_k():
     assert "| baseline | 60.0 ± " in table and "90.0 (n=1)" in table and "k = 2" in table
 
 
+def test_paired_differences_pair_by_seed_and_skip_unpaired():
+    rows = [{"method": m, "k": k, "seed": s, "accuracy": a} for m, k, s, a in [
+        ("baseline", 1, 0, 0.5), ("baseline", 1, 1, 0.9), ("da-fusion", 1, 0, 0.6), ("da-fusion", 1, 1, 1.0),
+        ("da-fusion", 1, 2, 0.1),  # no baseline for seed 2: not paired
+        ("baseline", 2, 0, 0.8), ("da-fusion", 2, 0, 0.7),
+    ]]
+    diffs = paired_differences(rows, "da-fusion", "baseline")
+    assert [(d["method"], d["k"], d["n"]) for d in diffs] == [("da-fusion - baseline", 1, 2), ("da-fusion - baseline", 2, 1)]
+    # both seeds gain exactly 0.1: the paired interval has zero width, unlike the unpaired spread of 0.5 vs 0.9
+    assert diffs[0]["mean"] == pytest.approx(0.1) and diffs[0]["half_width"] == pytest.approx(0.0, abs=1e-12)
+    assert diffs[1]["mean"] == pytest.approx(-0.1)
+    res = FewShotResult(rows, 0.95, {})
+    table = res.compare("da-fusion", ["baseline", "real-guidance-agnostic"])  # the absent method is left out
+    assert "| da-fusion - baseline | 10.0 ± 0.0 | -10.0 (n=1) |" in table
+    assert "agnostic" not in table
+    assert res.compare("da-fusion", ["nope"]) == ""
+
+
 # -- argument checks -----------------------------------------------------------------------------------
 def test_check_grid_errors_name_the_argument():
     targets = [0, 0, 1, 1]
@@ -154,6 +178,7 @@ def test_protocol_end_to_end_and_resume(tmp_path, tiny_pipe, toy_data):
     assert len(runs) == len(METHODS)
     assert res.files["grid"].is_file()
     assert "| da-fusion |" in res.table()
+    assert "| da-fusion - baseline |" in res.files["summary"].read_text() and "| da-fusion - real-guidance-agnostic |" in res.compare()
     assert len(list((tmp_path / "run" / "tokens").glob("*.safetensors"))) == 1
     # a rerun with the same settings reads every row back instead of training again
     again: list[dict] = []
