@@ -55,6 +55,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def training_settings(args: argparse.Namespace) -> dict:
+    """The ``erase_concept`` keyword arguments of ``args`` (they name the erasure files)."""
+    return dict(method=args.method, steps=args.steps, learning_rate=args.lr, negative_guidance=args.negative_guidance,
+                start_guidance=args.start_guidance, ddim_steps=args.ddim_steps, seed=args.seed)
+
+
+def erasure_for(digit: int, args: argparse.Namespace | None = None) -> tuple[Erasure, Path, float | None]:
+    """The ESD erasure of ``digit`` under ``args`` (default: this script's defaults), loaded from ``args.work``
+    or trained and saved there. Returns ``(erasure, path, training seconds or None when loaded)``.
+
+    Other scripts use this to reuse the files this script writes:
+    ``erasure_for(7, parse_args(["--work", "runs/eval_erasure"]))``.
+    """
+    from dafusion_aug.pocket import CLASS_NAMES, prompt
+
+    args = args if args is not None else parse_args([])
+    spec = PipelineSpec(args.model, device="cpu")
+    train = training_settings(args)
+    word = CLASS_NAMES[digit]
+    concepts = {word: [prompt(digit), word] if args.word_prompt else [prompt(digit)]}
+    path = Path(args.work) / f"erase-{word}-{stable_digest(spec.fingerprint(), concepts, train)[:10]}.safetensors"
+    if path.is_file():
+        return Erasure.load(path), path, None
+    t0 = time.perf_counter()
+    erasure = erase_concept(spec, concepts, progress=False, **train)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    erasure.save(path)
+    return erasure, path, round(time.perf_counter() - t0, 1)
+
+
 @torch.no_grad()
 def judged_rates(txt2img, judge, n: int, steps: int, guidance: float, seed: int, batch_size: int) -> list[float]:
     """Fraction of ``n`` samples per digit that the judge reads as the prompted digit (seeds fixed per digit)."""
@@ -109,7 +139,7 @@ def main(argv=None) -> int:
     import diffusers
     from diffusers import StableDiffusionPipeline
 
-    from dafusion_aug.pocket import CLASS_NAMES, judge, judge_images, prompt
+    from dafusion_aug.pocket import judge, judge_images
 
     diffusers.utils.logging.set_verbosity_error()
     work = Path(args.work)
@@ -124,8 +154,7 @@ def main(argv=None) -> int:
         return judge_images(images, model=net)
 
     gen = dict(n=args.samples, steps=args.sample_steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size)
-    train = dict(method=args.method, steps=args.steps, learning_rate=args.lr, negative_guidance=args.negative_guidance,
-                 start_guidance=args.start_guidance, ddim_steps=args.ddim_steps, seed=args.seed)
+    train = training_settings(args)
     t0 = time.perf_counter()
     before = judged_rates(txt2img, read, **gen)
     report = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
@@ -134,16 +163,7 @@ def main(argv=None) -> int:
               "before": before, "runs": []}
     print(f"before: {before}  ({time.perf_counter() - t0:.0f}s)", flush=True)
     for e in args.digits:
-        word = CLASS_NAMES[e]
-        concepts = {word: [prompt(e), word] if args.word_prompt else [prompt(e)]}
-        path = work / f"erase-{word}-{stable_digest(report['model_fingerprint'], concepts, train)[:10]}.safetensors"
-        t1 = time.perf_counter()
-        if path.is_file():
-            erasure, trained_s = Erasure.load(path), None
-        else:
-            erasure = erase_concept(spec, concepts, progress=False, **train)
-            erasure.save(path)
-            trained_s = round(time.perf_counter() - t1, 1)
+        erasure, path, trained_s = erasure_for(e, args)
         t2 = time.perf_counter()
         with erasure.applied(pipe):
             after = judged_rates(txt2img, read, **gen)

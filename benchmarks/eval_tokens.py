@@ -6,48 +6,117 @@ samples per digit ("a photo of a {token}", guidance 7.5, 50 DDIM steps) are read
 Rows, for each initializer: the untrained start (the initializer word itself in the prompt, which is
 exactly what the token holds before training) and the learned tokens.
 
+With ``--erased``, each digit d is first erased with ``erase_concept`` (the files and default settings of
+benchmarks/eval_erasure.py, reused from ``--erasure-work`` or built there). With that erasure applied,
+the plain prompt "a photo of a {word(d)}" is judged (the erased model should have lost the digit), then
+all ten tokens are fitted jointly on the d-erased model (same recipe, initializer "the" by default) and
+digit d's token is judged with the erasure still applied. Each cell is a digit's rate under its own erasure.
+
 Usage:
     python benchmarks/eval_tokens.py                      # the shipped pocket model
     python benchmarks/eval_tokens.py --model FOLDER --steps 300 --samples 16
+    python benchmarks/eval_tokens.py --erased --steps 20 --samples 4 --digits 3 7 --grid grid.png  # smoke test
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import torch
 
-from dafusion_aug import PipelineSpec, few_shot_indices, fit_tokens
+from dafusion_aug import Erasure, PipelineSpec, few_shot_indices, fit_tokens
 from dafusion_aug.pocket import CLASS_NAMES, digits, judge, judge_images
 
 
-def _txt2img(folder: str, tokens=None):
-    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+def _img2img(folder: str):
+    from diffusers import StableDiffusionImg2ImgPipeline
 
-    img2img = StableDiffusionImg2ImgPipeline.from_pretrained(folder, torch_dtype=torch.float32)
-    if tokens is not None:
-        tokens.apply(img2img)
+    return StableDiffusionImg2ImgPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+
+
+def _sampler(img2img):
+    """A DDIM txt2img pipeline sharing ``img2img``'s modules (so its tokens and erased weights too)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
     pipe = StableDiffusionPipeline(**img2img.components)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
+def _txt2img(folder: str, tokens=None):
+    img2img = _img2img(folder)
+    if tokens is not None:
+        tokens.apply(img2img)
+    return _sampler(img2img)
+
+
 @torch.no_grad()
+def _rate(pipe, text: str, label: int, samples: int, seed: int, judge_net, batch_size: int = 64, keep: int = 0):
+    """``(fraction of samples the judge reads as label, the first keep images)``; seeds fixed per label."""
+    hits, kept = 0, []
+    for start in range(0, samples, batch_size):
+        n = min(batch_size, samples - start)
+        gens = [torch.Generator().manual_seed(seed * 100_000 + label * 1_000 + start + i) for i in range(n)]
+        images = pipe([text] * n, num_inference_steps=50, guidance_scale=7.5, generator=gens, output_type="pt").images
+        images = images.float().clamp(0, 1)
+        hits += int((judge_images(images, model=judge_net) == label).sum())
+        kept += list(images[: max(0, keep - len(kept))])
+    return hits / samples, kept
+
+
 def _accuracy(pipe, prompts: list[str], samples: int, seed: int, judge_net, batch_size: int = 64) -> list[float]:
     """Per digit: the fraction of ``samples`` images from ``prompts[digit]`` that the judge reads as that digit."""
-    out = []
-    for label, text in enumerate(prompts):
-        hits = 0
-        for start in range(0, samples, batch_size):
-            n = min(batch_size, samples - start)
-            gens = [torch.Generator().manual_seed(seed * 100_000 + label * 1_000 + start + i) for i in range(n)]
-            images = pipe([text] * n, num_inference_steps=50, guidance_scale=7.5, generator=gens, output_type="pt").images
-            hits += int((judge_images(images.float().clamp(0, 1), model=judge_net) == label).sum())
-        out.append(hits / samples)
-    return out
+    return [_rate(pipe, text, label, samples, seed, judge_net, batch_size)[0] for label, text in enumerate(prompts)]
+
+
+def _erased(args, folder: str, items, judge_net, rows: dict, report: dict) -> list:
+    """The ``--erased`` rows: per digit, its own erasure applied to the pipeline that fits and that samples."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import eval_erasure
+
+    erasure_args = eval_erasure.parse_args(["--model", args.model, "--work", args.erasure_work])
+    grid = []
+    report["erasures"] = {}
+    for d in args.digits:
+        t0 = time.perf_counter()
+        erasure, path, trained_s = eval_erasure.erasure_for(d, erasure_args)
+        info = report["erasures"][CLASS_NAMES[d]] = {"file": str(path), "erase_s": trained_s, "fit": {}}
+        print(f"[erased {d}] {path} ({'loaded' if trained_s is None else f'trained in {trained_s}s'})", flush=True)
+        for k, init in enumerate(args.initializers):
+            img2img = _img2img(folder)  # fresh per fit: no tokens of an earlier digit in its vocabulary
+            with erasure.applied(img2img):
+                if k == 0:
+                    rate, images = _rate(_sampler(img2img), f"a photo of a {CLASS_NAMES[d]}", d, args.samples, args.seed,
+                                         judge_net, keep=args.grid_samples)
+                    rows.setdefault("erased d, 'a photo of a {word}'", {})[d] = rate
+                    grid.append(images)
+                    print(f"[erased {d}] 'a photo of a {CLASS_NAMES[d]}': {rate:.0%}", flush=True)
+                t1 = time.perf_counter()
+                tokens = fit_tokens(
+                    img2img, items, list(CLASS_NAMES), initializer=init, steps=args.steps, batch_size=args.batch_size,
+                    learning_rate=args.lr, scale_lr=args.scale_lr, seed=args.seed, progress=False,
+                )
+                fit_s = time.perf_counter() - t1
+                assert Erasure.active(img2img) is erasure  # fit_tokens must not have undone the erasure
+                tokens.apply(img2img)
+                sampler = _sampler(img2img)  # built after apply: load_textual_inversion resizes the embeddings
+                assert sampler.unet is img2img.unet and sampler.text_encoder is img2img.text_encoder
+                token = tokens.token_for(d)
+                rate, images = _rate(sampler, f"a photo of a {token}", d, args.samples, args.seed, judge_net,
+                                     keep=args.grid_samples)
+            name = "erased d, learned token" + (f" (initializer {init!r})" if len(args.initializers) > 1 else "")
+            rows.setdefault(name, {})[d] = rate
+            grid.append(images)
+            info["fit"][init] = {"final_loss": tokens.metadata["final_loss"], "fit_s": round(fit_s, 1),
+                                 "base_model": tokens.metadata["base_model"], "token": token}
+            print(f"[erased {d}] {init!r} final loss {tokens.metadata['final_loss']:.4f}, fit {fit_s:.0f}s; "
+                  f"'a photo of a {token}': {rate:.0%} ({time.perf_counter() - t0:.0f}s for this digit)", flush=True)
+    return grid
 
 
 def main() -> None:
@@ -58,18 +127,53 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--scale-lr", action="store_true")
-    ap.add_argument("--initializers", nargs="+", default=["the", "class_name"])
+    ap.add_argument("--initializers", nargs="+", default=None,
+                    help="default: 'the' and 'class_name'; with --erased only 'the'")
     ap.add_argument("--samples", type=int, default=64, help="txt2img samples per digit")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--judge", default=None, help="judge weights (default: the shipped judge)")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
+    ap.add_argument("--erased", action="store_true", help="erase each digit first (see above)")
+    ap.add_argument("--digits", type=int, nargs="+", default=list(range(10)), help="digits to erase (--erased only)")
+    ap.add_argument("--erasure-work", default="runs/eval_erasure",
+                    help="erasure files of benchmarks/eval_erasure.py (--erased only)")
+    ap.add_argument("--grid", default=None, help="--erased: save a PNG of the first samples, two rows per digit")
+    ap.add_argument("--grid-samples", type=int, default=8, help="samples per row of --grid")
     args = ap.parse_args()
+    if args.initializers is None:
+        args.initializers = ["the"] if args.erased else ["the", "class_name"]
     torch.set_num_threads(args.threads)
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()  # the loading bars of one pipeline per fit
+    wall0, cpu0 = time.perf_counter(), time.process_time()
     folder = str(PipelineSpec(args.model).local_path())
     judge_net = judge(args.judge)
     data = digits("B")
     items = [data[i] for i in few_shot_indices(data.targets, args.shots, args.seed, num_classes=10)]
+    if args.erased:
+        erased_rows: dict[str, dict[int, float]] = {}
+        report = {"args": vars(args), "rows": erased_rows}
+        grid = _erased(args, folder, items, judge_net, erased_rows, report)
+        report["wall_s"] = round(time.perf_counter() - wall0, 1)
+        report["cpu_s"] = round(time.process_time() - cpu0, 1)  # the machine may be shared: CPU seconds tell the cost
+        print("| prompt | " + " | ".join(f"{d} ({CLASS_NAMES[d]})" for d in args.digits) + " | mean |")
+        print("|" + " --- |" * (len(args.digits) + 2))
+        for name, accs in erased_rows.items():
+            vals = [accs[d] for d in args.digits]
+            print(f"| {name} | " + " | ".join(f"{100 * a:.0f}" for a in vals) + f" | {100 * sum(vals) / len(vals):.1f} |")
+        print(f"\ntotal {report['wall_s']}s wall, {report['cpu_s']}s CPU (this process)")
+        if args.grid and grid:
+            from torchvision.utils import save_image
+
+            per_row = max(len(g) for g in grid)
+            save_image(torch.stack([im for g in grid for im in g]), args.grid, nrow=per_row, padding=1)
+        if args.out:
+            with open(args.out, "w", encoding="utf-8") as f:
+                json.dump(report, f, indent=1)
+        return
     rows: dict[str, list[float]] = {}
     report = {"args": vars(args), "rows": rows, "fit": {}}
     for init in args.initializers:
