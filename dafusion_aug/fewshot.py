@@ -153,8 +153,8 @@ def run_fewshot(
         prompt: template of ``real-guidance`` (``{name}`` = class name) and ``da-fusion`` (``{name}`` = token).
         agnostic_prompt: the prompt of ``real-guidance-agnostic`` (no class information).
         fit_steps, fit_batch_size, fit_learning_rate, num_vectors: textual inversion on the k-shot subset
-            (all classes jointly; with ``erase`` one run per class of ``ceil(fit_steps / classes)`` steps, so
-            each class sees as many samples).
+            (all classes jointly; with ``erase`` one run per class, with that class erased, of ``fit_steps``
+            steps each, so every token gets as many optimizer steps as in the joint run).
         fit_initializer: default ``"class_name"``, or ``"the"`` with ``erase`` (a class-name start would
             carry class knowledge into the token).
         erase: augment class c's images with class c erased from the model.
@@ -204,6 +204,9 @@ def run_fewshot(
         guidance_scale=guidance_scale, prompt=prompt, agnostic_prompt=agnostic_prompt,
     )
     fit_settings = dict(steps=fit_steps, batch_size=fit_batch_size, learning_rate=fit_learning_rate, num_vectors=num_vectors, initializer=fit_initializer)
+    if erase:
+        # one run per class, each as many optimizer steps as the joint run gives every token (see fit() below)
+        fit_settings["runs"] = "per class, fit_steps each"
     needs_model = any(m in _GENERATIVE for m in methods)
     pipe = load_pipe(pipeline, device) if needs_model else None
     erasure_list = resolve_erasures(erasures, names) if (erase and needs_model) else None
@@ -263,11 +266,12 @@ def run_fewshot(
         if erasure_list is None:
             tokens = fit_tokens(pipe, ImageList(subset, names), names, steps=fit_steps, **kw)
         else:
+            # Adam moves a token about lr per step whatever the batch holds, and the joint run steps every
+            # token fit_steps times: a run per class of fit_steps / classes steps left tokens 10x short.
             embs = []
-            per_class = -(-fit_steps // len(names))
             for c, name in enumerate(names):
                 with erased(c):
-                    one = fit_tokens(pipe, ImageList([(im, 0) for im, y in subset if y == c], [name]), [name], steps=per_class, **kw)
+                    one = fit_tokens(pipe, ImageList([(im, 0) for im, y in subset if y == c], [name]), [name], steps=fit_steps, **kw)
                 embs.append(one.embeddings[0])
             tokens = ClassTokens(names, embs, metadata={"fit": "one run per class, each with its class erased", **fit_settings})
         tokens.save(path)
