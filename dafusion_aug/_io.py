@@ -1,7 +1,8 @@
 """Atomic file writes: a temporary file in the destination folder, then ``os.replace``.
 
 A reader (another worker, a resumed run) sees the old file, the whole new file, or nothing; a crash
-leaves at most a temporary file, which no reader opens.
+leaves at most a temporary file, which no reader opens. Finished files get the permissions a plain
+``open()`` would give them (0666 minus the umask), not ``mkstemp``'s 0600.
 """
 
 from __future__ import annotations
@@ -12,6 +13,12 @@ import tempfile
 from collections.abc import Iterator
 
 __all__ = ["atomic_path", "atomic_write_bytes"]
+
+# mkstemp creates files 0600; a plain open() would give 0666 minus the umask. Read the umask once, at
+# import (os.umask can only be read by setting it, which is not thread-safe later on).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
 
 
 @contextlib.contextmanager
@@ -27,6 +34,10 @@ def atomic_path(path: str | os.PathLike, *, prefix: str = ".tmp-", suffix: str =
     os.close(fd)
     try:
         yield tmp
+        # the permissions open() would give: readable by the other accounts and processes (a shared
+        # cache, DataLoader workers under another user) that the umask allows; set after the block,
+        # since some writers (safetensors) replace the temporary file rather than write into it
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

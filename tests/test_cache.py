@@ -111,3 +111,22 @@ def test_pickles_by_path(tmp_path):
     cache = AugmentationCache(tmp_path, format="webp")
     clone = pickle.loads(pickle.dumps(cache))
     assert clone.root == cache.root and clone.format == "webp"
+
+
+def test_written_files_get_the_permissions_open_would_give(tmp_path):
+    """Atomic writes go through mkstemp (0600); the finished file must be as readable as open() makes it."""
+    import stat
+
+    import torch
+
+    from dafusion_aug import ClassTokens
+
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"x")
+    expected = stat.S_IMODE(plain.stat().st_mode)
+    if expected == 0o600:
+        pytest.skip("the umask here is 077: open() and mkstemp give the same mode")
+    entry = AugmentationCache(tmp_path / "cache").put(KEY, image())
+    tokens = ClassTokens(["cat"], [torch.zeros(1, 8)]).save(tmp_path / "tokens.safetensors")
+    for path in (entry, tokens):
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path
