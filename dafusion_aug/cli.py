@@ -272,12 +272,12 @@ def _cmd_demo(args) -> int:
 def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo",
-        help="the paper's few-shot experiment on the pocket model (baseline, real guidance, DA-Fusion); ~10 min on 2 CPU cores",
+        help="the paper's few-shot experiment on the pocket model (baseline, real guidance, DA-Fusion); about 6 CPU-minutes in quick mode",
         description="Few-shot digits (pocket model, digits part B): k images per class to train, the rest to test. "
         "Quick mode: k in {1, 2, 4}, 3 seeds. Writes results.csv/json, results.png, augmentations.png, summary.md.",
     )
     p.add_argument("--out", default="dafusion-demo", help="output folder (default: ./dafusion-demo); caches live here too")
-    p.add_argument("--full", action="store_true", help="k in {1, 2, 4, 8, 16} and 5 seeds (about an hour on 2 CPU cores)")
+    p.add_argument("--full", action="store_true", help="k in {1, 2, 4, 8, 16} and 5 seeds (about 25 CPU-minutes)")
     p.add_argument("--erase", action="store_true", help="leakage-free protocol: class c is augmented with c erased (builds 10 erasures first)")
     p.add_argument("--build-erasures", action="store_true", help="only build (or find) the per-class erasure files under OUT/erasures")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the model is small, and one thread is not slowed by other jobs)")
