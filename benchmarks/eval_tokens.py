@@ -99,7 +99,7 @@ def _erased(args, folder: str, items, judge_net, rows: dict, report: dict) -> li
                 t1 = time.perf_counter()
                 tokens = fit_tokens(
                     img2img, items, list(CLASS_NAMES), initializer=init, steps=args.steps, batch_size=args.batch_size,
-                    learning_rate=args.lr, scale_lr=args.scale_lr, seed=args.seed, progress=False,
+                    learning_rate=args.lr, scale_lr=args.scale_lr, num_vectors=args.num_vectors, seed=args.seed, progress=False,
                 )
                 fit_s = time.perf_counter() - t1
                 assert Erasure.active(img2img) is erasure  # fit_tokens must not have undone the erasure
@@ -127,6 +127,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--scale-lr", action="store_true")
+    ap.add_argument("--num-vectors", type=int, default=1, help="vectors per token")
     ap.add_argument("--initializers", nargs="+", default=None,
                     help="default: 'the' and 'class_name'; with --erased only 'the'")
     ap.add_argument("--samples", type=int, default=64, help="txt2img samples per digit")
@@ -184,7 +185,7 @@ def main() -> None:
         )
         tokens = fit_tokens(
             args.model, items, list(CLASS_NAMES), initializer=init, steps=args.steps, batch_size=args.batch_size,
-            learning_rate=args.lr, scale_lr=args.scale_lr, seed=args.seed, device="cpu",
+            learning_rate=args.lr, scale_lr=args.scale_lr, num_vectors=args.num_vectors, seed=args.seed, device="cpu",
         )
         fit_s = time.perf_counter() - t0
         rows[f"fit_tokens (initializer {init!r}): 'a photo of a {{token}}'"] = _accuracy(
