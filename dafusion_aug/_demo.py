@@ -146,13 +146,7 @@ def run_demo(
     log("")
     log(f"class-balanced test accuracy (%), mean ± 95% CI over seeds {list(cfg.seeds)}"
         + (", each class augmented with itself erased" if erase else ""))
-    log(result.table())
-    comparison = result.compare()
-    if comparison:
-        log("")
-        log("da-fusion minus each reference, paired by seed (accuracy points, mean ± 95% CI):")
-        log(comparison)
-    log("")
+    log(result.report())
     for what, path in result.files.items():
         log(f"{what:>8}: {path}")
     log(f"finished in {time.perf_counter() - t0:.0f} s")

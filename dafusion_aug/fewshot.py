@@ -90,6 +90,14 @@ class FewShotResult:
                  for d in paired_differences(self.rows, method, ref, self.confidence)]
         return format_table(diffs) if diffs else ""
 
+    def report(self) -> str:
+        """:meth:`table`, then :meth:`compare` under a one-line caption (what ``summary.md`` holds)."""
+        text = self.table() + "\n"
+        comparison = self.compare()
+        if comparison:
+            text += f"\nda-fusion minus each reference, paired by seed (accuracy points, mean ± {self.confidence:.0%} CI):\n\n{comparison}\n"
+        return text
+
     def __repr__(self) -> str:
         return f"FewShotResult({len(self.rows)} rows, files={ {k: str(v) for k, v in self.files.items()} })"
 
@@ -362,11 +370,7 @@ def _write(rows: list[dict[str, Any]], files: dict[str, Path], confidence: float
     result = FewShotResult(rows, confidence, files)
     extra = {"config": config, "confidence": confidence, "settings": settings, "summary": result.summary}
     write_rows(rows, files["csv"], files["json"], extra=extra)
-    text = result.table() + "\n"
-    comparison = result.compare()
-    if comparison:
-        text += f"\nda-fusion minus each reference, paired by seed (accuracy points, mean ± {confidence:.0%} CI):\n\n{comparison}\n"
-    _atomic_write(files["summary"], text.encode())
+    _atomic_write(files["summary"], result.report().encode())
     plot_summary(result.summary, files["plot"], title=f"few-shot accuracy (mean ± {confidence:.0%} CI)")
 
 

@@ -112,6 +112,8 @@ def test_paired_differences_pair_by_seed_and_skip_unpaired():
     assert "| da-fusion - baseline | 10.0 ± 0.0 | -10.0 (n=1) |" in table
     assert "agnostic" not in table
     assert res.compare("da-fusion", ["nope"]) == ""
+    report = res.report()
+    assert report.startswith(res.table()) and "paired by seed" in report and res.compare() in report
 
 
 # -- argument checks -----------------------------------------------------------------------------------
