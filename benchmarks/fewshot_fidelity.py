@@ -14,6 +14,7 @@ import argparse
 import collections
 import glob
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,10 @@ def main(argv=None) -> None:
     p.add_argument("--erasures", default=None, help="folder of per-class erasures, for runs made with --erase")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    settings = json.loads((Path(a.demo) / "results.json").read_text())["settings"]
+    results = json.loads((Path(a.demo) / "results.json").read_text())
+    settings = results["settings"]
+    # the token file each da-fusion row used (runs before it was recorded: every file of that k and seed)
+    used = {(r["k"], r["seed"]): r["tokens"] for r in results["rows"] if r["method"] == "da-fusion" and r.get("tokens")}
     gen = settings["generation"]
     data = digits("B")
     names = data.class_names
@@ -54,13 +58,22 @@ def main(argv=None) -> None:
                 "real-guidance": DiffusionAugment(spec, class_names=names, prompt=gen["prompt"], **common),
                 "real-guidance-agnostic": DiffusionAugment(spec, class_names=names, prompt=gen["agnostic_prompt"], **common),
             }
-            for path in glob.glob(str(Path(a.tokens) / f"k{k}-seed{seed}-*.safetensors")):
-                try:
-                    aug = DiffusionAugment(spec, tokens=path, prompt=gen["prompt"], **common)
-                    aug.cache_key(image_digest(np.asarray(subset[0][0])), subset[0][1], 0)
-                except Exception:  # noqa: BLE001 - a token file of other settings: skip it
-                    continue
-                augs.setdefault("da-fusion", aug)
+            if (k, seed) in used:
+                augs["da-fusion"] = DiffusionAugment(spec, tokens=Path(a.tokens) / used[(k, seed)], prompt=gen["prompt"], **common)
+            else:
+                candidates = []
+                for path in sorted(glob.glob(str(Path(a.tokens) / f"k{k}-seed{seed}-*.safetensors"))):
+                    try:
+                        aug = DiffusionAugment(spec, tokens=path, prompt=gen["prompt"], **common)
+                        aug.cache_key(image_digest(np.asarray(subset[0][0])), subset[0][1], 0)
+                    except Exception:  # noqa: BLE001 - a token file of other settings: skip it
+                        continue
+                    candidates.append((path, aug))
+                if len(candidates) > 1:
+                    sys.exit(f"k={k} seed={seed}: {len(candidates)} token files fit and results.json does not say which "
+                             f"one the run used ({', '.join(Path(p).name for p, _ in candidates)}); rerun the demo to record it")
+                if candidates:
+                    augs["da-fusion"] = candidates[0][1]
             for method, aug in augs.items():
                 found, labels = [], []
                 strengths = []

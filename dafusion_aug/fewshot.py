@@ -64,7 +64,8 @@ class FewShotResult:
 
     Attributes:
         rows: dicts with ``method``, ``k``, ``seed``, ``erase``, ``accuracy`` (class-balanced, in [0, 1]),
-            ``synthetic_share`` (fraction of training samples that were variants), timings and counts.
+            ``synthetic_share`` (fraction of training samples that were variants), timings and counts;
+            da-fusion rows also name their ``tokens`` file (in ``tokens_dir``).
         summary: :func:`~dafusion_aug._report.summarize` of the rows (mean and t confidence interval).
         files: ``{"csv", "json", "plot", "summary"}`` paths (and ``"grid"`` when one was drawn).
     """
@@ -249,6 +250,7 @@ def run_fewshot(
             done = {}
     cache_dir = Path(cache) if cache is not None else out / "cache"
     augs: dict[Any, Any] = {}
+    token_files: dict[tuple[int, int], str] = {}  # (k, seed) -> the token file's name, recorded in da-fusion rows
 
     def erased(c: int):
         return erasure_list[c].applied(pipe) if erasure_list else contextlib.nullcontext()
@@ -266,6 +268,7 @@ def run_fewshot(
     def fit(subset: list[tuple[Any, int]], k: int, seed: int) -> ClassTokens:
         key = stable_digest("fewshot-tokens", token_config, [image_digest(to_canonical(im)[0][0]) for im, _ in subset], [y for _, y in subset], seed)
         path = (Path(tokens_dir) if tokens_dir is not None else out / "tokens") / f"k{k}-seed{seed}-{key[:12]}.safetensors"
+        token_files[(k, seed)] = path.name
         if path.is_file():
             return ClassTokens.load(path)
         from .fit import fit_tokens
@@ -345,6 +348,8 @@ def run_fewshot(
                     "prepare_seconds": round(t1 - t0, 2), "train_seconds": round(time.perf_counter() - t1, 2),
                     "classifier": spec.name, "config": config,
                 }
+                if method == "da-fusion":
+                    row["tokens"] = token_files[(k, seed)]  # which file of the tokens folder these variants came from
                 rows.append(row)
                 if _on_run is not None:
                     _on_run(row)

@@ -165,7 +165,7 @@ def _check_outputs(res, methods, shots, seeds):
         assert (r["synthetic_share"] == 0.0) if r["method"] == "baseline" else (0.2 < r["synthetic_share"] < 0.8)
 
 
-def test_protocol_end_to_end_and_resume(tmp_path, tiny_pipe, toy_data):
+def test_protocol_end_to_end_and_resume(tmp_path, tiny_pipe, toy_data, capsys):
     """k = 1, one seed, every method (the pocket model when it is shipped, else the tiny pipeline)."""
     if _pocket_available():
         from dafusion_aug.pocket import digits
@@ -181,11 +181,29 @@ def test_protocol_end_to_end_and_resume(tmp_path, tiny_pipe, toy_data):
     assert res.files["grid"].is_file()
     assert "| da-fusion |" in res.table()
     assert "| da-fusion - baseline |" in res.files["summary"].read_text() and "| da-fusion - real-guidance-agnostic |" in res.compare()
-    assert len(list((tmp_path / "run" / "tokens").glob("*.safetensors"))) == 1
+    (token_file,) = (tmp_path / "run" / "tokens").glob("*.safetensors")
+    # the da-fusion row names its token file (benchmarks/fewshot_fidelity.py reads the variants of exactly that one)
+    assert [r.get("tokens") for r in res.rows] == [token_file.name if r["method"] == "da-fusion" else None for r in res.rows]
     # a rerun with the same settings reads every row back instead of training again
     again: list[dict] = []
     res2 = run_fewshot(pipe, data, out=tmp_path / "run", shots=[1], seeds=[0], _on_run=again.append, **kw)
     assert again == [] and res2.rows == res.rows
+    if pipe == "pocket":
+        # benchmarks/fewshot_fidelity.py reads every cached variant back (da-fusion's through the recorded token file)
+        import importlib.util
+        from pathlib import Path
+
+        script = Path(__file__).resolve().parents[1] / "benchmarks" / "fewshot_fidelity.py"
+        spec = importlib.util.spec_from_file_location("fewshot_fidelity", script)
+        fidelity = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(fidelity)
+        capsys.readouterr()
+        run = tmp_path / "run"
+        fidelity.main(["--demo", str(run), "--cache", str(run / "cache"), "--tokens", str(run / "tokens")])
+        table = capsys.readouterr().out
+        n = len(data.class_names) * kw["num_variants"]  # k = 1: one image per class
+        for method in ("da-fusion", "real-guidance", "real-guidance-agnostic"):
+            assert any(line.startswith(f"| {method} | 1 |") and line.endswith(f"(n={n}) |") for line in table.splitlines()), table
 
 
 def test_protocol_is_reproducible(tmp_path, tiny_pipe, toy_data):
