@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._hashing import stable_hash
-from ._io import atomic_write_bytes
+from ._io import atomic_write_bytes, remove_temporaries
 from .tokens import _atomic_save_file, _read_safetensors
 
 __all__ = ["train_esd", "parameter_names", "normalize_concepts", "resolve_pipeline", "METHODS", "CHECKPOINT_FILE"]
@@ -227,6 +227,7 @@ def train_esd(
     start, losses = 0, []
     if checkpoint_dir is not None:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(checkpoint_dir)  # half-written checkpoints of a killed run
         if resume:
             loaded = _load_checkpoint(checkpoint_dir, trained, opt, signature)
             if loaded is not None:

@@ -12,7 +12,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 
-__all__ = ["atomic_path", "atomic_write_bytes"]
+__all__ = ["atomic_path", "atomic_write_bytes", "remove_temporaries"]
 
 # mkstemp creates files 0600; a plain open() would give 0666 minus the umask. Read the umask once, at
 # import (os.umask can only be read by setting it, which is not thread-safe later on).
@@ -49,3 +49,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, prefix: str = ".
     """Write ``data`` to ``path`` atomically."""
     with atomic_path(path, prefix=prefix, suffix=suffix) as tmp, open(tmp, "wb") as f:
         f.write(data)
+
+
+def remove_temporaries(folder: str | os.PathLike, *, prefix: str = ".tmp-") -> int:
+    """Delete the temporary files a killed writer left in ``folder`` (only call where this process is the
+    folder's one writer, e.g. a checkpoint folder at the start of a run); returns how many went."""
+    n = 0
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in os.scandir(folder):
+            if entry.name.startswith(prefix) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    n += 1
+    return n

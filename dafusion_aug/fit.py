@@ -28,6 +28,7 @@ from ._fit_io import (
     save_checkpoint,
 )
 from ._hashing import stable_digest, stable_hash
+from ._io import remove_temporaries
 from .functional import _to_batch, native_resolution
 from .pipeline import PipelineSpec, pipeline_fingerprint, resolve_device, resolve_dtype
 from .tokens import ClassTokens, token_for_class
@@ -311,6 +312,8 @@ def fit_tokens(
         "prediction_type": prediction,
     }
     digest = stable_digest("fit-tokens", 1, config)
+    if checkpoint_dir is not None:
+        remove_temporaries(checkpoint_dir)  # half-written checkpoints of a killed run
     state = load_checkpoint(checkpoint_dir, digest, config) if (checkpoint_dir is not None and resume) else None
     if state is not None and int(state[0]["step"]) > steps:
         raise FitError(f"the checkpoint in {os.fspath(checkpoint_dir)!r} is at step {state[0]['step']}, past steps={steps}; raise steps or pass resume=False")

@@ -176,7 +176,10 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run_bitwise(tmp_path, what, 
     ckpt = tmp_path / "ckpt"
     step = _kill_after_first_checkpoint(what, ckpt, tmp_path / "killed.safetensors")
     assert 0 < step < STEPS
+    # what a kill inside a checkpoint write leaves (rarely hit by the kill above): the resumed run removes it
+    (ckpt / ".tmp-killedwrite.safetensors").write_bytes(b"half a checkpoint")
     _run(what, ckpt, tmp_path / "resumed.safetensors")
+    assert not list(ckpt.glob(".tmp-*"))
     _run(what, None, tmp_path / "straight.safetensors")
     load = ClassTokens.load if what == "fit" else Erasure.load
     resumed, straight = load(tmp_path / "resumed.safetensors"), load(tmp_path / "straight.safetensors")
@@ -187,10 +190,9 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run_bitwise(tmp_path, what, 
     else:
         assert all(torch.equal(resumed.tensors[n], t) for n, t in straight.tensors.items())
         assert resumed.metadata["losses"] == straight.metadata["losses"]
-    # nothing corrupt: every checkpoint file left reads back (a temporary of a write cut short is ignored)
+    # nothing corrupt: every checkpoint file left reads back
     from safetensors import safe_open
 
     for p in ckpt.glob("*.safetensors"):
-        if not p.name.startswith(".tmp-"):
-            with safe_open(str(p), "pt") as f:
-                assert list(f.keys())
+        with safe_open(str(p), "pt") as f:
+            assert list(f.keys())
