@@ -9,13 +9,16 @@ exactly what the token holds before training) and the learned tokens.
 With ``--erased``, each digit d is first erased with ``erase_concept`` (the files and default settings of
 benchmarks/eval_erasure.py, reused from ``--erasure-work`` or built there). With that erasure applied,
 the plain prompt "a photo of a {word(d)}" is judged (the erased model should have lost the digit), then
-all ten tokens are fitted jointly on the d-erased model (same recipe, initializer "the" by default) and
-digit d's token is judged with the erasure still applied. Each cell is a digit's rate under its own erasure.
+d's token is fitted on the d-erased model from d's images alone (``--fit alone``, the default: one run per
+class, as ``run_fewshot(erase=True)`` and DA-Fusion do; ``--fit joint`` fits all ten tokens together on
+it), initializer "the" by default, and judged with the erasure still applied. Each cell is a digit's
+rate under its own erasure.
 
 Usage:
     python benchmarks/eval_tokens.py                      # the shipped pocket model
     python benchmarks/eval_tokens.py --model FOLDER --steps 300 --samples 16
     python benchmarks/eval_tokens.py --erased --steps 20 --samples 4 --digits 3 7 --grid grid.png  # smoke test
+    python benchmarks/eval_tokens.py --erased --num-vectors 4 --scale-lr   # the recipe docs/tokens.md recommends
 """
 
 from __future__ import annotations
@@ -56,13 +59,19 @@ def _txt2img(folder: str, tokens=None):
 
 
 @torch.no_grad()
-def _rate(pipe, text: str, label: int, samples: int, seed: int, judge_net, batch_size: int = 64, keep: int = 0):
-    """``(fraction of samples the judge reads as label, the first keep images)``; seeds fixed per label."""
+def _rate(pipe, text: str | None, label: int, samples: int, seed: int, judge_net, batch_size: int = 64, keep: int = 0,
+          pipe_kwargs: dict | None = None):
+    """``(fraction of samples the judge reads as label, the first keep images)``; seeds fixed per label.
+
+    ``pipe_kwargs`` (e.g. ``prompt_embeds``, with ``text=None``): tensors of ``samples`` rows, sliced per batch.
+    """
     hits, kept = 0, []
     for start in range(0, samples, batch_size):
         n = min(batch_size, samples - start)
         gens = [torch.Generator().manual_seed(seed * 100_000 + label * 1_000 + start + i) for i in range(n)]
-        images = pipe([text] * n, num_inference_steps=50, guidance_scale=7.5, generator=gens, output_type="pt").images
+        kw = {k: v[start:start + n] for k, v in (pipe_kwargs or {}).items()}
+        images = pipe(None if text is None else [text] * n, num_inference_steps=50, guidance_scale=7.5, generator=gens,
+                      output_type="pt", **kw).images
         images = images.float().clamp(0, 1)
         hits += int((judge_images(images, model=judge_net) == label).sum())
         kept += list(images[: max(0, keep - len(kept))])
@@ -79,7 +88,7 @@ def _erased(args, folder: str, items, judge_net, rows: dict, report: dict) -> li
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import eval_erasure
 
-    erasure_args = eval_erasure.parse_args(["--model", args.model, "--work", args.erasure_work])
+    erasure_args = eval_erasure.parse_args(["--model", args.model, "--work", args.erasure_work, *args.erasure_args])
     grid = []
     report["erasures"] = {}
     for d in args.digits:
@@ -97,16 +106,21 @@ def _erased(args, folder: str, items, judge_net, rows: dict, report: dict) -> li
                     grid.append(images)
                     print(f"[erased {d}] 'a photo of a {CLASS_NAMES[d]}': {rate:.0%}", flush=True)
                 t1 = time.perf_counter()
+                if args.fit == "alone":  # d's token alone, from d's images: what run_fewshot(erase=True) does
+                    fit_items, fit_names, label = [(im, 0) for im, y in items if y == d], [CLASS_NAMES[d]], 0
+                else:
+                    fit_items, fit_names, label = items, list(CLASS_NAMES), d
                 tokens = fit_tokens(
-                    img2img, items, list(CLASS_NAMES), initializer=init, steps=args.steps, batch_size=args.batch_size,
+                    img2img, fit_items, fit_names, initializer=init, steps=args.steps, batch_size=args.batch_size,
                     learning_rate=args.lr, scale_lr=args.scale_lr, num_vectors=args.num_vectors, seed=args.seed, progress=False,
+                    templates=args.templates,
                 )
                 fit_s = time.perf_counter() - t1
                 assert Erasure.active(img2img) is erasure  # fit_tokens must not have undone the erasure
                 tokens.apply(img2img)
                 sampler = _sampler(img2img)  # built after apply: load_textual_inversion resizes the embeddings
                 assert sampler.unet is img2img.unet and sampler.text_encoder is img2img.text_encoder
-                token = tokens.token_for(d)
+                token = tokens.token_for(label)
                 rate, images = _rate(sampler, f"a photo of a {token}", d, args.samples, args.seed, judge_net,
                                      keep=args.grid_samples)
             name = "erased d, learned token" + (f" (initializer {init!r})" if len(args.initializers) > 1 else "")
@@ -128,6 +142,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--scale-lr", action="store_true")
     ap.add_argument("--num-vectors", type=int, default=1, help="vectors per token")
+    ap.add_argument("--templates", nargs="+", default=None,
+                    help="fit_tokens templates (default: the textual-inversion list); the samples use 'a photo of a {}'")
     ap.add_argument("--initializers", nargs="+", default=None,
                     help="default: 'the' and 'class_name'; with --erased only 'the'")
     ap.add_argument("--samples", type=int, default=64, help="txt2img samples per digit")
@@ -136,9 +152,15 @@ def main() -> None:
     ap.add_argument("--judge", default=None, help="judge weights (default: the shipped judge)")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     ap.add_argument("--erased", action="store_true", help="erase each digit first (see above)")
+    ap.add_argument("--fit", choices=["alone", "joint"], default="alone",
+                    help="--erased: fit d's token alone from d's images on the d-erased model (as run_fewshot(erase=True)"
+                         " does), or all ten tokens jointly on it")
     ap.add_argument("--digits", type=int, nargs="+", default=list(range(10)), help="digits to erase (--erased only)")
     ap.add_argument("--erasure-work", default="runs/eval_erasure",
                     help="erasure files of benchmarks/eval_erasure.py (--erased only)")
+    ap.add_argument("--erasure-args", nargs=argparse.REMAINDER, default=[],
+                    help="--erased: the rest of the line goes to eval_erasure.py as its options (e.g. --lr 1e-3 for a "
+                         "milder erasure; its files are named by their settings)")
     ap.add_argument("--grid", default=None, help="--erased: save a PNG of the first samples, two rows per digit")
     ap.add_argument("--grid-samples", type=int, default=8, help="samples per row of --grid")
     args = ap.parse_args()
@@ -186,6 +208,7 @@ def main() -> None:
         tokens = fit_tokens(
             args.model, items, list(CLASS_NAMES), initializer=init, steps=args.steps, batch_size=args.batch_size,
             learning_rate=args.lr, scale_lr=args.scale_lr, num_vectors=args.num_vectors, seed=args.seed, device="cpu",
+            templates=args.templates,
         )
         fit_s = time.perf_counter() - t0
         rows[f"fit_tokens (initializer {init!r}): 'a photo of a {{token}}'"] = _accuracy(
