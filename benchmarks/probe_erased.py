@@ -64,26 +64,28 @@ def main(argv=None) -> None:
     data = digits("B")
     items = [data[i] for i in few_shot_indices(data.targets, a.shots, a.seed, num_classes=10)]
     erasure_args = eval_erasure.parse_args(["--work", a.erasure_work])
+    # one pipeline for every digit: an erasure changes UNet tensors only, in place, and is restored after its block
+    pipe = _img2img(folder)
+    tok, te, unet, vae, sched = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae, pipe.scheduler
+    for m in (unet, te, vae):
+        m.requires_grad_(False)
+    sampler = _sampler(pipe)
+    size = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    with torch.no_grad():
+        ids = tok(["a photo of a the", ""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+        enc = te(ids, output_hidden_states=True)
+        base, empty = enc.last_hidden_state.chunk(2)
+        pre = enc.hidden_states[-1][:1]  # the last layer's output, before final_layer_norm
+    last = base.shape[1] if a.last is None else a.last
+    norm = getattr(te, "text_model", te).final_layer_norm if a.through_final_norm else torch.nn.Identity()
     for d in a.digits:
         erasure, _, _ = eval_erasure.erasure_for(d, erasure_args)
-        pipe = _img2img(folder)
-        tok, te, unet, vae, sched = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae, pipe.scheduler
-        unet.requires_grad_(False)
-        te.requires_grad_(False)
-        vae.requires_grad_(False)
-        with erasure.applied(pipe), torch.no_grad():
-            ids = tok(["a photo of a the", ""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
-            enc = te(ids, output_hidden_states=True)
-            base, empty = enc.last_hidden_state.chunk(2)
-            pre = enc.hidden_states[-1][:1]  # the last layer's output, before final_layer_norm
-            size = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+        with torch.no_grad():
             x = torch.stack([
                 torch.from_numpy(np.asarray(im.convert("RGB").resize((size, size)), dtype=np.float32)).permute(2, 0, 1)
                 for im, y in items if y == d
             ]) / 127.5 - 1
             dist = vae.encode(x).latent_dist
-        last = base.shape[1] if a.last is None else a.last
-        norm = getattr(te, "text_model", te).final_layer_norm if a.through_final_norm else torch.nn.Identity()
         free = torch.nn.Parameter((pre if a.through_final_norm else base)[:, a.first:last].clone())
         opt = torch.optim.Adam([free], lr=a.lr)
         gen = torch.Generator().manual_seed(a.seed)
@@ -104,7 +106,6 @@ def main(argv=None) -> None:
                 losses.append(float(loss.detach()))
             fitted = torch.cat([base[:, : a.first], norm(free).detach(), base[:, last:]], 1)
             drift = float((fitted - base).norm() / base.norm())
-            sampler = _sampler(pipe)
             kw = dict(prompt_embeds=fitted.expand(a.samples, -1, -1), negative_prompt_embeds=empty.expand(a.samples, -1, -1))
             rate, _ = _rate(sampler, None, d, a.samples, a.seed, judge_net, pipe_kwargs=kw)
         where = f"positions {a.first}-{last - 1}" + (" before the final norm" if a.through_final_norm else "")
