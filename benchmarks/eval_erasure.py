@@ -49,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=160)
     p.add_argument("--work", default="runs/eval_erasure", help="folder for erasure files and the report (git-ignored)")
     p.add_argument("--quick", action="store_true", help="3 digits, 8 samples, 10 sampler steps, 30 ESD steps")
+    p.add_argument("--attributes", type=int, default=0, metavar="N",
+                   help="also check every attribute word without a digit, N samples each, before and under each "
+                        "erasure (pocket v2; 0: skip)")
     args = p.parse_args(argv)
     if args.quick:
         args.digits, args.samples, args.sample_steps, args.steps = args.digits[:3], 8, 10, 30
@@ -162,11 +165,19 @@ def main(argv=None) -> int:
               "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
               "before": before, "runs": []}
     print(f"before: {before}  ({time.perf_counter() - t0:.0f}s)", flush=True)
+    attr = dict(n=args.attributes, steps=args.sample_steps, guidance=args.guidance, seed=args.seed, net=net,
+                log=None, with_digits=False)
+    if args.attributes:
+        from dafusion_aug.pocket.evaluate import attribute_report
+
+        report["attributes_before"] = {w: r["without_digit"] for w, r in attribute_report(txt2img, **attr).items()}
+        print(f"attribute words before: {report['attributes_before']}", flush=True)
     for e in args.digits:
         erasure, path, trained_s = erasure_for(e, args)
         t2 = time.perf_counter()
         with erasure.applied(pipe):
             after = judged_rates(txt2img, read, **gen)
+            words = {w: r["without_digit"] for w, r in attribute_report(txt2img, **attr).items()} if args.attributes else None
         ratios = {d: (after[d] / before[d] if before[d] else 1.0) for d in range(10) if d != e}
         worst = min(ratios, key=ratios.get)
         losses = erasure.metadata.get("losses", [])
@@ -174,6 +185,13 @@ def main(argv=None) -> int:
                "pass": after[e] < 0.2 and ratios[worst] >= 0.8, "erasure": str(path), "train_s": trained_s,
                "generate_s": round(time.perf_counter() - t2, 1),
                "loss_first_last_20": [sum(losses[:20]) / max(1, len(losses[:20])), sum(losses[-20:]) / max(1, len(losses[-20:]))]}
+        if words is not None:
+            row["attributes_after"] = words
+            row["attributes_worst"] = min(words, key=lambda w: words[w] - report["attributes_before"][w])
+            print(f"  attribute words: mean {sum(words.values()) / len(words):.2f} (before "
+                  f"{sum(report['attributes_before'].values()) / len(words):.2f}); largest drop "
+                  f"{row['attributes_worst']}: {report['attributes_before'][row['attributes_worst']]:.2f} -> "
+                  f"{words[row['attributes_worst']]:.2f}", flush=True)
         report["runs"].append(row)
         print(f"erase {e}: {after[e]:.0%} (was {before[e]:.0%}); worst other {worst}: {after[worst]:.0%} (was {before[worst]:.0%}); "
               f"train {trained_s}s, generate {row['generate_s']}s, pass={row['pass']}", flush=True)

@@ -49,7 +49,7 @@ def model_path() -> Path:
     if not (_MODEL_DIR / "model_index.json").is_file():
         raise FileNotFoundError(
             f"the pocket model is missing from {_MODEL_DIR}; rebuild it with "
-            "`python -m dafusion_aug.pocket.train` (25-45 minutes on 2 CPU cores)"
+            "`python -m dafusion_aug.pocket.train` (about an hour on 2 CPU cores)"
         )
     return _MODEL_DIR
 

@@ -6,7 +6,11 @@
   class is kept (target at 0.5: >= 90%); the same at 0.25 / 0.5 / 0.75 with the class-agnostic prompt
   "a photo of a handwritten digit";
 * img2img over part B at strength 1.0 (and 0.5, for information) prompting the *next* digit
-  ``(label + 1) % 10``: how often the output is the prompted digit (target at 1.0: >= 80%).
+  ``(label + 1) % 10``: how often the output is the prompted digit (target at 1.0: >= 80%);
+* attributes (v2): every attribute word of :mod:`dafusion_aug.pocket.attributes`, prompted without a
+  digit ("a photo of a bold handwritten digit") and with each digit that shows that attribute in at least
+  15% of part A ("a photo of a bold handwritten digit seven"): how often the sample's own measured
+  attribute is the one prompted (target: >= 80% without a digit, and >= 80% on average with one).
 
 It writes a JSON report and picture grids (rows = digits) for the docs.
 """
@@ -23,7 +27,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from . import model_path, prompt
+from . import attributes, model_path, prompt
+from .arch import ATTRIBUTE_CLASS_TEMPLATES, ATTRIBUTE_ONLY_TEMPLATES
 from .data import CLASS_NAMES, digits
 from .judge import judge, judge_images
 
@@ -35,6 +40,8 @@ __all__ = [
     "load_pipelines",
     "txt2img_samples",
     "img2img_outputs",
+    "attribute_prompts",
+    "attribute_report",
     "save_grid",
     "evaluate",
     "main",
@@ -141,6 +148,115 @@ def img2img_outputs(
     return torch.cat(out)
 
 
+#: A (digit, attribute level) pair is checked with the digit named when part A shows it this often.
+MIN_SHARE = 0.15
+
+
+def attribute_prompts(name: str, level: int, label: int | None) -> str:
+    """The check's prompt for one attribute word, e.g. "a photo of a bold handwritten digit seven".
+
+    Args:
+        name: the attribute (:data:`dafusion_aug.pocket.attributes.ATTRIBUTES`).
+        level: 0, 1 or 2; it must have a word.
+        label: the digit to name, or None.
+
+    Raises:
+        ValueError: when that level has no word.
+    """
+    word = attributes.WORDS[name][level]
+    if word is None:
+        raise ValueError(f"attribute {name!r} has no word for level {level}")
+    adj, suffix = ("a", f" {word}") if word.startswith("with") else (("an" if word[0] in "aeiou" else "a") + f" {word}", "")
+    if label is None:
+        return ATTRIBUTE_ONLY_TEMPLATES[0].format(adj=adj, suffix=suffix)
+    return ATTRIBUTE_CLASS_TEMPLATES[0].format(adj=adj, name=CLASS_NAMES[label], suffix=suffix)
+
+
+@torch.no_grad()
+def _txt2img(txt2img, text: str, n: int, steps: int, guidance: float, seed: int, batch_size: int = 64) -> torch.Tensor:
+    out = []
+    for start in range(0, n, batch_size):
+        count = min(batch_size, n - start)
+        result = txt2img(
+            [text] * count,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=_generators([seed * 100_000 + start + i for i in range(count)]),
+            output_type="pt",
+        )
+        out.append(result.images.float().cpu())
+    return torch.cat(out)
+
+
+def attribute_report(
+    txt2img,
+    n: int = 32,
+    n_per_digit: int = 16,
+    steps: int = 25,
+    guidance: float = 7.5,
+    seed: int = 0,
+    net=None,
+    log=print,
+    with_digits: bool = True,
+) -> dict[str, dict[str, object]]:
+    """Check that every attribute word draws what it says, by the sample's own measured attribute.
+
+    Args:
+        txt2img: a ``StableDiffusionPipeline`` of the pocket model.
+        n: samples per word without a digit.
+        n_per_digit: samples per (word, digit) pair, for the digits that show the attribute in at least
+            :data:`MIN_SHARE` of part A.
+        steps: DDIM steps.
+        guidance: classifier-free guidance scale.
+        seed: the base seed.
+        net: the judge (default: the shipped one).
+        log: where per-word lines go (None: silent).
+        with_digits: also check the word with each digit named.
+
+    Returns:
+        ``{word: {"prompt", "without_digit", "with_digit_mean", "with_digit_min", "digits",
+        "with_digit", "judged_as_digit"}}``: shares in [0, 1]; ``with_digit`` maps digit names to
+        shares.
+    """
+    net = net if net is not None else judge()
+    images, labels = digits("A").tensors()
+    part_a = attributes.levels(attributes.measure(images))
+    labels = labels.numpy()
+    report: dict[str, dict[str, object]] = {}
+    for name in attributes.ATTRIBUTES:
+        for level, word in enumerate(attributes.WORDS[name]):
+            if word is None:
+                continue
+            text = attribute_prompts(name, level, None)
+            samples = _txt2img(txt2img, text, n, steps, guidance, seed)
+            entry: dict[str, object] = {
+                "prompt": text,
+                "without_digit": round(attributes.agreement(attributes.measure(samples), name, level), 4),
+            }
+            per_digit, judged = {}, {}
+            for label in range(10) if with_digits else ():
+                if np.mean(part_a[name][labels == label] == level) < MIN_SHARE:
+                    continue
+                out = _txt2img(txt2img, attribute_prompts(name, level, label), n_per_digit, steps, guidance, seed + 1 + label)
+                per_digit[CLASS_NAMES[label]] = round(attributes.agreement(attributes.measure(out), name, level), 4)
+                judged[CLASS_NAMES[label]] = _rate(judge_images(out, model=net), torch.full((len(out),), label))
+            entry["with_digit"] = per_digit
+            entry["judged_as_digit"] = judged
+            entry["digits"] = len(per_digit)
+            entry["with_digit_mean"] = round(float(np.mean(list(per_digit.values()))), 4) if per_digit else None
+            entry["with_digit_min"] = min(per_digit.values()) if per_digit else None
+            report[word] = entry
+            if log is None:
+                continue
+            log(
+                f"[attributes] {word:>14}: without a digit {entry['without_digit']:.2f}, with one "
+                f"{entry['with_digit_mean'] if entry['with_digit_mean'] is not None else float('nan'):.2f} "
+                f"(min {entry['with_digit_min'] if entry['with_digit_min'] is not None else float('nan'):.2f}, "
+                f"{len(per_digit)} digits)"
+            )
+    return report
+
+
 def save_grid(
     rows: Sequence[torch.Tensor], path: str | Path, labels: Sequence[str] | None = None, zoom: int = 2
 ) -> Path:
@@ -189,8 +305,9 @@ def evaluate(
     grid: str | Path | None = "docs/img/pocket_samples.png",
     img2img_grid: str | Path | None = "docs/img/pocket_img2img.png",
     strengths: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
+    parts: Sequence[str] = ("txt2img", "img2img", "attributes"),
 ) -> dict[str, object]:
-    """Run the whole evaluation.
+    """Run the whole evaluation (or some of its parts).
 
     Args:
         folder: the pipeline folder (default: the shipped model).
@@ -201,6 +318,7 @@ def evaluate(
         grid: where to write the txt2img grid (16 samples per digit), or None.
         img2img_grid: where to write the img2img grid (one part-B image per digit at each strength), or None.
         strengths: the img2img strengths measured with the image's own prompt.
+        parts: which measurements to run: ``"txt2img"``, ``"img2img"``, ``"attributes"``.
 
     Returns:
         The report (rates in [0, 1], timings in seconds).
@@ -209,7 +327,21 @@ def evaluate(
     net = judge()
     img2img, txt2img = load_pipelines(folder)
     report: dict[str, object] = {"n_per_digit": n, "steps": steps, "guidance": guidance, "seed": seed}
+    unknown = set(parts) - {"txt2img", "img2img", "attributes"}
+    if unknown:
+        raise ValueError(f"parts must be among 'txt2img', 'img2img', 'attributes', got {sorted(unknown)}")
+    if "txt2img" in parts:
+        _txt2img_part(report, txt2img, net, n, steps, guidance, seed, grid)
+    if "img2img" in parts:
+        _img2img_part(report, img2img, net, steps, guidance, seed, img2img_grid, strengths)
+    if "attributes" in parts:
+        t0 = time.perf_counter()
+        report["attributes"] = attribute_report(txt2img, seed=seed, guidance=guidance, net=net)
+        report["attributes_seconds"] = round(time.perf_counter() - t0, 1)
+    return report
 
+
+def _txt2img_part(report, txt2img, net, n, steps, guidance, seed, grid) -> None:
     t0 = time.perf_counter()
     samples, per_digit = [], {}
     for label in range(10):
@@ -224,6 +356,8 @@ def evaluate(
     if grid is not None:
         save_grid([s[:16] for s in samples], grid, labels=list(CLASS_NAMES))
 
+
+def _img2img_part(report, img2img, net, steps, guidance, seed, img2img_grid, strengths) -> None:
     part_b = digits("B")
     xb, yb = part_b.tensors()
     own: dict[str, float] = {}
@@ -259,7 +393,6 @@ def evaluate(
         first = [yb.tolist().index(label) for label in range(10)]
         rows = [torch.stack([xb[i]] + [by_strength[s][i] for s in strengths]) for i in first]
         save_grid(rows, img2img_grid, labels=list(CLASS_NAMES), zoom=3)
-    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -279,10 +412,15 @@ def main(argv: list[str] | None = None) -> int:
         "--img2img-grid", default="docs/img/pocket_img2img.png", help="img2img grid PNG ('' to skip)"
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the report to this file")
+    parser.add_argument(
+        "--parts", nargs="+", default=["txt2img", "img2img", "attributes"],
+        choices=["txt2img", "img2img", "attributes"], help="which measurements to run",
+    )
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     report = evaluate(
-        args.model, args.n, args.steps, args.guidance, args.seed, args.grid or None, args.img2img_grid or None
+        args.model, args.n, args.steps, args.guidance, args.seed, args.grid or None, args.img2img_grid or None,
+        parts=args.parts,
     )
     report["total_seconds"] = round(time.perf_counter() - t0, 1)
     text = json.dumps(report, indent=2)

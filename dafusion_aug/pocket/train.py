@@ -5,12 +5,14 @@ Stages (all seeded, CPU, part A of :func:`dafusion_aug.pocket.digits` only):
 1. the judge CNN (``judge.safetensors``);
 2. the VAE (L1 + MSE reconstruction, a small KL term), then its latent scaling factor;
 3. the UNet and the text encoder together: DDPM noise-prediction MSE with SD's betas, random captions
-   from :mod:`dafusion_aug.pocket.arch` (10% empty for classifier-free guidance), EMA weights;
+   from :mod:`dafusion_aug.pocket.arch` (10% empty for classifier-free guidance; half of the others name
+   attributes measured on the augmented picture itself, :mod:`dafusion_aug.pocket.attributes`), EMA
+   weights;
 4. ``StableDiffusionImg2ImgPipeline.save_pretrained(OUT/model)`` (UNet and VAE in float16, the small
    text encoder in float32, so a plain ``from_pretrained`` loads everything in float32).
 
 Example:
-    python -m dafusion_aug.pocket.train                  # writes into the package (25-45 min on 2 cores)
+    python -m dafusion_aug.pocket.train                  # writes into the package (about an hour on 2 cores)
     python -m dafusion_aug.pocket.train --out /tmp/pocket --quick   # a smoke run (about 15 s)
 
 On a CPU shared with other processes, run it with ``OMP_WAIT_POLICY=PASSIVE`` (or ``--threads 1``):
@@ -31,7 +33,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import arch
+import numpy as np
+
+from . import arch, attributes
 from .data import digits, random_affine
 from .judge import judge_accuracy, save_judge, train_judge
 
@@ -60,7 +64,7 @@ class TrainConfig:
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-4
     latent_copies: int = 16
-    unet_steps: int = 2500
+    unet_steps: int = 3000
     batch_size: int = 128
     lr: float = 3e-4
     warmup_steps: int = 100
@@ -140,8 +144,11 @@ def reconstruct(vae, images: torch.Tensor, batch_size: int = 256) -> torch.Tenso
 @torch.no_grad()
 def encode_latents(
     vae, images: torch.Tensor, copies: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor, float]:
+) -> tuple[torch.Tensor, torch.Tensor, float, dict[str, np.ndarray]]:
     """Encode ``copies`` augmented versions of every image (the first one unaugmented) and set the scale.
+
+    The attributes of every augmented version are measured on its pixels (a rotation changes the slant),
+    so each latent's captions describe that latent.
 
     The VAE's ``scaling_factor`` is set to ``1 / std`` of sampled latents, as SD's 0.18215 was chosen.
 
@@ -152,13 +159,14 @@ def encode_latents(
         seed: seeds the augmentation and the posterior samples.
 
     Returns:
-        ``(means, stds, scaling_factor)``: posterior means and standard deviations ``(N * copies, 4, 8, 8)``,
-        unscaled.
+        ``(means, stds, scaling_factor, levels)``: posterior means and standard deviations
+        ``(N * copies, 4, 8, 8)``, unscaled, and every latent's attribute levels ``{name: (N * copies,)}``.
     """
     gen = torch.Generator().manual_seed(seed + 2)
-    means, stds = [], []
+    means, stds, measured = [], [], []
     for c in range(copies):
         batch = images if c == 0 else random_affine(images, gen)
+        measured.append(attributes.levels(attributes.measure(batch)))
         for i in range(0, len(batch), 256):
             dist = vae.encode(batch[i : i + 256] * 2.0 - 1.0).latent_dist
             means.append(dist.mean)
@@ -167,7 +175,8 @@ def encode_latents(
     samples = mean + std * torch.randn(mean.shape, generator=gen)
     scaling = float(1.0 / samples.std())
     vae.register_to_config(scaling_factor=scaling)
-    return mean, std, scaling
+    levels = {name: np.concatenate([m[name] for m in measured]) for name in attributes.ATTRIBUTES}
+    return mean, std, scaling, levels
 
 
 def train_diffusion(
@@ -178,6 +187,7 @@ def train_diffusion(
     tokenizer,
     cfg: TrainConfig,
     progress: bool = True,
+    levels: dict[str, np.ndarray] | None = None,
 ):
     """Train the UNet and the text encoder jointly with DDPM noise prediction (SD's betas).
 
@@ -188,6 +198,8 @@ def train_diffusion(
         tokenizer: the pocket tokenizer.
         cfg: the hyper-parameters (``unet_steps``, ``batch_size``, ``lr``, ``warmup_steps``, ``ema_decay``).
         progress: show a tqdm bar.
+        levels: every latent's attribute levels (``{name: (M,)}``) for the attribute captions; None
+            trains on digit-only captions.
 
     Returns:
         ``(unet, text_encoder, losses)``: the EMA copies of both models in eval mode, and the mean loss of
@@ -220,7 +232,10 @@ def train_diffusion(
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
         noisy = noise_sched.add_noise(latents, noise, t)
-        captions = [arch.sample_caption(int(labels[i]), rng) for i in idx]
+        captions = [
+            arch.sample_caption(int(labels[i]), rng, None if levels is None else {k: int(v[i]) for k, v in levels.items()})
+            for i in idx
+        ]
         unique = sorted(set(captions))  # encode each distinct caption once, then gather
         where = torch.tensor([unique.index(c) for c in captions])
         hidden = text_encoder(arch.caption_ids(unique, tokenizer))[0][where]
@@ -307,7 +322,12 @@ def run(cfg: TrainConfig, out: Path, progress: bool = True) -> dict[str, object]
     """
     torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
-    report: dict[str, object] = {"config": asdict(cfg), "torch": torch.__version__, "timings_s": {}}
+    report: dict[str, object] = {
+        "pocket_version": 2,
+        "config": asdict(cfg),
+        "torch": torch.__version__,
+        "timings_s": {},
+    }
     timings: dict[str, float] = report["timings_s"]  # type: ignore[assignment]
     start = time.perf_counter()
     part_a, part_b = digits("A"), digits("B")
@@ -341,7 +361,7 @@ def run(cfg: TrainConfig, out: Path, progress: bool = True) -> dict[str, object]
     )
 
     t0 = time.perf_counter()
-    means, stds, scaling = encode_latents(vae, xa, cfg.latent_copies, cfg.seed)
+    means, stds, scaling, levels = encode_latents(vae, xa, cfg.latent_copies, cfg.seed)
     labels = ya.repeat(cfg.latent_copies)
     timings["encode"] = time.perf_counter() - t0
     report["vae_scaling_factor"] = scaling
@@ -353,7 +373,7 @@ def run(cfg: TrainConfig, out: Path, progress: bool = True) -> dict[str, object]
     t0 = time.perf_counter()
     tokenizer = arch.build_tokenizer()
     unet, text_encoder, losses = train_diffusion(
-        means, stds, labels, scaling, tokenizer, cfg, progress=progress
+        means, stds, labels, scaling, tokenizer, cfg, progress=progress, levels=levels
     )
     timings["unet_text"] = time.perf_counter() - t0
     report["diffusion_loss_per_100_steps"] = [round(v, 5) for v in losses]
