@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 
 from dafusion_aug import AugmentationCache, DiffusionAugment, precompute
-from dafusion_aug._hashing import image_digest
 from dafusion_aug.functional import native_resolution
+from dafusion_aug.hashing import image_digest
 
 # wall time by default; --clock cpu uses this process's CPU time, which other jobs on a shared machine
 # barely disturb (use it with --threads 1, where no thread spins waiting for another)

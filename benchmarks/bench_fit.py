@@ -27,7 +27,7 @@ from PIL import Image
 
 from dafusion_aug import fit_tokens
 from dafusion_aug.fit import IMAGENET_TEMPLATES
-from dafusion_aug.functional import _to_batch, native_resolution
+from dafusion_aug.functional import native_resolution, to_batch
 from dafusion_aug.tokens import token_for_class
 
 
@@ -148,7 +148,7 @@ def reference_per_class(pipe, items, names, steps: int, batch_size: int, lr: flo
         text_encoder.requires_grad_(False)
         emb.requires_grad_(True)
         opt = torch.optim.AdamW([emb], lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-        pixels = _to_batch([np.asarray(im.convert("RGB")) for im, y in items if y == k], size) * 2 - 1
+        pixels = to_batch([np.asarray(im.convert("RGB")) for im, y in items if y == k], size) * 2 - 1
         for _ in range(per[k]):
             x = pixels[torch.randint(len(pixels), (batch_size,), generator=g)]
             latents = pipe.vae.encode(x).latent_dist.sample(generator=g) * pipe.vae.config.scaling_factor

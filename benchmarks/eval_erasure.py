@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from dafusion_aug import Erasure, PipelineSpec, erase_concept
-from dafusion_aug._hashing import stable_digest
+from dafusion_aug.hashing import stable_digest
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from dafusion_aug import DiffusionAugment, PipelineSpec, few_shot_indices
-from dafusion_aug._hashing import image_digest
+from dafusion_aug.hashing import image_digest
 from dafusion_aug.pocket import digits, judge_images
 
 

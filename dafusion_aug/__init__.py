@@ -10,7 +10,7 @@ __version__ = "0.1.0.dev0"
 from .cache import AugmentationCache
 from .data import AugmentedDataset, few_shot_indices, image_folder
 from .erase import Erasure, erase_concept
-from .errors import CacheError, DafusionError, ErasureFileError, PipelineError, TokenFileError
+from .errors import CacheError, DafusionError, ErasureFileError, FitError, PipelineError, TokenFileError
 from .fewshot import run_fewshot
 from .fit import fit_tokens
 from .functional import diffuse
@@ -28,6 +28,7 @@ __all__ = [
     "DiffusionAugment",
     "Erasure",
     "ErasureFileError",
+    "FitError",
     "PipelineError",
     "PipelineSpec",
     "TokenFileError",

@@ -6,6 +6,7 @@ object of the input's type, mode, size, dtype, device and value range from repla
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-__all__ = ["is_image_leaf", "to_canonical", "Restore"]
+__all__ = ["is_image_leaf", "to_canonical", "image_array", "Restore"]
 
 Restore = Callable[[Sequence["np.ndarray | Image.Image | None"]], object]
 
@@ -148,3 +149,30 @@ def to_canonical(leaf: object, where: str = "image") -> tuple[list[np.ndarray], 
         return tv_tensors.wrap(new, like=leaf) if isinstance(leaf, tv_tensors.TVTensor) else new
 
     return arrays, restore
+
+
+def image_array(image: object, where: str = "image") -> np.ndarray:
+    """One picture as a canonical ``(H, W, 3)`` uint8 array: a PIL image, a ``(C, H, W)`` tensor, a uint8
+    ``(H, W[, 1|3|4])`` numpy array, or a path (opened as RGB).
+
+    Raises:
+        TypeError: another type, or a numpy array that is not uint8 ``(H, W[, 1|3|4])``.
+        ValueError: a batch of several pictures, or invalid pixels (see :func:`to_canonical`).
+    """
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.ndim == 2:
+            arr = np.repeat(arr[:, :, None], 3, axis=2)
+        if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4) or arr.dtype != np.uint8:
+            raise TypeError(f"{where}: a numpy image must be uint8 (H, W[, 1|3|4]), got {arr.dtype} {arr.shape}")
+        arr = np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr[:, :, :3]
+        return np.ascontiguousarray(arr)
+    if isinstance(image, (str, os.PathLike)):
+        with Image.open(image) as im:
+            image = im.convert("RGB")
+    if not isinstance(image, (Image.Image, torch.Tensor)):
+        raise TypeError(f"{where}: the image must be a PIL image, a tensor, a uint8 array or a path, got {type(image).__name__}")
+    arrays, _ = to_canonical(image, where)
+    if len(arrays) != 1:
+        raise ValueError(f"{where}: expected one image, got a batch of {len(arrays)}")
+    return arrays[0]

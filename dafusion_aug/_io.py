@@ -1,6 +1,6 @@
-"""Atomic file writes: a temporary file in the destination folder, then ``os.replace``.
+"""File I/O shared by every writer: atomic writes, and safetensors files that are never pickles.
 
-A reader (another worker, a resumed run) sees the old file, the whole new file, or nothing; a crash
+Atomic writes: a temporary file in the destination folder, then ``os.replace``. A reader (another worker, a resumed run) sees the old file, the whole new file, or nothing; a crash
 leaves at most a temporary file, which no reader opens. Finished files get the permissions a plain
 ``open()`` would give them (0666 minus the umask), not ``mkstemp``'s 0600.
 """
@@ -10,9 +10,13 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
-__all__ = ["atomic_path", "atomic_write_bytes", "remove_temporaries"]
+import torch
+
+from .errors import DafusionError, TokenFileError
+
+__all__ = ["atomic_path", "atomic_write_bytes", "remove_temporaries", "looks_like_pickle", "save_safetensors", "read_safetensors"]
 
 # mkstemp creates files 0600; a plain open() would give 0666 minus the umask. Read the umask once, at
 # import (os.umask can only be read by setting it, which is not thread-safe later on).
@@ -62,3 +66,51 @@ def remove_temporaries(folder: str | os.PathLike, *, prefix: str = ".tmp-") -> i
                     os.unlink(entry.path)
                     n += 1
     return n
+
+
+# -- safetensors ----------------------------------------------------------------------------------------
+def looks_like_pickle(path: str | os.PathLike) -> bool:
+    """Whether the file starts like a pickle or a ``torch.save`` zip (never opened as one)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head[:1] == b"\x80" or head[:2] == b"PK"
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str]) -> None:
+    """Write ``tensors`` with string ``metadata`` to ``path`` as safetensors, atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file(dict(tensors), tmp, metadata=dict(metadata))
+
+
+def read_safetensors(
+    path: str, what: str, *, error: type[DafusionError] = TokenFileError, pickle_hint: str = ""
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read every tensor and the metadata of a safetensors file on the CPU.
+
+    Args:
+        path: the file.
+        what: what the file is, for messages (``"token file"``).
+        error: the exception raised for a missing, pickled or unreadable file.
+        pickle_hint: a sentence appended to the message for a pickle (where to turn instead).
+
+    Returns:
+        ``(tensors, metadata)``.
+
+    Raises:
+        DafusionError: ``error``, when the file is missing, a pickle (never unpickled) or not readable.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        raise error(f"{what} not found: {path!r}")
+    if looks_like_pickle(path):
+        raise error(f"{what} {path!r} is a pickle / torch.save file; dafusion-aug never unpickles" + (f". {pickle_hint}" if pickle_hint else ""))
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise error(f"{what} {path!r} is not a readable safetensors file: {e}") from e
+    return tensors, metadata

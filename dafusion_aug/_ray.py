@@ -9,15 +9,13 @@ the same pixels as the local backend.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from .errors import PipelineError
-
-if TYPE_CHECKING:
-    from .transform import DiffusionAugment
+from .variants import Augmenter, Variant
 
 __all__ = ["RayBatchGenerator", "run_ray"]
 
@@ -40,14 +38,12 @@ class RayBatchGenerator:
             CPU results bit-identical to the local backend).
     """
 
-    def __init__(self, augment: DiffusionAugment, threads: int | None = None) -> None:
+    def __init__(self, augment: Augmenter, threads: int | None = None) -> None:
         if threads and not torch.cuda.is_available():
             torch.set_num_threads(threads)
         self.augment = augment
 
     def __call__(self, rows: dict[str, Any]) -> dict[str, np.ndarray]:
-        from .transform import Variant
-
         written, bad = [], []
         for i in range(len(rows["keys"])):
             shapes = [tuple(int(x) for x in s) for s in rows["shapes"][i]]
@@ -68,7 +64,7 @@ class RayBatchGenerator:
         return {"written": np.asarray(written, dtype=np.int64), "bad": np.asarray(bad, dtype=np.int64)}
 
 
-def run_ray(augment: DiffusionAugment, batches, counts: dict, *, batch_size: int, concurrency: int | None,
+def run_ray(augment: Augmenter, batches, counts: dict, *, batch_size: int, concurrency: int | None,
             num_gpus: float | None, progress: bool) -> None:
     """Run the planned ``batches`` on Ray Data actors, one pipeline call per batch."""
     ray = _import_ray()

@@ -1,16 +1,31 @@
-"""Datasets around the transform: ``AugmentedDataset``, folder readers and few-shot splits."""
+"""Datasets around the transform: ``AugmentedDataset``, folder readers, few-shot splits, and how the library
+reads any labelled image data it is given (a folder, a list of pairs, a map-style dataset)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["AugmentedDataset", "ImageList", "image_folder", "few_shot_indices"]
+from ._images import image_array
+from ._samples import label_index
+from .hashing import image_digest, stable_digest
+
+__all__ = [
+    "AugmentedDataset",
+    "ImageList",
+    "image_folder",
+    "few_shot_indices",
+    "as_dataset",
+    "class_names_of",
+    "source_of",
+    "LabelledImages",
+    "read_labelled_images",
+]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -111,3 +126,99 @@ def few_shot_indices(targets: Sequence[int], k: int, seed: int, num_classes: int
             raise ValueError(f"class {c} has {len(pool)} examples, fewer than k={k}")
         out.extend(sorted(rng.choice(pool, size=k, replace=False).tolist()))
     return out
+
+
+def as_dataset(data: Any) -> Any:
+    """A map-style dataset of ``(image, label)`` from a folder path, a list of pairs, or a dataset.
+
+    Args:
+        data: a folder with one sub-folder per class (read with :func:`image_folder`), a list or tuple of
+            ``(path or PIL image, label)`` pairs (returned as a list; labels may be ints or class names),
+            or anything with ``__getitem__`` and ``__len__`` (returned as it is).
+
+    Raises:
+        TypeError: a list item that is not a pair, or another type of ``data``.
+    """
+    if isinstance(data, (str, os.PathLike)):
+        return image_folder(data)
+    if isinstance(data, (list, tuple)):
+        for i, item in enumerate(data):
+            if not isinstance(item, (list, tuple)) or len(item) != 2:
+                raise TypeError(f"data[{i}] must be a (path or PIL image, label) pair, got {item!r}"[:300])
+        return list(data)
+    if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        return data
+    raise TypeError(
+        "data must be a folder path, a list of (path or PIL image, label) pairs, or a map-style dataset of "
+        f"(image, label), got {type(data).__name__}"
+    )
+
+
+def class_names_of(dataset: Any) -> list[str] | None:
+    """A dataset's class names (index = label): its ``.class_names`` or torchvision's ``.classes``, else ``None``."""
+    names = getattr(dataset, "class_names", None) or getattr(dataset, "classes", None)
+    return list(names) if names is not None else None
+
+
+def source_of(dataset: Any, index: int) -> str | None:
+    """The file item ``index`` of a dataset comes from (``ImageList``, ``ImageFolder``, a list of pairs), or ``None``."""
+    items = dataset if isinstance(dataset, list) else getattr(dataset, "items", None) or getattr(dataset, "samples", None)
+    try:
+        src = items[index][0] if items is not None else None
+    except (IndexError, TypeError, KeyError):
+        src = None
+    return os.fspath(src) if isinstance(src, (str, os.PathLike)) else None
+
+
+class LabelledImages:
+    """What :func:`read_labelled_images` kept: labels, class names and a digest of every image's pixels and label."""
+
+    def __init__(self, labels: list[int], class_names: list[str], digest: str) -> None:
+        self.labels = labels
+        self.class_names = class_names
+        self.digest = digest
+
+
+def read_labelled_images(ds: Any, names: list[str], consume: Callable[[np.ndarray], None], *,
+                         error: type[ValueError] = ValueError) -> LabelledImages:
+    """Decode every image of a dataset of ``(image, label)`` once, in order, handing each to ``consume``.
+
+    Labels are checked against ``names`` on the way, and every class must have an image. Only labels and
+    digests are kept, so memory does not grow with the images' size.
+
+    Args:
+        ds: a map-style dataset (see :func:`as_dataset`).
+        names: the class names, index = label.
+        consume: called with each image as an RGB uint8 ``(H, W, 3)`` array.
+        error: the exception for bad data (a ``ValueError`` subclass such as ``FitError``).
+
+    Returns:
+        :class:`LabelledImages`.
+
+    Raises:
+        TypeError: an item that is not an ``(image, label)`` sample, or an image or label of the wrong type.
+        ValueError: ``error``, for an unreadable image (its file named), a label outside ``names``, or a class
+            without images.
+    """
+    labels: list[int] = []
+    digests: list[str] = []
+    for i in range(len(ds)):
+        src = source_of(ds, i)
+        where = repr(src) if src is not None else f"data[{i}]"
+        try:
+            sample = ds[i]
+            if not isinstance(sample, (tuple, list)) or len(sample) < 2:
+                raise TypeError(f"{where} must be an (image, label) sample, got {type(sample).__name__}")
+            arr = image_array(sample[0], where)
+        except (TypeError, error):
+            raise
+        except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, ...: name the file in any case
+            raise error(f"cannot read the training image {where}: {e}") from e
+        labels.append(label_index(sample[1], names, f"the label of {where}", error=error))
+        digests.append(image_digest(arr))
+        consume(arr)
+    counts = np.bincount(np.asarray(labels), minlength=len(names))
+    empty = [f"{names[k]!r} (label {k})" for k in range(len(names)) if counts[k] == 0]
+    if empty:
+        raise error(f"class {', '.join(empty)} has no images in data; every class in class_names needs at least one")
+    return LabelledImages(labels, names, stable_digest("fit-data", names, list(zip(digests, labels))))

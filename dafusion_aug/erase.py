@@ -1,336 +1,285 @@
-"""Concept erasure (ESD, Gandikota et al., ICCV 2023) as small, reversible weight files.
+"""Concept erasure (ESD, Gandikota et al., ICCV 2023): :func:`erase_concept` trains an :class:`~dafusion_aug.Erasure`.
 
-:func:`erase_concept` fine-tunes a few UNet tensors so that the model's prediction under a concept's
-prompt points *away* from the concept; :class:`Erasure` holds only those tensors (keyed by diffusers UNet
-parameter names) and swaps them into a loaded pipeline in place, keeping the originals to restore
-bitwise. See docs/erasure.md.
+The erasure file itself (format, apply, restore) lives in :mod:`dafusion_aug.erasure`; this module holds
+the training: which tensors a method trains, the ESD loop and its checkpoints. Design choices (see
+docs/erasure.md):
 
-File format: safetensors, one float tensor per trained UNet parameter, and metadata strings
-``format=pt``, ``dafusion_format``, ``dafusion_aug_version``, ``method``, ``concepts`` (JSON object
-concept -> list of prompts), ``base_model`` (fingerprint), ``base_dtype``, ``base_digests`` (JSON object
-dtype -> digest of the original values of exactly these tensors) and ``training`` (JSON hyper-parameters).
+- The frozen model θ* is the pipeline's own UNet, untouched: the trained tensors are separate float32
+  copies fed in with ``torch.func.functional_call``. No second UNet, no swapping, and nothing of the
+  caller's pipeline changes (not even ``.grad``: gradients come from ``torch.autograd.grad``).
+- x_t is sampled with the frozen model (the authors' newer script), so the training distribution does
+  not drift as the concept fades, and the sampling runs without autograd.
+- x_t after k DDIM steps sits exactly at the noise level of the k-th DDIM timestep; that timestep is the
+  one the three noise predictions use (the original CompVis code mixed up the two time axes).
+- All randomness of step s comes from a CPU generator seeded with ``stable_hash(seed, s)``, so the RNG
+  state of a checkpoint is (seed, step) and a resumed run equals an uninterrupted one bitwise on the CPU.
+
+Checkpoint format: ``esd-checkpoint.safetensors`` (``param/<name>`` and Adam's ``<state>/<name>`` tensors;
+metadata ``dafusion_format``, ``step``, ``signature``, ``rng``, ``losses``), then a readable
+``esd-checkpoint.json`` mirror; resuming reads the safetensors file alone.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from . import __version__
-from ._esd import METHODS, _unet_of, normalize_concepts, parameter_names, resolve_pipeline, train_esd
-from ._hashing import stable_digest
-from .errors import ErasureFileError, PipelineError, TokenFileError
-from .tokens import _atomic_save_file, _looks_like_pickle, _read_safetensors
+from ._checkpoint import write_checkpoint
+from ._io import read_safetensors, remove_temporaries
+from .erasure import Erasure, base_digests, normalize_concepts, unet_of
+from .errors import PipelineError
+from .hashing import stable_digest, stable_hash
+from .pipeline import resolve_pipeline
 
-__all__ = ["Erasure", "erase_concept", "parameter_names", "METHODS"]
+__all__ = ["Erasure", "erase_concept", "ensure_erasure", "parameter_names", "METHODS"]
 
-_FORMAT = "dafusion-aug/erasure/1"
-_NARROWER = {"float32": ("float32", "float16", "bfloat16"), "float16": ("float16",), "bfloat16": ("bfloat16",)}
-
-
-def _values_digest(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> str:
-    h = hashlib.sha256(b"dafusion-aug/erasure-base/1")
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").to(dtype).contiguous().reshape(-1)
-        h.update(f"|{name}:{tuple(tensors[name].shape)}:{str(dtype)}|".encode())
-        h.update(t.view(torch.uint8).numpy())
-    return h.hexdigest()
+#: The parameter sets :func:`erase_concept` can train (see :func:`parameter_names`).
+METHODS = ("esd-x", "esd-x-strict", "esd-u", "full")
+CHECKPOINT_FILE = "esd-checkpoint.safetensors"
+_CHECKPOINT_FORMAT = "dafusion-aug/esd-checkpoint/1"
 
 
-def _base_digests(tensors: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, str]]:
-    """The digests of ``tensors`` in their own dtype and every narrower one (so fp16 pipes still match)."""
-    base = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-    return base, {d: _values_digest(tensors, getattr(torch, d)) for d in _NARROWER.get(base, (base,))}
+def parameter_names(unet: nn.Module, method: str) -> list[str]:
+    """The UNet parameter names a method trains, in ``named_parameters`` order.
 
-
-def _stamp(params: Mapping[str, torch.Tensor], names: Sequence[str]) -> tuple | None:
-    """(storage, version) of each tensor: any in-place write or re-assignment changes it."""
-    try:
-        return tuple((params[n].data_ptr(), params[n]._version) for n in names)
-    except RuntimeError:  # inference-mode tensors have no version counter
-        return None
-
-
-class Erasure:
-    """Trained UNet tensors that erase concepts, applicable to and removable from a loaded pipeline.
+    - ``"esd-x"``: every cross-attention Linear, ``*.attn2.{to_q,to_k,to_v,to_out.0}.{weight,bias}``.
+    - ``"esd-x-strict"``: only the keys and values of cross-attention, ``*.attn2.{to_k,to_v}.*``.
+    - ``"esd-u"``: every ``nn.Linear`` / ``nn.Conv2d`` weight and bias outside ``attn2`` (norms excluded).
+    - ``"full"``: every UNet parameter.
 
     Args:
-        tensors: UNet parameter name (``"down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"``)
-            -> trained value; float tensors, stored on the CPU.
-        concepts: the erased concepts: a name, a list of names, or a mapping name -> prompt(s).
-        method: the parameter set the tensors came from (see :func:`parameter_names`), or ``"custom"``.
-        base_dtype: dtype of the original values the digests were taken from.
-        base_digests: dtype name -> digest of the base model's original values of exactly these tensors;
-            empty means "do not check the base model".
-        base_model: fingerprint of the base pipeline (informational).
-        metadata: JSON-able training information (hyper-parameters, losses, ...).
+        unet: a diffusers ``UNet2DConditionModel`` (any module with diffusers' naming works).
+        method: one of :data:`METHODS`.
 
-    Example:
-        >>> erasure = erase_concept("pocket", "seven", steps=200)  # doctest: +SKIP
-        >>> with erasure.applied(pipe):  # doctest: +SKIP
-        ...     images = pipe("a photo of a handwritten digit seven").images
+    Raises:
+        ValueError: an unknown method.
     """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    if method == "full":
+        return [n for n, _ in unet.named_parameters()]
+    wanted = set()
+    for mname, module in unet.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        parts = mname.split(".")
+        in_xattn = "attn2" in parts
+        rest = ".".join(parts[parts.index("attn2") + 1 :]) if in_xattn else ""
+        if (
+            (method == "esd-u" and not in_xattn)
+            or (method == "esd-x" and rest in ("to_q", "to_k", "to_v", "to_out.0"))
+            or (method == "esd-x-strict" and rest in ("to_k", "to_v"))
+        ):
+            wanted.update(f"{mname}.{p}" for p, _ in module.named_parameters(recurse=False))
+    return [n for n, _ in unet.named_parameters() if n in wanted]
 
-    def __init__(
-        self,
-        tensors: Mapping[str, torch.Tensor],
-        *,
-        concepts: str | Sequence[str] | Mapping[str, str | Sequence[str]],
-        method: str = "custom",
-        base_dtype: str = "float32",
-        base_digests: Mapping[str, str] | None = None,
-        base_model: str | None = None,
-        metadata: Mapping[str, Any] | None = None,
-    ) -> None:
-        if not isinstance(tensors, Mapping) or not tensors:
-            raise ValueError("tensors must be a non-empty mapping of UNet parameter name -> tensor")
-        clean = {}
-        for name, t in tensors.items():
-            if not isinstance(name, str) or not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                raise ValueError(f"tensors must map names to float tensors, got {name!r}: {type(t).__name__}")
-            if not torch.isfinite(t).all():
-                raise ValueError(f"tensor {name!r} has NaN or inf values")
-            clean[name] = t.detach().to("cpu", copy=True).contiguous()
-        self.tensors: dict[str, torch.Tensor] = clean
-        self.concepts: dict[str, list[str]] = normalize_concepts(concepts)
-        self.method = str(method)
-        self.base_dtype = str(base_dtype)
-        self.base_digests: dict[str, str] = dict(base_digests or {})
-        self.base_model = base_model
-        self.metadata: dict[str, Any] = dict(metadata or {})
-        self._hash: str | None = None
 
-    # -- facts -------------------------------------------------------------------------------------
-    @property
-    def num_parameters(self) -> int:
-        """Number of trained scalars (elements over all tensors)."""
-        return sum(t.numel() for t in self.tensors.values())
+# -- checkpoints -------------------------------------------------------------------------------------
+def _save_checkpoint(folder: Path, trained: Mapping[str, torch.Tensor], opt: torch.optim.Optimizer, step: int,
+                     losses: list[float], signature: str, seed: int) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    state = opt.state_dict()["state"]
+    for i, (name, value) in enumerate(trained.items()):
+        tensors[f"param/{name}"] = value
+        for key, t in state.get(i, {}).items():
+            tensors[f"{key}/{name}"] = torch.as_tensor(t)
+    meta = {
+        "dafusion_format": _CHECKPOINT_FORMAT,
+        "step": str(step),
+        "signature": signature,
+        "rng": json.dumps({"scheme": "torch.Generator('cpu').manual_seed(stable_hash('esd-step', seed, step))", "seed": seed}),
+        "losses": json.dumps(losses),
+    }
+    # the JSON is a human-readable mirror; the safetensors file alone is what resuming reads
+    side = {"step": step, "signature": signature, "seed": seed, "last_loss": losses[-1] if losses else None}
+    write_checkpoint(folder, Path(CHECKPOINT_FILE).stem, tensors, meta, side, indent=2)
 
-    @property
-    def parameter_names(self) -> list[str]:
-        return list(self.tensors)
 
-    @property
-    def base_digest(self) -> str | None:
-        """Digest of the base model's original values of these tensors, in ``base_dtype``."""
-        return self.base_digests.get(self.base_dtype)
+def _load_checkpoint(folder: Path, trained: Mapping[str, torch.Tensor], opt: torch.optim.Optimizer,
+                     signature: str) -> tuple[int, list[float]] | None:
+    path = folder / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    tensors, meta = read_safetensors(str(path), "ESD checkpoint")
+    if meta.get("dafusion_format") != _CHECKPOINT_FORMAT:
+        raise ValueError(f"{str(path)!r} is not an ESD checkpoint written by dafusion-aug")
+    if meta.get("signature") != signature:
+        raise ValueError(
+            f"checkpoint_dir {str(folder)!r} holds a run with other settings (model, concepts, method or "
+            "hyper-parameters); use another checkpoint_dir, or resume=False to start over"
+        )
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    with torch.no_grad():
+        for i, (name, value) in enumerate(trained.items()):
+            value.copy_(tensors[f"param/{name}"])
+            entry = {key.split("/", 1)[0]: t for key, t in tensors.items() if key.split("/", 1)[1] == name and not key.startswith("param/")}
+            if entry:
+                state[i] = entry
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    return int(meta["step"]), [float(x) for x in json.loads(meta.get("losses", "[]"))]
 
-    def content_hash(self) -> str:
-        """Digest of the names, shapes, dtypes and values (what changes generated images); memoised."""
-        if self._hash is None:
-            h = hashlib.sha256(b"dafusion-aug/erasure/1")
-            for name in sorted(self.tensors):
-                t = self.tensors[name]
-                h.update(f"|{name}:{tuple(t.shape)}:{t.dtype}|".encode())
-                h.update(t.reshape(-1).view(torch.uint8).numpy())
-            self._hash = h.hexdigest()
-        return self._hash
 
-    def __repr__(self) -> str:
-        return f"Erasure(concepts={list(self.concepts)}, method={self.method!r}, {len(self.tensors)} tensors, {self.num_parameters:,} parameters)"
+# -- the loop ----------------------------------------------------------------------------------------
+@torch.no_grad()
+def _encode(pipe, prompts: Sequence[str], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Text embeddings ``[1, seq, dim]`` per prompt, through the pipeline's own prompt encoder when it has one."""
+    out = {}
+    for p in prompts:
+        if hasattr(pipe, "encode_prompt"):
+            emb = pipe.encode_prompt(p, device, 1, False)[0]
+        else:
+            tok = pipe.tokenizer
+            ids = tok([p], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+            emb = pipe.text_encoder(ids.to(device))[0]
+        out[p] = emb.to(device=device, dtype=dtype)
+    return out
 
-    # -- files -------------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the erasure to ``path`` (safetensors), atomically. Returns the path."""
-        path = Path(path)
-        meta = {
-            "format": "pt",
-            "dafusion_format": _FORMAT,
-            "dafusion_aug_version": __version__,
-            "method": self.method,
-            "concepts": json.dumps(self.concepts),
-            "base_model": self.base_model or "",
-            "base_dtype": self.base_dtype,
-            "base_digests": json.dumps(self.base_digests, sort_keys=True),
-            "training": json.dumps(self.metadata, default=str),
-        }
-        _atomic_save_file(self.tensors, str(path), meta)
-        return path
 
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> Erasure:
-        """Read an erasure file written by :meth:`save`.
+def _latent_shape(unet) -> tuple[int, int, int, int]:
+    size = unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return (1, int(unet.config.in_channels), int(h), int(w))
 
-        Raises:
-            ErasureFileError: missing, a pickle (never loaded), corrupt, or not an erasure file.
-        """
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise ErasureFileError(f"erasure file not found: {path!r}")
-        if _looks_like_pickle(path):
-            raise ErasureFileError(f"erasure file {path!r} is a pickle / torch.save file; dafusion-aug never unpickles")
-        try:
-            tensors, meta = _read_safetensors(path, "erasure file")
-        except TokenFileError as e:
-            raise ErasureFileError(str(e)) from e
-        if not str(meta.get("dafusion_format", "")).startswith("dafusion-aug/erasure/"):
-            raise ErasureFileError(f"{path!r} is a safetensors file but not an erasure file (no dafusion_format metadata)")
-        try:
-            return cls(
-                tensors,
-                concepts=json.loads(meta["concepts"]),
-                method=meta.get("method", "custom"),
-                base_dtype=meta.get("base_dtype", "float32"),
-                base_digests=json.loads(meta.get("base_digests", "{}")),
-                base_model=meta.get("base_model") or None,
-                metadata=json.loads(meta.get("training", "{}") or "{}"),
-            )
-        except (KeyError, json.JSONDecodeError, ValueError, TypeError) as e:
-            raise ErasureFileError(f"erasure file {path!r} is inconsistent: {e}") from e
 
-    # -- pipelines ---------------------------------------------------------------------------------
-    @staticmethod
-    def active(pipe) -> Erasure | None:
-        """The erasure currently applied to ``pipe``, or ``None``."""
-        return getattr(pipe, "_dafusion_erasure", None)
+class _ESDStep:
+    """One ESD step: sample x_t with the frozen UNet, then regress the trained copies towards ε*."""
 
-    def _same(self, other: Erasure | None) -> bool:
-        return other is not None and (other is self or other.content_hash() == self.content_hash())
+    def __init__(self, pipe, concepts: Mapping[str, Sequence[str]], ddim_steps: int, start_guidance: float,
+                 negative_guidance: float, seed: int) -> None:
+        from diffusers import DDIMScheduler
 
-    def _check_fits(self, params: Mapping[str, torch.Tensor]) -> None:
-        missing = [n for n in self.tensors if n not in params]
-        if missing:
-            raise ErasureFileError(
-                f"the pipeline's UNet has no parameters {missing[:3]}{' ...' if len(missing) > 3 else ''} "
-                f"({len(missing)} of {len(self.tensors)} missing); this erasure was trained on another architecture "
-                f"(base_model={self.base_model!r})"
-            )
-        bad = [(n, tuple(params[n].shape), tuple(t.shape)) for n, t in self.tensors.items() if params[n].shape != t.shape]
-        if bad:
-            n, want, got = bad[0]
-            raise ErasureFileError(f"shape mismatch for {n!r}: the UNet has {want}, the erasure {got} ({len(bad)} tensors differ)")
+        self.unet = unet_of(pipe)
+        self.device, self.dtype = self.unet.device, self.unet.dtype
+        self.concepts, self.concept_list = concepts, list(concepts)
+        all_prompts = sorted({p for ps in concepts.values() for p in ps} | {""})
+        self.embeds = _encode(pipe, all_prompts, self.device, self.dtype)
+        # our own scheduler object: the pipeline's keeps its state
+        self.sched = DDIMScheduler.from_config(pipe.scheduler.config)
+        self.sched.set_timesteps(ddim_steps)
+        self.shape = _latent_shape(self.unet)
+        self.ddim_steps, self.start_guidance, self.negative_guidance, self.seed = ddim_steps, start_guidance, negative_guidance, seed
 
-    def _base_key(self, params: Mapping[str, torch.Tensor]) -> tuple[str, torch.dtype] | None:
-        if not self.base_digests:
-            return None
-        dtypes = {str(params[n].dtype).removeprefix("torch.") for n in self.tensors}
-        name = next(iter(dtypes)) if len(dtypes) == 1 and next(iter(dtypes)) in self.base_digests else self.base_dtype
-        if name not in self.base_digests:
-            raise ErasureFileError(f"erasure file has no base digest for dtype {name!r} (has {sorted(self.base_digests)})")
-        return self.base_digests[name], getattr(torch, name)
+    def concept(self, step: int) -> str:
+        return self.concept_list[step % len(self.concept_list)]
 
-    def _check_base(self, host, params: Mapping[str, torch.Tensor]) -> str | None:
-        key = self._base_key(params)
-        if key is None:
-            return None
-        expected, dtype = key
-        memo: dict[str, tuple] = getattr(host, "_dafusion_erasure_verified", {})
-        stamp = _stamp(params, list(self.tensors))
-        if stamp is None or memo.get(expected) != stamp:
-            actual = _values_digest({n: params[n] for n in self.tensors}, dtype)
-            if actual != expected:
-                raise ErasureFileError(
-                    f"this erasure (concepts {list(self.concepts)}, method {self.method!r}) was trained on another base "
-                    f"model: the pipeline's values of its {len(self.tensors)} tensors differ from the originals it was "
-                    f"trained from (base_model={self.base_model!r})"
-                )
-            if stamp is not None:
-                memo[expected] = stamp
-                host._dafusion_erasure_verified = memo
-        return expected
+    def __call__(self, step: int, trained: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The loss of ``step`` (gradients flow into ``trained`` only)."""
+        from torch.func import functional_call
 
-    def apply(self, pipe, *, replace: bool = False) -> None:
-        """Swap the trained tensors into ``pipe``'s UNet in place (cast to each parameter's dtype/device).
-
-        The original values are kept on the pipe (same device and dtype as the UNet, only the erased
-        tensors) for :meth:`restore`. Applying the same erasure again does nothing. The base-model check
-        (a digest of the pipe's current values of these tensors) is memoised per pipe until a tensor is
-        written in place or replaced (``param.data.copy_`` bypasses that; don't).
-
-        Args:
-            pipe: a diffusers pipeline (or its UNet).
-            replace: if another erasure is active, restore it first instead of raising.
-
-        Raises:
-            ErasureFileError: the UNet lacks a tensor, a shape differs, or the base model differs.
-            PipelineError: another erasure is active and ``replace`` is False.
-        """
-        unet = _unet_of(pipe)
-        current = Erasure.active(pipe)
-        if self._same(current):
-            return
-        if current is not None:
-            if not replace:
-                raise PipelineError(
-                    f"pipeline already has an erasure applied ({current!r}); restore it first, "
-                    "pass replace=True, or use `with erasure.applied(pipe):`"
-                )
-            current.restore(pipe)
-        params = dict(unet.named_parameters())
-        self._check_fits(params)
-        base_key = self._check_base(pipe, params)
-        originals: dict[str, torch.Tensor] = {}
+        unet, sched, device, dtype = self.unet, self.sched, self.device, self.dtype
+        prompts = self.concepts[self.concept(step)]
+        cond = self.embeds[prompts[(step // len(self.concept_list)) % len(prompts)]]
+        both = torch.cat([self.embeds[""], cond])
+        gen = torch.Generator("cpu").manual_seed(stable_hash("esd-step", self.seed, step))
+        k = int(torch.randint(self.ddim_steps, (1,), generator=gen))
+        x = torch.randn(self.shape, generator=gen).to(device=device, dtype=dtype) * sched.init_noise_sigma
         with torch.no_grad():
-            try:
-                for name, value in self.tensors.items():
-                    originals[name] = params[name].detach().clone()
-                    params[name].copy_(value)  # copy_ casts to the parameter's dtype and device
-            except BaseException:
-                for name, value in originals.items():
-                    params[name].copy_(value)
-                raise
-        fp = getattr(pipe, "_dafusion_fingerprint", None)
-        pipe._dafusion_erasure_state = (originals, base_key, fp)
-        pipe._dafusion_erasure_originals = originals
-        pipe._dafusion_erasure = self
-        if fp is not None:  # a memoised pipeline fingerprint must now name the erased weights
-            pipe._dafusion_fingerprint = stable_digest("erasure", fp, self.content_hash())
+            for t in sched.timesteps[:k]:
+                e_u, e_c = unet(torch.cat([x, x]), t.to(device), encoder_hidden_states=both, return_dict=False)[0].chunk(2)
+                x = sched.step(e_u + self.start_guidance * (e_c - e_u), t, x).prev_sample
+            t = sched.timesteps[k].to(device)
+            e_0, e_c = unet(torch.cat([x, x]), t, encoder_hidden_states=both, return_dict=False)[0].float().chunk(2)
+            target = e_0 - self.negative_guidance * (e_c - e_0)
+        live = {n: v.to(dtype) for n, v in trained.items()}
+        pred = functional_call(unet, live, (x, t), {"encoder_hidden_states": cond, "return_dict": False})[0]
+        return F.mse_loss(pred.float(), target)
 
-    def restore(self, pipe) -> None:
-        """Put the original values back, bitwise. Does nothing when no erasure is active.
 
-        Raises:
-            PipelineError: a different erasure is active (restore that one: ``Erasure.active(pipe).restore(pipe)``).
-        """
-        current = Erasure.active(pipe)
-        if current is None:
-            return
-        if not self._same(current):
-            raise PipelineError(f"pipeline has another erasure applied ({current!r}), not {self!r}")
-        originals, base_key, fp = pipe._dafusion_erasure_state
-        params = dict(_unet_of(pipe).named_parameters())
-        with torch.no_grad():
-            for name, value in originals.items():
-                params[name].copy_(value)
-        for attr in ("_dafusion_erasure", "_dafusion_erasure_originals", "_dafusion_erasure_state"):
-            delattr(pipe, attr)
-        if fp is not None:
-            pipe._dafusion_fingerprint = fp
-        elif hasattr(pipe, "_dafusion_fingerprint"):
-            del pipe._dafusion_fingerprint
-        if base_key is not None:  # the originals are back: no need to hash them on the next apply
-            stamp = _stamp(params, list(originals))
-            if stamp is not None:
-                pipe._dafusion_erasure_verified = {**getattr(pipe, "_dafusion_erasure_verified", {}), base_key: stamp}
+def _resume(checkpoint_dir: Path | None, resume: bool, trained, opt, signature: str, steps: int) -> tuple[int, list[float]]:
+    """``(first step, losses so far)``: from ``checkpoint_dir``'s checkpoint, or a fresh start."""
+    if checkpoint_dir is None:
+        return 0, []
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(checkpoint_dir)  # half-written checkpoints of a killed run
+    loaded = _load_checkpoint(checkpoint_dir, trained, opt, signature) if resume else None
+    if loaded is None:
+        return 0, []
+    start, losses = loaded
+    if start > steps:
+        raise ValueError(f"checkpoint_dir {str(checkpoint_dir)!r} is at step {start}, past steps={steps}")
+    return start, losses
 
-    @contextlib.contextmanager
-    def applied(self, pipe) -> Iterator[Any]:
-        """Apply inside a ``with`` block and restore in ``finally``.
 
-        An erasure already active on ``pipe`` is swapped out for the block and put back after it, so
-        blocks nest; if this erasure is the active one, the block changes nothing.
-        """
-        previous = Erasure.active(pipe)
-        if self._same(previous):
-            yield pipe
-            return
-        if previous is not None:
-            previous.restore(pipe)
-        try:
-            self.apply(pipe)
-            yield pipe
-        finally:
-            if self._same(Erasure.active(pipe)):
-                self.restore(pipe)
-            if previous is not None:
-                previous.apply(pipe)
+def train_esd(
+    pipe,
+    concepts: Mapping[str, Sequence[str]],
+    names: Sequence[str],
+    *,
+    negative_guidance: float,
+    steps: int,
+    learning_rate: float,
+    start_guidance: float,
+    ddim_steps: int,
+    seed: int,
+    progress: bool,
+    checkpoint_dir: Path | None,
+    checkpoint_every: int,
+    resume: bool,
+    signature: str,
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Train the ``names`` tensors of ``pipe.unet`` with the ESD objective; ``pipe`` is left untouched.
+
+    Returns:
+        The trained tensors (float32, CPU) keyed by UNet parameter name, and the loss of every step.
+    """
+    from tqdm.auto import tqdm
+
+    params = dict(unet_of(pipe).named_parameters())
+    # float32 master copies: Adam at lr 1e-5 would lose its updates in fp16 weights
+    trained = {n: params[n].detach().to(torch.float32, copy=True).requires_grad_(True) for n in names}
+    opt = torch.optim.Adam(list(trained.values()), lr=learning_rate)
+    start, losses = _resume(checkpoint_dir, resume, trained, opt, signature, steps)
+    loss_of = _ESDStep(pipe, concepts, ddim_steps, start_guidance, negative_guidance, seed)
+    bar = tqdm(total=steps, initial=start, disable=not progress, desc="erase", unit="step", dynamic_ncols=True)
+    try:
+        for step in range(start, steps):
+            loss = loss_of(step, trained)
+            grads = torch.autograd.grad(loss, list(trained.values()), allow_unused=True)
+            for v, g in zip(trained.values(), grads):
+                v.grad = g
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4g}", concept=loss_of.concept(step), refresh=False)
+            done = step + 1
+            if checkpoint_dir is not None and (done % checkpoint_every == 0 or done == steps):
+                _save_checkpoint(checkpoint_dir, trained, opt, done, losses, signature, seed)
+            if on_step is not None:
+                on_step(done, losses[-1])
+    finally:
+        bar.close()
+    return {n: v.detach().to("cpu") for n, v in trained.items()}, losses
+
+
+def _check_args(method: str, steps: int, ddim_steps: int, checkpoint_every: int, learning_rate: float) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    for name, value, lo in (("steps", steps, 1), ("ddim_steps", ddim_steps, 1), ("checkpoint_every", checkpoint_every, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+            raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}")
+
+
+def _base_pipeline(pipeline: Any, device, dtype) -> tuple[Any, str]:
+    """The pipeline to train from and its fingerprint; refuses a spec or pipe that already has an erasure."""
+    source = resolve_pipeline(pipeline, device=device, dtype=dtype, loaded_overrides="must-match")
+    if source.spec is not None and source.spec.erasure is not None:
+        raise ValueError(f"erase_concept trains from a base model; the spec has erasure={source.spec.erasure!r}")
+    pipe, base_fp = source.load(), source.fingerprint()
+    if Erasure.active(pipe) is not None:
+        raise PipelineError(f"erase_concept trains from the base model, but the pipeline has {Erasure.active(pipe)!r} applied; restore it first")
+    return pipe, base_fp
 
 
 def erase_concept(
@@ -350,6 +299,7 @@ def erase_concept(
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 100,
     resume: bool = True,
+    _on_step: Callable[[int, float], None] | None = None,
 ) -> Erasure:
     """Erase concepts from a text-to-image model with ESD; the pipeline itself is never changed.
 
@@ -383,22 +333,17 @@ def erase_concept(
     Raises:
         ValueError: bad arguments, or a checkpoint from other settings.
         PipelineError: the model cannot be loaded, or the pipeline already has an erasure applied.
+
+    Example:
+        >>> erasure = erase_concept("pocket", "seven", steps=100, learning_rate=2e-3, ddim_steps=10)  # doctest: +SKIP
+        >>> erasure.save("erase-seven.safetensors")  # doctest: +SKIP
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
-    for name, value, lo in (("steps", steps, 1), ("ddim_steps", ddim_steps, 1), ("checkpoint_every", checkpoint_every, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-            raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
-    if not learning_rate > 0:
-        raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}")
+    _check_args(method, steps, ddim_steps, checkpoint_every, learning_rate)
     concept_map = normalize_concepts(concepts)
-    pipe, base_fp = resolve_pipeline(pipeline, device, dtype)
-    if Erasure.active(pipe) is not None:
-        raise PipelineError(f"erase_concept trains from the base model, but the pipeline has {Erasure.active(pipe)!r} applied; restore it first")
-    unet = _unet_of(pipe)
-    names = parameter_names(unet, method)
-    params = dict(unet.named_parameters())
-    base_dtype, digests = _base_digests({n: params[n] for n in names})
+    pipe, base_fp = _base_pipeline(pipeline, device, dtype)
+    names = parameter_names(unet_of(pipe), method)
+    params = dict(unet_of(pipe).named_parameters())
+    base_dtype, digests = base_digests({n: params[n] for n in names})
     hparams = {
         "negative_guidance": float(negative_guidance),
         "learning_rate": float(learning_rate),
@@ -408,29 +353,38 @@ def erase_concept(
         "compute_dtype": base_dtype,
         "sampler": "frozen",
     }
-    signature = stable_digest("esd", base_fp, method, concept_map, hparams, digests)
     tensors, losses = train_esd(
-        pipe,
-        concept_map,
-        names,
-        negative_guidance=float(negative_guidance),
-        steps=steps,
-        learning_rate=float(learning_rate),
-        start_guidance=float(start_guidance),
-        ddim_steps=ddim_steps,
-        seed=int(seed),
-        progress=progress,
-        checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None,
-        checkpoint_every=checkpoint_every,
-        resume=resume,
-        signature=signature,
+        pipe, concept_map, names, negative_guidance=float(negative_guidance), steps=steps, learning_rate=float(learning_rate),
+        start_guidance=float(start_guidance), ddim_steps=ddim_steps, seed=int(seed), progress=progress,
+        checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None, checkpoint_every=checkpoint_every,
+        resume=resume, signature=stable_digest("esd", base_fp, method, concept_map, hparams, digests), on_step=_on_step,
     )
-    return Erasure(
-        tensors,
-        concepts=concept_map,
-        method=method,
-        base_dtype=base_dtype,
-        base_digests=digests,
-        base_model=base_fp,
-        metadata={**hparams, "steps": steps, "losses": losses},
-    )
+    return Erasure(tensors, concepts=concept_map, method=method, base_dtype=base_dtype, base_digests=digests,
+                   base_model=base_fp, metadata={**hparams, "steps": steps, "losses": losses})
+
+
+def ensure_erasure(path: str | os.PathLike, pipeline: Any, concepts: Any, **kwargs: Any) -> float | None:
+    """Make sure ``path`` holds the erasure of ``concepts``: train and save it there when the file is missing.
+
+    The caller names the file after everything that decides it (e.g. a :func:`~dafusion_aug.hashing.stable_digest`
+    of the base model's fingerprint, the concepts and the settings), so an existing file is the right one.
+
+    Args:
+        path: the erasure file.
+        pipeline, concepts, kwargs: passed to :func:`erase_concept`.
+
+    Returns:
+        The seconds training took, or ``None`` when the file was already there.
+
+    Example:
+        >>> ensure_erasure("runs/erase-seven.safetensors", "pocket", "seven", steps=100)  # doctest: +SKIP
+    """
+    path = Path(path)
+    if path.is_file():
+        return None
+    t0 = time.perf_counter()
+    erasure = erase_concept(pipeline, concepts, **kwargs)
+    seconds = time.perf_counter() - t0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    erasure.save(path)
+    return seconds

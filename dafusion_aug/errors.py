@@ -6,7 +6,7 @@ Every error the library raises on purpose is a :class:`DafusionError` (or a buil
 
 from __future__ import annotations
 
-__all__ = ["DafusionError", "TokenFileError", "CacheError", "PipelineError", "ErasureFileError"]
+__all__ = ["DafusionError", "TokenFileError", "CacheError", "PipelineError", "ErasureFileError", "FitError"]
 
 
 class DafusionError(Exception):
@@ -27,3 +27,7 @@ class CacheError(DafusionError):
 
 class PipelineError(DafusionError):
     """A pipeline cannot be loaded or used as asked."""
+
+
+class FitError(DafusionError, ValueError):
+    """``fit_tokens`` cannot run as asked: bad training data, initializer, tokens, or checkpoint."""

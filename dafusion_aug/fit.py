@@ -3,34 +3,33 @@
 All classes learn jointly: each batch mixes classes (a class-balanced stream), and each sample's prompt
 puts its own class's token into one of the textual-inversion templates. Only the new token rows learn;
 every weight of the model stays bitwise unchanged, and the caller's tokenizer gets no new tokens.
+
+Checkpoints (see :mod:`dafusion_aug._checkpoint`) are a pair of files per saved step:
+``checkpoint-<step>.safetensors`` (learned rows, AdamW moments and step, the sampling generator's state as
+a uint8 tensor, the loss history; metadata ``format``, ``step``, ``config_digest``) and
+``checkpoint-<step>.json`` (step, config digest, readable config); the newest two are kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import dataclasses
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._fit_io import (
-    IMAGENET_TEMPLATES,
-    FitError,
-    clear_checkpoints,
-    load_checkpoint,
-    open_training_data,
-    read_training_data,
-    save_checkpoint,
-)
-from ._hashing import stable_digest, stable_hash
+from ._checkpoint import load_numbered, numbered_checkpoints, remove_checkpoints, save_numbered
 from ._io import remove_temporaries
-from .functional import _to_batch, native_resolution
-from .pipeline import PipelineSpec, pipeline_fingerprint, resolve_device, resolve_dtype
+from .data import LabelledImages, as_dataset, class_names_of, read_labelled_images
+from .errors import FitError
+from .functional import native_resolution, to_batch
+from .hashing import stable_digest, stable_hash
+from .pipeline import resolve_pipeline
 from .tokens import ClassTokens, token_for_class
 
 __all__ = ["fit_tokens", "FitError", "IMAGENET_TEMPLATES"]
@@ -38,6 +37,40 @@ __all__ = ["fit_tokens", "FitError", "IMAGENET_TEMPLATES"]
 _BETAS, _WEIGHT_DECAY, _EPS = (0.9, 0.999), 1e-2, 1e-8  # AdamW settings of the diffusers example
 _ENCODE_BATCH = 8
 _LOSS_WINDOW = 50
+CHECKPOINT_FORMAT = "dafusion-aug/fit-checkpoint/1"
+_KEEP_CHECKPOINTS = 2
+_OPTIMIZER = {"name": "AdamW", "betas": list(_BETAS), "weight_decay": _WEIGHT_DECAY, "eps": _EPS}
+
+#: The object templates of the diffusers textual-inversion example (``imagenet_templates_small``).
+IMAGENET_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a photo of a clean {}",
+    "a photo of a dirty {}",
+    "a dark photo of the {}",
+    "a photo of my {}",
+    "a photo of the cool {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a cropped photo of a {}",
+    "a photo of the {}",
+    "a good photo of the {}",
+    "a photo of one {}",
+    "a close-up photo of the {}",
+    "a rendition of the {}",
+    "a photo of the clean {}",
+    "a rendition of a {}",
+    "a photo of a nice {}",
+    "a good photo of a {}",
+    "a photo of the nice {}",
+    "a photo of the small {}",
+    "a photo of the weird {}",
+    "a photo of the large {}",
+    "a photo of a cool {}",
+    "a photo of a small {}",
+)
 
 
 class _SplicedEmbedding(nn.Module):
@@ -80,27 +113,6 @@ def _check_args(num_vectors, initializer, steps, batch_size, learning_rate, temp
         if not isinstance(t, str) or t.count("{}") != 1:
             raise ValueError(f"each template must be a str with exactly one '{{}}' for the token, got {t!r}")
     return tmpl
-
-
-def _resolve_pipeline(pipeline: Any, device, dtype) -> tuple[Any, str]:
-    """``(pipe, base fingerprint)``; a spec is loaded fresh, never the process-wide shared copy."""
-    from .pipeline import _load_uncached
-
-    if isinstance(pipeline, (str, os.PathLike)):
-        pipeline = PipelineSpec(os.fspath(pipeline))
-    if isinstance(pipeline, PipelineSpec):
-        overrides = {}
-        if device is not None:
-            overrides["device"] = str(resolve_device(device))
-        if dtype is not None:
-            overrides["dtype"] = str(resolve_dtype(dtype)).removeprefix("torch.")
-        spec = dataclasses.replace(pipeline, **overrides) if overrides else pipeline
-        return _load_uncached(spec), spec.fingerprint()
-    if all(hasattr(pipeline, a) for a in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")):
-        if device is not None or dtype is not None:
-            raise ValueError("device and dtype apply to pipelines fit_tokens loads; move a loaded pipeline with pipe.to(...)")
-        return pipeline, pipeline_fingerprint(pipeline)
-    raise TypeError(f"pipeline must be a model id, a folder, 'pocket', a PipelineSpec or a loaded pipeline, got {type(pipeline).__name__}")
 
 
 def _check_tokens(pipe, tokens: list[list[str]], class_names: list[str]) -> None:
@@ -159,7 +171,7 @@ class _LatentEncoder:
     def _flush(self) -> None:
         if not self.pending:
             return
-        x = _to_batch(self.pending, self.size).mul_(2).sub_(1)
+        x = to_batch(self.pending, self.size).mul_(2).sub_(1)
         self.pending = []
         was_training = self.vae.training
         try:
@@ -187,6 +199,199 @@ def _class_stream(seed: int, num_classes: int, step: int, batch_size: int, cache
             cache[epoch] = torch.randperm(num_classes, generator=g).tolist()
         out.append(cache[epoch][p % num_classes])
     return out
+
+
+def _class_tokens(names: list[str], num_vectors: int) -> tuple[list[str], list[list[str]]]:
+    """Each class's token and its tokenizer entries (``<t>``, ``<t>_1``, ...)."""
+    tokens = [token_for_class(n, i) for i, n in enumerate(names)]
+    if len(set(tokens)) != len(tokens):
+        raise FitError(f"class names {names} map to the same tokens {tokens}; rename the classes")
+    return tokens, [[t] + [f"{t}_{i}" for i in range(1, num_vectors)] for t in tokens]
+
+
+def _noise_scheduler(pipe):
+    """The model's DDPM training schedule (noise, v or sample prediction)."""
+    from diffusers import DDPMScheduler
+
+    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    prediction = noise_sched.config.prediction_type
+    if prediction not in ("epsilon", "v_prediction", "sample"):
+        raise FitError(f"scheduler prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction!r}")
+    return noise_sched
+
+
+# -- the training data ---------------------------------------------------------------------------------
+def _open_training_data(data: Any, class_names: Sequence[str] | None) -> tuple[Any, list[str]]:
+    """The dataset behind ``data`` and its class names, checked (no image is read yet).
+
+    Raises:
+        ValueError: no class names, or empty / repeated ones.
+        FitError: the data holds no image.
+    """
+    ds = as_dataset(data)
+    names = class_names if class_names is not None else class_names_of(ds)
+    if names is None:
+        raise ValueError(f"class_names is required: data ({type(data).__name__}) has no .class_names or .classes attribute")
+    names = list(names)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"class_names must be a non-empty list of non-empty str, got {names!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"class_names must be unique, got {names}")
+    if len(ds) == 0:
+        raise FitError(f"data is empty ({type(data).__name__} with 0 images); fit_tokens needs at least one image per class")
+    return ds, names
+
+
+class _Trainer:
+    """The trained rows, their optimizer and generator, a private tokenizer, and one step of the loop."""
+
+    def __init__(self, pipe, init: torch.Tensor, expanded: list[list[str]], templates: list[str], lr: float, seed: int) -> None:
+        self.pipe, self.expanded, self.templates, self.seed = pipe, expanded, templates, seed
+        self.dev = pipe.unet.device
+        self.rows = nn.Parameter(init.to(self.dev))
+        self.optimizer = torch.optim.AdamW([self.rows], lr=lr, betas=_BETAS, weight_decay=_WEIGHT_DECAY, eps=_EPS)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.losses: list[float] = []
+        self.start = 0
+        self.tokenizer = copy.deepcopy(pipe.tokenizer)
+        flat = [t for names_k in expanded for t in names_k]
+        self.tokenizer.add_tokens([t for t in flat if t not in self.tokenizer.get_vocab()])
+        ids = self.tokenizer.convert_tokens_to_ids(flat)
+        self.row_of_id = torch.full((max(len(self.tokenizer), max(ids) + 1),), -1, dtype=torch.long)
+        self.row_of_id[torch.tensor(ids)] = torch.arange(len(ids))
+        self._prompt_ids: dict[tuple[int, int], torch.Tensor] = {}
+        self.checkpoint_dir: str | os.PathLike | None = None
+        self._info: dict[str, Any] = {}
+
+    def resume(self, checkpoint_dir: str | os.PathLike | None, resume: bool, config: dict[str, Any], steps: int) -> None:
+        """Continue from ``checkpoint_dir``'s newest checkpoint of this ``config``, or start over there."""
+        if checkpoint_dir is None:
+            return
+        digest = stable_digest("fit-tokens", 1, config)
+        self.checkpoint_dir, self._info = checkpoint_dir, {"config_digest": digest, "config": config}
+        remove_temporaries(checkpoint_dir)  # half-written checkpoints of a killed run
+        state = load_numbered(checkpoint_dir, digest, config, fmt=CHECKPOINT_FORMAT, error=FitError) if resume else None
+        if state is not None and int(state[0]["step"]) > steps:
+            raise FitError(f"the checkpoint in {os.fspath(checkpoint_dir)!r} is at step {state[0]['step']}, past steps={steps}; "
+                           "raise steps or pass resume=False")
+        self.restore(state)
+        if state is None:
+            remove_checkpoints(numbered_checkpoints(checkpoint_dir))  # a run that starts over leaves no later steps behind
+
+    def save(self, step: int, loss: float) -> None:
+        """Write checkpoint ``step`` (the newest two are kept)."""
+        save_numbered(self.checkpoint_dir, step, self.snapshot(), {**self._info, "loss": loss}, fmt=CHECKPOINT_FORMAT, keep=_KEEP_CHECKPOINTS)
+
+    def restore(self, state: tuple[dict[str, Any], dict[str, torch.Tensor]] | None) -> None:
+        """Continue from a checkpoint's rows, AdamW state, generator state and losses."""
+        if state is None:
+            return
+        info, tensors = state
+        self.start = int(info["step"])
+        with torch.no_grad():
+            self.rows.copy_(tensors["rows"].to(self.dev))
+        if self.start > 0:
+            adam = {"step": tensors["adam_step"].reshape(()), "exp_avg": tensors["exp_avg"], "exp_avg_sq": tensors["exp_avg_sq"]}
+            self.optimizer.load_state_dict({"state": {0: adam}, "param_groups": self.optimizer.state_dict()["param_groups"]})
+        self.gen.set_state(tensors["rng_state"])
+        self.losses = tensors["losses"].tolist()
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """The tensors of a checkpoint."""
+        adam = self.optimizer.state.get(self.rows, {})
+        zeros = torch.zeros_like(self.rows)
+        return {
+            "rows": self.rows.detach(),
+            "exp_avg": adam.get("exp_avg", zeros),
+            "exp_avg_sq": adam.get("exp_avg_sq", zeros),
+            "adam_step": torch.as_tensor(adam.get("step", 0.0), dtype=torch.float32).reshape(1),
+            "rng_state": self.gen.get_state(),
+            "losses": torch.tensor(self.losses, dtype=torch.float64),
+        }
+
+    def _prompt(self, k: int, j: int) -> torch.Tensor:
+        if (k, j) not in self._prompt_ids:
+            text = self.templates[j].format(" ".join(self.expanded[k]))
+            tok = self.tokenizer
+            self._prompt_ids[(k, j)] = tok(text, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids[0]
+        return self._prompt_ids[(k, j)]
+
+    @contextlib.contextmanager
+    def spliced(self) -> Iterator[None]:
+        """Freeze the caller's modules (eval mode) and read the token rows from :attr:`rows`; restore on exit."""
+        text_encoder = self.pipe.text_encoder
+        modules = (text_encoder, self.pipe.unet, self.pipe.vae)
+        flags = [[p.requires_grad for p in m.parameters()] for m in modules]
+        modes = [m.training for m in modules]
+        original = text_encoder.get_input_embeddings()
+        try:
+            for m in modules:
+                m.requires_grad_(False)
+                m.eval()
+            text_encoder.set_input_embeddings(_SplicedEmbedding(original, self.rows, self.row_of_id.to(self.dev)))
+            yield
+        finally:
+            text_encoder.set_input_embeddings(original)
+            for m, fl, mode in zip(modules, flags, modes):
+                for p, f in zip(m.parameters(), fl):
+                    p.requires_grad_(f)
+                m.train(mode)
+
+    def step(self, step: int, batch_size: int, train: LabelledImages, latents: _Latents, noise_sched) -> float:
+        """One optimisation step on a class-balanced batch; returns its loss."""
+        pipe, dev, gen = self.pipe, self.dev, self.gen
+        classes = _class_stream(self.seed, len(train.class_names), step, batch_size, latents.perms)
+        u = torch.rand(batch_size, generator=gen, dtype=torch.float64)
+        idx = [latents.by_class[k][int(x * len(latents.by_class[k]))] for k, x in zip(classes, u.tolist())]
+        tj = torch.randint(len(self.templates), (batch_size,), generator=gen).tolist()
+        t = torch.randint(int(noise_sched.config.num_train_timesteps), (batch_size,), generator=gen)
+        eps = torch.randn((batch_size, *latents.mean.shape[1:]), generator=gen)
+        noise = torch.randn((batch_size, *latents.mean.shape[1:]), generator=gen)
+        sel = torch.tensor(idx)
+        x0 = ((latents.mean[sel] + latents.std[sel] * eps.to(dev)) - latents.shift) * latents.scale
+        noise, t = noise.to(dev), t.to(dev)
+        noisy = noise_sched.add_noise(x0, noise, t)
+        prediction = noise_sched.config.prediction_type
+        target = noise if prediction == "epsilon" else (noise_sched.get_velocity(x0, noise, t) if prediction == "v_prediction" else x0)
+        input_ids = torch.stack([self._prompt(k, j) for k, j in zip(classes, tj)]).to(dev)
+        use_mask = bool(getattr(pipe.text_encoder.config, "use_attention_mask", False))
+        mask = (input_ids != self.tokenizer.pad_token_id).long() if use_mask else None
+        hidden = pipe.text_encoder(input_ids, attention_mask=mask)[0].to(pipe.unet.dtype)
+        pred = pipe.unet(noisy.to(pipe.unet.dtype), t, encoder_hidden_states=hidden).sample
+        loss = F.mse_loss(pred.float(), target.float())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.losses.append(float(loss.detach()))
+        return self.losses[-1]
+
+    def run(self, steps: int, batch_size: int, train: LabelledImages, latents: _Latents, noise_sched, *, progress: bool,
+            checkpoint_every: int, on_step: Callable[[int, float], None] | None) -> None:
+        """Steps ``start .. steps - 1`` inside :meth:`spliced`, saving every ``checkpoint_every`` steps and at the end."""
+        from tqdm.auto import tqdm
+
+        with self.spliced(), tqdm(total=steps, initial=self.start, disable=not progress, desc="fit_tokens", unit="step",
+                                  dynamic_ncols=True) as bar:
+            for step in range(self.start, steps):
+                loss = self.step(step, batch_size, train, latents, noise_sched)
+                bar.update(1)
+                bar.set_postfix(loss=f"{sum(self.losses[-20:]) / len(self.losses[-20:]):.4f}", refresh=False)
+                if self.checkpoint_dir is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+                    self.save(step + 1, loss)
+                if on_step is not None:
+                    on_step(step + 1, loss)
+
+
+class _Latents:
+    """Every training image's VAE posterior (mean, std) and the per-class index lists the stream draws from."""
+
+    def __init__(self, pipe, train: LabelledImages, mean: torch.Tensor, std: torch.Tensor) -> None:
+        vae = pipe.vae
+        self.mean, self.std = mean, std
+        self.scale = float(vae.config.scaling_factor)
+        self.shift = getattr(vae.config, "shift_factor", None) or 0.0
+        self.by_class = [[i for i, y in enumerate(train.labels) if y == k] for k in range(len(train.class_names))]
+        self.perms: dict[int, list[int]] = {}
 
 
 def fit_tokens(
@@ -269,163 +474,37 @@ def fit_tokens(
     """
     # 1. Check the arguments, the data's form and the class names.
     tmpl = _check_args(num_vectors, initializer, steps, batch_size, learning_rate, templates, resolution, seed, checkpoint_every)
-    dataset, names = open_training_data(data, class_names)
-    tokens = [token_for_class(n, i) for i, n in enumerate(names)]
-    if len(set(tokens)) != len(tokens):
-        raise FitError(f"class names {names} map to the same tokens {tokens}; rename the classes")
-    expanded = [[t] + [f"{t}_{i}" for i in range(1, num_vectors)] for t in tokens]
+    dataset, names = _open_training_data(data, class_names)
+    tokens, expanded = _class_tokens(names, num_vectors)
 
     # 2. The model and its checks; then every image is decoded and encoded once (checked on the way).
-    pipe, base_fp = _resolve_pipeline(pipeline, device, dtype)
+    source = resolve_pipeline(pipeline, device=device, dtype=dtype, caller="fit_tokens")
+    pipe, base_fp = source.load(fresh=True), source.fingerprint()  # a private copy: modules are swapped while training
     _check_tokens(pipe, expanded, names)
     init = _initial_rows(pipe, names, initializer, num_vectors)
-    from diffusers import DDPMScheduler
-
-    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    prediction = noise_sched.config.prediction_type
-    if prediction not in ("epsilon", "v_prediction", "sample"):
-        raise FitError(f"scheduler prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction!r}")
+    noise_sched = _noise_scheduler(pipe)
     size = int(resolution) if resolution is not None else native_resolution(pipe)
-    dev = pipe.unet.device
-    encoder = _LatentEncoder(pipe.vae, size, dev)
-    train = read_training_data(dataset, names, encoder.add)
-    mean, std = encoder.finish()
+    encoder = _LatentEncoder(pipe.vae, size, pipe.unet.device)
+    train = read_labelled_images(dataset, names, encoder.add, error=FitError)
+    latents = _Latents(pipe, train, *encoder.finish())
     lr = float(learning_rate) * (batch_size if scale_lr else 1)
-    run_dtype = pipe.unet.dtype
     config = {
-        "base_model": base_fp,
-        "data": train.digest,
-        "num_images": len(train.labels),
-        "class_names": names,
-        "tokens": tokens,
-        "num_vectors": num_vectors,
-        "initializer": initializer,
-        "batch_size": batch_size,
-        "learning_rate": float(learning_rate),
-        "scale_lr": bool(scale_lr),
-        "effective_learning_rate": lr,
-        "templates": tmpl,
-        "resolution": size,
-        "seed": seed,
-        "dtype": str(run_dtype).removeprefix("torch."),
-        "optimizer": {"name": "AdamW", "betas": list(_BETAS), "weight_decay": _WEIGHT_DECAY, "eps": _EPS},
-        "prediction_type": prediction,
+        "base_model": base_fp, "data": train.digest, "num_images": len(train.labels), "class_names": names, "tokens": tokens,
+        "num_vectors": num_vectors, "initializer": initializer, "batch_size": batch_size, "learning_rate": float(learning_rate),
+        "scale_lr": bool(scale_lr), "effective_learning_rate": lr, "templates": tmpl, "resolution": size, "seed": seed,
+        "dtype": str(pipe.unet.dtype).removeprefix("torch."), "optimizer": _OPTIMIZER, "prediction_type": noise_sched.config.prediction_type,
     }
-    digest = stable_digest("fit-tokens", 1, config)
-    if checkpoint_dir is not None:
-        remove_temporaries(checkpoint_dir)  # half-written checkpoints of a killed run
-    state = load_checkpoint(checkpoint_dir, digest, config) if (checkpoint_dir is not None and resume) else None
-    if state is not None and int(state[0]["step"]) > steps:
-        raise FitError(f"the checkpoint in {os.fspath(checkpoint_dir)!r} is at step {state[0]['step']}, past steps={steps}; raise steps or pass resume=False")
 
     # 3. Trainable rows, a private tokenizer, the optimizer and the generator (restored from a checkpoint).
-    rows = nn.Parameter(init.to(dev))
-    optimizer = torch.optim.AdamW([rows], lr=lr, betas=_BETAS, weight_decay=_WEIGHT_DECAY, eps=_EPS)
-    gen = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
-    start = 0
-    if state is not None:
-        info, tensors = state
-        start = int(info["step"])
-        with torch.no_grad():
-            rows.copy_(tensors["rows"].to(dev))
-        if start > 0:
-            adam = {"step": tensors["adam_step"].reshape(()), "exp_avg": tensors["exp_avg"], "exp_avg_sq": tensors["exp_avg_sq"]}
-            optimizer.load_state_dict({"state": {0: adam}, "param_groups": optimizer.state_dict()["param_groups"]})
-        gen.set_state(tensors["rng_state"])
-        losses = tensors["losses"].tolist()
-    tokenizer = copy.deepcopy(pipe.tokenizer)
-    flat = [t for names_k in expanded for t in names_k]
-    tokenizer.add_tokens([t for t in flat if t not in tokenizer.get_vocab()])
-    ids = tokenizer.convert_tokens_to_ids(flat)
-    row_of_id = torch.full((max(len(tokenizer), max(ids) + 1),), -1, dtype=torch.long)
-    row_of_id[torch.tensor(ids)] = torch.arange(len(ids))
-    prompt_ids: dict[tuple[int, int], torch.Tensor] = {}
-
-    def encode_prompt(k: int, j: int) -> torch.Tensor:
-        if (k, j) not in prompt_ids:
-            text = tmpl[j].format(" ".join(expanded[k]))
-            prompt_ids[(k, j)] = tokenizer(
-                text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-            ).input_ids[0]
-        return prompt_ids[(k, j)]
-
-    def snapshot(step: int) -> None:
-        adam = optimizer.state.get(rows, {})
-        zeros = torch.zeros_like(rows)
-        tensors = {
-            "rows": rows.detach(),
-            "exp_avg": adam.get("exp_avg", zeros),
-            "exp_avg_sq": adam.get("exp_avg_sq", zeros),
-            "adam_step": torch.as_tensor(adam.get("step", 0.0), dtype=torch.float32).reshape(1),
-            "rng_state": gen.get_state(),
-            "losses": torch.tensor(losses, dtype=torch.float64),
-        }
-        save_checkpoint(checkpoint_dir, step, tensors, {"config_digest": digest, "config": config, "loss": losses[-1] if losses else None})
+    trainer = _Trainer(pipe, init, expanded, tmpl, lr, seed)
+    trainer.resume(checkpoint_dir, resume, config, steps)
 
     # 4. Train, with the caller's modules restored on the way out.
-    text_encoder, unet, vae = pipe.text_encoder, pipe.unet, pipe.vae
-    modules = (text_encoder, unet, vae)
-    flags = [[p.requires_grad for p in m.parameters()] for m in modules]
-    modes = [m.training for m in modules]
-    original = text_encoder.get_input_embeddings()
-    if checkpoint_dir is not None and state is None:
-        clear_checkpoints(checkpoint_dir)
-    bar = None
-    try:
-        for m in modules:
-            m.requires_grad_(False)
-            m.eval()
-        text_encoder.set_input_embeddings(_SplicedEmbedding(original, rows, row_of_id.to(dev)))
-        use_mask = bool(getattr(text_encoder.config, "use_attention_mask", False))
-        scale = float(vae.config.scaling_factor)
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        by_class = [[i for i, y in enumerate(train.labels) if y == k] for k in range(len(names))]
-        num_t = int(noise_sched.config.num_train_timesteps)
-        perms: dict[int, list[int]] = {}
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, initial=start, disable=not progress, desc="fit_tokens", unit="step", dynamic_ncols=True)
-        for step in range(start, steps):
-            classes = _class_stream(seed, len(names), step, batch_size, perms)
-            u = torch.rand(batch_size, generator=gen, dtype=torch.float64)
-            idx = [by_class[k][int(x * len(by_class[k]))] for k, x in zip(classes, u.tolist())]
-            tj = torch.randint(len(tmpl), (batch_size,), generator=gen).tolist()
-            t = torch.randint(num_t, (batch_size,), generator=gen)
-            eps = torch.randn((batch_size, *mean.shape[1:]), generator=gen)
-            noise = torch.randn((batch_size, *mean.shape[1:]), generator=gen)
-            sel = torch.tensor(idx)
-            latents = ((mean[sel] + std[sel] * eps.to(dev)) - shift) * scale
-            noise, t = noise.to(dev), t.to(dev)
-            noisy = noise_sched.add_noise(latents, noise, t)
-            target = noise if prediction == "epsilon" else (noise_sched.get_velocity(latents, noise, t) if prediction == "v_prediction" else latents)
-            input_ids = torch.stack([encode_prompt(k, j) for k, j in zip(classes, tj)]).to(dev)
-            mask = (input_ids != tokenizer.pad_token_id).long() if use_mask else None
-            hidden = text_encoder(input_ids, attention_mask=mask)[0].to(run_dtype)
-            pred = unet(noisy.to(run_dtype), t, encoder_hidden_states=hidden).sample
-            loss = F.mse_loss(pred.float(), target.float())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}", refresh=False)
-            if checkpoint_dir is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
-                snapshot(step + 1)
-            if _on_step is not None:
-                _on_step(step + 1, losses[-1])
-    finally:
-        if bar is not None:
-            bar.close()
-        text_encoder.set_input_embeddings(original)
-        for m, fl, mode in zip(modules, flags, modes):
-            for p, f in zip(m.parameters(), fl):
-                p.requires_grad_(f)
-            m.train(mode)
+    trainer.run(steps, batch_size, train, latents, noise_sched, progress=progress, checkpoint_every=checkpoint_every, on_step=_on_step)
 
     # 5. The result.
-    final = rows.detach().to("cpu", torch.float32)
-    window = losses[-_LOSS_WINDOW:]
+    final = trainer.rows.detach().to("cpu", torch.float32)
+    window = trainer.losses[-_LOSS_WINDOW:]
     meta = {k: v for k, v in config.items() if k not in ("class_names", "tokens")}
     meta.update(method="textual-inversion (joint)", steps=steps, final_loss=sum(window) / len(window) if window else None)
     return ClassTokens(names, [final[k * num_vectors : (k + 1) * num_vectors] for k in range(len(names))], tokens=tokens, metadata=meta)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["diffuse", "native_resolution", "check_strengths"]
+__all__ = ["diffuse", "native_resolution", "check_strengths", "to_batch"]
 
 
 def native_resolution(pipe) -> int:
@@ -37,7 +37,11 @@ def check_strengths(strengths: Sequence[float], num_inference_steps: int, name: 
             )
 
 
-def _to_batch(images: Sequence[np.ndarray], size: int) -> torch.Tensor:
+def to_batch(images: Sequence[np.ndarray], size: int) -> torch.Tensor:
+    """RGB uint8 ``(H, W, 3)`` arrays as one float ``(N, 3, size, size)`` batch in [0, 1] (bicubic, antialiased).
+
+    This is the model input of :func:`diffuse` (and of the VAE encoding in :func:`~dafusion_aug.fit_tokens`).
+    """
     out = []
     for img in images:
         t = torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
@@ -134,7 +138,7 @@ def diffuse(
                 return pipe(
                     prompt=[prompts[i] for i in members],
                     negative_prompt=None if all(x is None for x in negs) else [x or "" for x in negs],
-                    image=_to_batch([images[i] for i in members], size),
+                    image=to_batch([images[i] for i in members], size),
                     strength=strength,
                     num_inference_steps=num_inference_steps,
                     guidance_scale=guidance_scale,

@@ -1,5 +1,9 @@
 """What to load, how to load it once per process, and a fingerprint that names what was loaded.
 
+Every public entry point takes its ``pipeline`` argument in the same forms (a model id, a local folder,
+``"pocket"``, a :class:`PipelineSpec` or a loaded pipeline) and turns it into a :class:`PipelineSource`
+with the one :func:`resolve_pipeline`.
+
 A :class:`PipelineSpec` is small and picklable; the pipeline it loads is not pickled, ever. Every process
 loads a spec at most once (:func:`load_pipeline` keeps one pipeline per spec and process), so DataLoader
 workers started with ``spawn`` each load their own copy only when they must generate.
@@ -15,10 +19,19 @@ from typing import Any
 
 import torch
 
-from ._hashing import file_digest, stable_digest
 from .errors import PipelineError
+from .hashing import file_digest, stable_digest
 
-__all__ = ["PipelineSpec", "load_pipeline", "pipeline_fingerprint", "resolve_dtype", "resolve_device"]
+__all__ = [
+    "PipelineSpec",
+    "PipelineSource",
+    "load_pipeline",
+    "resolve_pipeline",
+    "is_loaded_pipeline",
+    "pipeline_fingerprint",
+    "resolve_dtype",
+    "resolve_device",
+]
 
 _DTYPES = {
     "float32": torch.float32,
@@ -218,7 +231,7 @@ def _load_uncached(spec: PipelineSpec):
     pipe = pipe.to(device)
     _speed_up(pipe, spec, device)
     if spec.erasure is not None:
-        from .erase import Erasure
+        from .erasure import Erasure
 
         Erasure.load(spec.erasure).apply(pipe)
     pipe._dafusion_fingerprint = spec.fingerprint()
@@ -249,6 +262,99 @@ def load_pipeline(spec: PipelineSpec | str | os.PathLike, **overrides: Any):
         if key not in _LOADED:
             _LOADED[key] = _load_uncached(spec)
         return _LOADED[key]
+
+
+#: The components every loaded pipeline has (diffusers' Stable Diffusion layout).
+_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_PIPELINE_FORMS = "a model id, a folder, 'pocket', a PipelineSpec or a loaded pipeline"
+
+
+def is_loaded_pipeline(obj: Any) -> bool:
+    """Whether ``obj`` is a loaded pipeline: callable, with a UNet, VAE, text encoder, tokenizer and scheduler."""
+    return callable(obj) and all(hasattr(obj, name) for name in _COMPONENTS)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSource:
+    """A resolved ``pipeline`` argument: a spec to load (``spec``) or a pipeline already loaded (``pipe``).
+
+    Exactly one of the two is set. A source from a spec loads nothing until :meth:`load` is called.
+    """
+
+    spec: PipelineSpec | None = None
+    pipe: Any = None
+
+    def load(self, *, fresh: bool = False):
+        """The pipeline: the loaded one, or the spec's (shared per process, see :func:`load_pipeline`).
+
+        Args:
+            fresh: load a private copy instead of the process-wide one (for callers that change modules
+                while they run, such as :func:`~dafusion_aug.fit_tokens`).
+        """
+        if self.pipe is not None:
+            return self.pipe
+        return _load_uncached(self.spec) if fresh else load_pipeline(self.spec)
+
+    def fingerprint(self) -> str:
+        """The spec's fingerprint (nothing loaded), or the loaded pipeline's (:func:`pipeline_fingerprint`)."""
+        return self.spec.fingerprint() if self.spec is not None else pipeline_fingerprint(self.pipe)
+
+
+def resolve_pipeline(
+    pipeline: Any,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    loaded_overrides: str = "refuse",
+    caller: str = "dafusion-aug",
+) -> PipelineSource:
+    """Turn a ``pipeline`` argument into a :class:`PipelineSource`; the one place every entry point does it.
+
+    Args:
+        pipeline: a Hub id, a local folder or ``"pocket"`` (a spec with ``device`` and ``dtype``), a
+            :class:`PipelineSpec` (``device`` and ``dtype`` override its fields when given), or a loaded
+            pipeline (see :func:`is_loaded_pipeline`).
+        device, dtype: where and in what precision a spec loads.
+        loaded_overrides: what ``device`` / ``dtype`` mean for a loaded pipeline: ``"refuse"`` (any value is
+            an error: move the pipeline instead) or ``"must-match"`` (allowed when they name the pipeline's
+            own device and dtype).
+        caller: the function named in messages.
+
+    Returns:
+        The source; nothing is loaded yet.
+
+    Raises:
+        TypeError: ``pipeline`` is none of the forms above.
+        ValueError: ``device`` / ``dtype`` given for a loaded pipeline (or differing from it), or invalid.
+
+    Example:
+        >>> resolve_pipeline("pocket", device="cpu").spec.device
+        'cpu'
+    """
+    if loaded_overrides not in ("refuse", "must-match"):
+        raise ValueError(f"loaded_overrides must be 'refuse' or 'must-match', got {loaded_overrides!r}")
+    overrides = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+    if isinstance(pipeline, (str, os.PathLike)):
+        return PipelineSource(spec=PipelineSpec(os.fspath(pipeline), **overrides))
+    if isinstance(pipeline, PipelineSpec):
+        return PipelineSource(spec=dataclasses.replace(pipeline, **overrides) if overrides else pipeline)
+    if not is_loaded_pipeline(pipeline):
+        raise TypeError(f"pipeline must be {_PIPELINE_FORMS}, got {type(pipeline).__name__}")
+    if overrides and loaded_overrides == "refuse":
+        raise ValueError(f"device and dtype apply to pipelines {caller} loads; move a loaded pipeline with pipe.to(...) "
+                         f"(got device={device!r}, dtype={dtype!r})")
+    if overrides:
+        _check_matches(pipeline, device, dtype)
+    return PipelineSource(pipe=pipeline)
+
+
+def _check_matches(pipe, device, dtype) -> None:
+    unet = getattr(pipe.unet, "_orig_mod", pipe.unet)
+    want = resolve_device(device) if device is not None else None
+    if want is not None and (want.type != unet.device.type or want.index not in (None, unet.device.index)):
+        raise ValueError(f"device={device!r} differs from the pipeline's {unet.device}; move the pipeline or pass a model id")
+    if dtype is not None and resolve_dtype(dtype) != unet.dtype:
+        raise ValueError(f"dtype={dtype!r} differs from the pipeline's {unet.dtype}; convert the pipeline or pass a model id")
 
 
 def pipeline_fingerprint(pipe) -> str:

@@ -18,50 +18,23 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from ._hashing import image_digest
-from ._images import is_image_leaf, to_canonical
 from ._io import atomic_path, atomic_write_bytes
+from .data import source_of
+from .hashing import image_digest
 from .tokens import token_for_class
-
-if TYPE_CHECKING:
-    from .transform import DiffusionAugment, Variant
+from .variants import Augmenter, Variant
 
 __all__ = ["precompute", "plan_batches"]
 
-Batch = list[tuple[np.ndarray, "Variant", "int | None"]]
+Batch = list[tuple[np.ndarray, Variant, "int | None"]]
 
 
-def _split_item(augment: DiffusionAugment, item: Any) -> tuple[Any, Any]:
-    labels = augment._labels_getter(item) if augment._labels_getter is not None else None
-    if isinstance(item, (tuple, list)):
-        leaves = [x for x in item if is_image_leaf(x)] or [x for x in item if x is not labels and hasattr(x, "ndim")]
-    elif isinstance(item, dict):
-        leaves = [x for x in item.values() if is_image_leaf(x)]
-    else:
-        leaves = [item]
-    if not leaves:
-        raise ValueError(f"dataset items must hold an image (PIL or tensor), got {type(item).__name__}")
-    return leaves[0], labels
-
-
-def _source_of(dataset: Any, index: int) -> str:
-    items = getattr(dataset, "items", None) or getattr(dataset, "samples", None)
-    if items is not None:
-        try:
-            src = items[index][0]
-            if isinstance(src, (str, os.PathLike)):
-                return os.fspath(src)
-        except (IndexError, TypeError, KeyError):
-            pass
-    return f"#{index}"
-
-
-def plan_batches(augment: DiffusionAugment, dataset: Any, batch_size: int, counts: dict, failures: list, records: list | None = None) -> Iterator[Batch]:
+def plan_batches(augment: Augmenter, dataset: Any, batch_size: int, counts: dict, failures: list, records: list | None = None) -> Iterator[Batch]:
     """Yield the batches still to generate, in a fixed order (the same for every backend).
 
     Updates ``counts`` (skipped, failed) and ``failures`` as it goes; appends one manifest record per
@@ -73,9 +46,7 @@ def plan_batches(augment: DiffusionAugment, dataset: Any, batch_size: int, count
     queued: set[str] = set()
     for index in range(len(dataset)):
         try:
-            image, labels = _split_item(augment, dataset[index])
-            arrays, _ = to_canonical(image)
-            label_list = augment._labels_per_sample(labels, len(arrays))
+            arrays, label_list = augment.sample_images(dataset[index])
         except (OSError, ValueError, TypeError) as e:
             failures.append((index, f"{type(e).__name__}: {e}"))
             counts["failed"] += m
@@ -103,11 +74,11 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
 
 
-def _generate(augment: DiffusionAugment, batch: Batch) -> list[np.ndarray | None]:
+def _generate(augment: Augmenter, batch: Batch) -> list[np.ndarray | None]:
     return augment.generate([a for a, _, _ in batch], [v for _, v, _ in batch], [lab for _, _, lab in batch])
 
 
-def _generate_backing_off(augment: DiffusionAugment, batch: Batch, state: dict) -> list[np.ndarray | None]:
+def _generate_backing_off(augment: Augmenter, batch: Batch, state: dict) -> list[np.ndarray | None]:
     """Generate ``batch`` in chunks of ``state['chunk']``, halving the chunk on CUDA out-of-memory."""
     outs: list[np.ndarray | None] = []
     start = 0
@@ -124,6 +95,17 @@ def _generate_backing_off(augment: DiffusionAugment, batch: Batch, state: dict) 
             continue
         start += len(chunk)
     return outs
+
+
+def _counted(batches: Iterator[Batch], counts: dict, bar) -> Iterator[Batch]:
+    """Pass the batches on, moving ``bar`` past the variants the plan skipped or could not read."""
+    done_before = 0
+    for b in batches:
+        skipped_now = counts["skipped"] + counts["failed"]
+        bar.update(skipped_now - done_before)
+        done_before = skipped_now
+        yield b
+    bar.update(counts["skipped"] + counts["failed"] - done_before)
 
 
 def _run_local(augment, batches: Iterator[Batch], counts: dict, bar, encode_threads: int, auto: bool, batch_size: int) -> None:
@@ -158,7 +140,7 @@ def _run_local(augment, batches: Iterator[Batch], counts: dict, bar, encode_thre
             counts["batch_size"] = state["chunk"]
 
 
-def _export(augment: DiffusionAugment, dataset: Any, out: Path, records: list) -> int:
+def _export(augment: Augmenter, dataset: Any, out: Path, records: list) -> int:
     """Copy every cached variant into ``out/<label>-<slug>/<index>_v<v>.png`` and write ``manifest.jsonl``."""
     out.mkdir(parents=True, exist_ok=True)
     names = augment.class_names
@@ -181,7 +163,7 @@ def _export(augment: DiffusionAugment, dataset: Any, out: Path, records: list) -
                 shutil.copyfile(src, tmp)
         written += 1
         lines.append(json.dumps({
-            "file": rel.as_posix(), "source": _source_of(dataset, index), "index": index, "label": label,
+            "file": rel.as_posix(), "source": source_of(dataset, index) or f"#{index}", "index": index, "label": label,
             "class_name": names[label] if names and label is not None else None, "variant": v,
             "strength": var.strength, "seed": var.seed, "prompt": var.prompt, "key": var.key,
         }))
@@ -190,7 +172,7 @@ def _export(augment: DiffusionAugment, dataset: Any, out: Path, records: list) -
 
 
 def precompute(
-    augment: DiffusionAugment,
+    augment: Augmenter,
     dataset: Any,
     *,
     backend: str = "local",
@@ -230,8 +212,6 @@ def precompute(
         >>> precompute(aug, digits("B"), batch_size=16)["generated"]  # doctest: +SKIP
         3600
     """
-    from tqdm.auto import tqdm
-
     if backend not in ("local", "ray"):
         raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
     if augment.cache is None:
@@ -253,19 +233,10 @@ def precompute(
 
         run_ray(augment, batches, counts, batch_size=batch_size, concurrency=concurrency, num_gpus=num_gpus, progress=progress)
     else:
+        from tqdm.auto import tqdm
+
         with tqdm(total=total, unit="img", desc="precompute", disable=not progress, smoothing=0.1) as bar:
-            done_before = 0
-
-            def counted(it):
-                nonlocal done_before
-                for b in it:
-                    skipped_now = counts["skipped"] + counts["failed"]
-                    bar.update(skipped_now - done_before)
-                    done_before = skipped_now
-                    yield b
-                bar.update(counts["skipped"] + counts["failed"] - done_before)
-
-            _run_local(augment, counted(batches), counts, bar, encode_threads, auto, batch_size)
+            _run_local(augment, _counted(batches, counts, bar), counts, bar, encode_threads, auto, batch_size)
     if out is not None:
         counts["exported"] = _export(augment, dataset, Path(out), records or [])
     elapsed = time.perf_counter() - t0

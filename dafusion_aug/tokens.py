@@ -18,13 +18,14 @@ from typing import Any
 import torch
 
 from . import __version__
-from ._hashing import stable_digest
-from ._io import atomic_path
+from ._io import read_safetensors, save_safetensors
 from .errors import TokenFileError
+from .hashing import stable_digest
 
 __all__ = ["ClassTokens", "token_for_class"]
 
 _FORMAT = "dafusion-aug/class-tokens/1"
+_PICKLE_HINT = "Import DA-Fusion .pt files with ClassTokens.from_dafusion(path)."
 
 
 def token_for_class(name: str, index: int | None = None) -> str:
@@ -41,38 +42,6 @@ def token_for_class(name: str, index: int | None = None) -> str:
             raise ValueError(f"class name {name!r} has no ASCII letters or digits; pass its index")
         slug = f"class-{index}"
     return f"<{slug}>"
-
-
-def _looks_like_pickle(path: str) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(4)
-    return head[:1] == b"\x80" or head[:2] == b"PK"
-
-
-def _atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    with atomic_path(path, suffix=".safetensors") as tmp:
-        save_file(tensors, tmp, metadata=metadata)
-
-
-def _read_safetensors(path: str, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
-
-    if not os.path.isfile(path):
-        raise TokenFileError(f"{what} not found: {path!r}")
-    if _looks_like_pickle(path):
-        raise TokenFileError(
-            f"{what} {path!r} is a pickle / torch.save file; dafusion-aug never unpickles. "
-            "Import DA-Fusion .pt files with ClassTokens.from_dafusion(path)."
-        )
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise TokenFileError(f"{what} {path!r} is not a readable safetensors file: {e}") from e
-    return tensors, metadata
 
 
 class ClassTokens:
@@ -185,7 +154,7 @@ class ClassTokens:
             "base_model": str(self.metadata.get("base_model", "")),
             "training": json.dumps({k: v for k, v in self.metadata.items() if k != "base_model"}, default=str),
         }
-        _atomic_save_file({t: e.contiguous() for t, e in zip(self.tokens, self.embeddings)}, str(path), meta)
+        save_safetensors({t: e.contiguous() for t, e in zip(self.tokens, self.embeddings)}, str(path), meta)
         return path
 
     @classmethod
@@ -196,7 +165,7 @@ class ClassTokens:
             TokenFileError: missing, corrupt, a pickle, or inconsistent contents.
         """
         path = os.fspath(path)
-        tensors, meta = _read_safetensors(path, "token file")
+        tensors, meta = read_safetensors(path, "token file", pickle_hint=_PICKLE_HINT)
         if not tensors:
             raise TokenFileError(f"token file {path!r} holds no tensors")
         try:
@@ -257,7 +226,7 @@ class ClassTokens:
             used.add(slug)
             sub = Path(folder) / slug
             path = sub / "learned_embeds.safetensors"
-            _atomic_save_file({token: emb.contiguous()}, str(path), {"format": "pt"})
+            save_safetensors({token: emb.contiguous()}, str(path), {"format": "pt"})
             out.append(path)
         return out
 

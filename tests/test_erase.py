@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dafusion_aug import Erasure, ErasureFileError, PipelineError, PipelineSpec, erase_concept
-from dafusion_aug import erase as erase_mod
+from dafusion_aug import erasure as erasure_mod
 from dafusion_aug.erase import METHODS, parameter_names
 from dafusion_aug.pipeline import pipeline_fingerprint
 from dafusion_aug.testing import tiny_pipeline
@@ -153,8 +153,8 @@ def test_apply_casts_to_the_pipe_dtype(erasures):
 
 def test_base_check_is_memoised(pipe, erasures, monkeypatch):
     calls = []
-    real = erase_mod._values_digest
-    monkeypatch.setattr(erase_mod, "_values_digest", lambda *a: calls.append(1) or real(*a))
+    real = erasure_mod._values_digest
+    monkeypatch.setattr(erasure_mod, "_values_digest", lambda *a: calls.append(1) or real(*a))
     fresh = tiny_pipeline(seed=0)
     a = erasures["esd-x"]
     b = Erasure({n: t + 1 for n, t in a.tensors.items()}, concepts="cat", method="esd-x", base_digests=a.base_digests)
@@ -244,24 +244,17 @@ def test_pipeline_spec_with_erasure(tmp_path, folder, erasures):
 
 
 # -- training details --------------------------------------------------------------------------------
-def test_resume_equals_uninterrupted(tmp_path, pipe, monkeypatch):
+def test_resume_equals_uninterrupted(tmp_path, pipe):
     kw = dict(FAST, steps=6, checkpoint_every=2, seed=3)
     concepts = {"zebra": ["a photo of a zebra", "zebra"], "cat": "a photo of a cat"}
     straight = erase_concept(pipe, concepts, **kw)
 
-    from dafusion_aug import _esd
-
-    real_save = _esd._save_checkpoint
-
-    def save_then_stop(folder, trained, opt, step, *a):
-        real_save(folder, trained, opt, step, *a)
+    def stop_after_4(step, loss):  # called after the step's checkpoint is written
         if step == 4:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(_esd, "_save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        erase_concept(pipe, concepts, checkpoint_dir=tmp_path, **kw)
-    monkeypatch.setattr(_esd, "_save_checkpoint", real_save)
+        erase_concept(pipe, concepts, checkpoint_dir=tmp_path, _on_step=stop_after_4, **kw)
     assert json.loads((tmp_path / "esd-checkpoint.json").read_text())["step"] == 4
     resumed = erase_concept(pipe, concepts, checkpoint_dir=tmp_path, **kw)
     assert resumed.content_hash() == straight.content_hash()

@@ -11,15 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from dafusion_aug._report import (
+from dafusion_aug.data import ImageList
+from dafusion_aug.fewshot import METHODS, FewShotResult, build_erasures, check_grid, run_fewshot, small_cnn
+from dafusion_aug.fewshot.report import (
     format_table,
     mean_confidence_interval,
     paired_differences,
     summarize,
     t_quantile,
 )
-from dafusion_aug.data import ImageList
-from dafusion_aug.fewshot import METHODS, FewShotResult, build_erasures, check_grid, run_fewshot, small_cnn
 
 NAMES = ["cat", "dog", "zebra"]  # words of the tiny tokenizer, so class-name initialisation works
 

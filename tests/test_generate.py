@@ -17,8 +17,8 @@ import torch
 from conftest import CLASS_NAMES, random_image
 
 from dafusion_aug import AugmentationCache, DiffusionAugment, PipelineSpec, diffuse, precompute
-from dafusion_aug._hashing import image_digest
 from dafusion_aug.data import ImageList
+from dafusion_aug.hashing import image_digest
 
 
 def test_export_writes_image_folder_and_manifest(make_aug, tmp_path):

@@ -266,9 +266,9 @@ def test_erasure_files_bad_or_for_another_model(tiny_pipe, tmp_path):
     name = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
     other = tiny_pipeline(seed=1)
     value = dict(other.unet.named_parameters())[name].detach()
-    from dafusion_aug.erase import _base_digests
+    from dafusion_aug.erasure import base_digests
 
-    base_dtype, digests = _base_digests({name: value})
+    base_dtype, digests = base_digests({name: value})
     foreign = Erasure({name: value * 0.5}, concepts="zebra", base_dtype=base_dtype, base_digests=digests).save(tmp_path / "other.safetensors")
     common = dict(class_names=CLASS_NAMES, cache=tmp_path / "c", **FAST)
     aug = DiffusionAugment(tiny_pipe, class_erasures={"zebra": str(foreign)}, **common)
@@ -287,9 +287,9 @@ def test_erasure_files_bad_or_for_another_model(tiny_pipe, tmp_path):
 def test_spec_erasure_for_another_model_fails_at_load(tiny_folder, tmp_path):
     name = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
     value = dict(tiny_pipeline(seed=1).unet.named_parameters())[name].detach()
-    from dafusion_aug.erase import _base_digests
+    from dafusion_aug.erasure import base_digests
 
-    base_dtype, digests = _base_digests({name: value})
+    base_dtype, digests = base_digests({name: value})
     path = Erasure({name: value}, concepts="zebra", base_dtype=base_dtype, base_digests=digests).save(tmp_path / "e.safetensors")
     with pytest.raises(ErasureFileError, match="another base model"):
         load_pipeline(PipelineSpec(str(tiny_folder), device="cpu", erasure=str(path)))

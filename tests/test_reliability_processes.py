@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from dafusion_aug import AugmentationCache, AugmentedDataset, DiffusionAugment, PipelineSpec, precompute
-from dafusion_aug._hashing import image_digest
 from dafusion_aug.data import ImageList
+from dafusion_aug.hashing import image_digest
 
 # four workers on a two-core machine is the point of these tests
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")

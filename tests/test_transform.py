@@ -13,8 +13,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from dafusion_aug import AugmentationCache, ClassTokens, DiffusionAugment, PipelineSpec
-from dafusion_aug._hashing import image_digest
 from dafusion_aug.errors import CacheError, PipelineError
+from dafusion_aug.hashing import image_digest
 
 
 def pixels(x) -> np.ndarray:

@@ -87,7 +87,7 @@ def test_two_processes_filling_one_cache_leave_only_whole_files(tiny_folder, tmp
     # generated alone differs from its batched twin by float rounding only (see docs/design.md).
     aug = _aug(tiny_folder, tmp_path / "here")
     aug.precompute(ImageList([(im, i) for i, im in enumerate(_images())]), batch_size=2, progress=False)
-    from dafusion_aug._hashing import image_digest
+    from dafusion_aug.hashing import image_digest
 
     for i, img in enumerate(_images()):
         arr = np.asarray(img)

@@ -1,4 +1,5 @@
-"""Classifiers of the few-shot protocol: what is trained, with which standard augmentation, and how long.
+"""Classifiers of the few-shot protocol: what is trained, with which standard augmentation, how long, and
+how it is scored (class-balanced accuracy).
 
 A :class:`ClassifierSpec` bundles a model builder, the input size, the standard augmentation (applied by
 every method alike, on a float batch) and the optimisation budget. Two are built in: ``"small-cnn"`` for
@@ -19,6 +20,9 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .._images import to_canonical
+from ..hashing import image_digest, stable_digest
+
 __all__ = [
     "ClassifierSpec",
     "small_cnn",
@@ -28,6 +32,8 @@ __all__ = [
     "resolve_classifier",
     "train_classifier",
     "to_input",
+    "Inputs",
+    "evaluate",
 ]
 
 BatchAugment = Callable[[torch.Tensor], torch.Tensor]
@@ -252,3 +258,55 @@ def train_classifier(
         loss.backward()
         opt.step()
     return model.eval()
+
+
+# -- scoring ------------------------------------------------------------------------------------------
+class Inputs:
+    """Lazy access to a dataset of ``(image, label)``: labels, items, and classifier inputs (memoised when small).
+
+    Args:
+        dataset: map-style, ``(image, label, ...)`` items; ``.targets`` is used for labels when present.
+        size: the classifier's input side.
+        memo_limit: datasets up to this length keep their converted inputs in memory.
+    """
+
+    def __init__(self, dataset: Any, size: int, memo_limit: int = 4096) -> None:
+        self.dataset, self.size = dataset, size
+        targets = getattr(dataset, "targets", None)
+        if targets is None or len(targets) != len(dataset):
+            targets = [dataset[i][1] for i in range(len(dataset))]
+        self.labels = [int(y) for y in targets]
+        self._memo: dict[int, Any] | None = {} if len(dataset) <= memo_limit else None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def item(self, i: int) -> tuple[Any, int]:
+        image, label, *_ = self.dataset[int(i)]
+        return image, int(label)
+
+    def tensor(self, indices: Sequence[int]):
+        """Float ``(N, 3, size, size)`` inputs of ``indices``."""
+        if self._memo is None:
+            return to_input([self.item(i)[0] for i in indices], self.size)
+        todo = [i for i in indices if i not in self._memo]
+        if todo:
+            for i, x in zip(todo, to_input([self.item(i)[0] for i in todo], self.size)):
+                self._memo[i] = x
+        return torch.stack([self._memo[i] for i in indices])
+
+    def digest(self) -> str:
+        """A digest of every image's pixels and every label (one pass over the data)."""
+        return stable_digest([image_digest(to_canonical(self.item(i)[0])[0][0]) for i in range(len(self))], self.labels)
+
+
+def evaluate(model: Any, inputs: Inputs, indices: Sequence[int], num_classes: int, device: Any, batch_size: int = 256) -> float:
+    """Class-balanced accuracy of ``model`` on ``indices`` of ``inputs``, streamed in batches."""
+    model.eval()
+    preds: list[int] = []
+    with torch.no_grad():
+        for i in range(0, len(indices), batch_size):
+            preds.extend(model(inputs.tensor(indices[i : i + batch_size]).to(device)).argmax(1).tolist())
+    y = np.asarray([inputs.labels[i] for i in indices])
+    pred = np.asarray(preds)
+    return float(np.mean([(pred[y == c] == c).mean() for c in range(num_classes) if (y == c).any()]))

@@ -12,7 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DemoSettings", "QUICK", "FULL", "ERASURE_PROMPTS", "run_demo", "demo_folder"]
+from ..pipeline import PipelineSpec
+from .classifier import small_cnn
+from .erasures import build_erasures
+from .protocol import run_fewshot
+
+__all__ = ["DemoSettings", "QUICK", "FULL", "ERASURE_PROMPTS", "ERASURE_SETTINGS", "run_demo", "demo_folder"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,10 +98,7 @@ def run_demo(
     Raises:
         FileNotFoundError: the pocket model is missing (``python -m dafusion_aug.pocket.train`` rebuilds it).
     """
-    from ._classifier import small_cnn
-    from .fewshot import build_erasures, run_fewshot
-    from .pipeline import PipelineSpec
-    from .pocket import digits, model_path
+    from ..pocket import digits, model_path
 
     model_path()  # a clear error first when the weights are missing
     if threads is not None:

@@ -1,4 +1,13 @@
-"""Stable hashes: the same inputs give the same digest on every process, machine and run."""
+"""Stable hashes: the same inputs give the same digest on every process, machine and run.
+
+Cache keys, variant seeds, fingerprints and the names of cached token and erasure files are built from
+these functions, so their output never changes within a format version. Public so that scripts can name
+their own files the same way and compute an image's cache key (``aug.cache_key(image_digest(rgb), label, v)``).
+
+Example:
+    >>> stable_digest("a", 1) == stable_digest("a", 1)
+    True
+"""
 
 from __future__ import annotations
 
@@ -39,7 +48,14 @@ def stable_hash(*parts: Any) -> int:
 
 
 def image_digest(rgb: np.ndarray) -> str:
-    """Digest of canonical pixels: an ``(H, W, 3)`` uint8 array, shape included."""
+    """Digest of canonical pixels: an ``(H, W, 3)`` uint8 array, shape included.
+
+    This is the ``digest`` of :meth:`dafusion_aug.DiffusionAugment.cache_key` and ``variant``; a PIL RGB
+    image's pixels are ``np.asarray(image)``.
+
+    Raises:
+        ValueError: ``rgb`` is not an ``(H, W, 3)`` uint8 array.
+    """
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"image_digest expects an (H, W, 3) uint8 array, got {rgb.dtype} {rgb.shape}")
     h = hashlib.sha256()

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._io import atomic_write_bytes
+from .._io import atomic_write_bytes
 
 __all__ = ["t_quantile", "mean_confidence_interval", "summarize", "paired_differences", "format_table", "write_rows", "plot_summary", "augmentation_grid"]
 

@@ -1,0 +1,119 @@
+"""The methods of the few-shot protocol: which transform each one trains with, and da-fusion's tokens.
+
+:func:`method_transform` is the one place a method's :class:`~dafusion_aug.DiffusionAugment` is built,
+so a script that reads a run's cached variants (``benchmarks/fewshot_fidelity.py``) computes the same
+cache keys as :func:`~dafusion_aug.fewshot.run_fewshot` did.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..data import ImageList
+from ..erasure import Erasure
+from ..fit import fit_tokens
+from ..tokens import ClassTokens
+from ..transform import DiffusionAugment
+
+__all__ = ["METHODS", "GENERATIVE", "method_transform", "fit_subset_tokens"]
+
+#: The methods of the protocol, in the order the paper reports them.
+METHODS = ("baseline", "real-guidance", "real-guidance-agnostic", "da-fusion")
+#: The methods that augment with generated variants.
+GENERATIVE = METHODS[1:]
+
+
+def method_transform(
+    method: str,
+    pipeline: Any,
+    class_names: Sequence[str],
+    *,
+    tokens: ClassTokens | str | os.PathLike | None = None,
+    prompt: str = "a photo of a {name}",
+    agnostic_prompt: str = "a photo",
+    class_erasures: Mapping[int | str, Any] | None = None,
+    **kwargs: Any,
+) -> DiffusionAugment:
+    """The transform a generative method trains with.
+
+    Args:
+        method: ``"real-guidance"`` (``prompt`` with the class name), ``"real-guidance-agnostic"``
+            (``agnostic_prompt``) or ``"da-fusion"`` (``prompt`` with the class's learned token).
+        pipeline: what :class:`~dafusion_aug.DiffusionAugment` accepts.
+        class_names: the classes, index = label.
+        tokens: the learned tokens (``"da-fusion"`` only).
+        prompt, agnostic_prompt: as :func:`~dafusion_aug.fewshot.run_fewshot` takes them.
+        class_erasures: ``label -> Erasure or file`` for the erased protocol (``None`` or empty: none).
+        kwargs: the rest of the transform (``num_variants``, ``p``, ``strength``, ``num_inference_steps``,
+            ``guidance_scale``, ``cache``, ``batch_size``, ``on_miss``).
+
+    Returns:
+        The :class:`~dafusion_aug.DiffusionAugment`.
+
+    Raises:
+        ValueError: ``"baseline"`` (it has no transform), an unknown method, or ``"da-fusion"`` without tokens.
+
+    Example:
+        >>> aug = method_transform("real-guidance", "pocket", CLASS_NAMES, cache="demo/cache", on_miss="real")  # doctest: +SKIP
+    """
+    if method not in GENERATIVE:
+        raise ValueError(f"method must be one of the generative methods {list(GENERATIVE)}, got {method!r}")
+    erasures = dict(class_erasures) if class_erasures else None
+    if method == "da-fusion":
+        if tokens is None:
+            raise ValueError("method 'da-fusion' needs the learned tokens, got tokens=None")
+        return DiffusionAugment(pipeline, tokens=tokens, prompt=prompt, class_erasures=erasures, **kwargs)
+    text = prompt if method == "real-guidance" else agnostic_prompt
+    return DiffusionAugment(pipeline, class_names=list(class_names), prompt=text, class_erasures=erasures, **kwargs)
+
+
+def fit_subset_tokens(
+    pipe: Any,
+    subset: Sequence[tuple[Any, int]],
+    class_names: Sequence[str],
+    path: str | os.PathLike,
+    *,
+    seed: int,
+    fit_settings: Mapping[str, Any],
+    erasures: Sequence[Erasure] | None = None,
+) -> ClassTokens:
+    """da-fusion's tokens for one few-shot subset: read from ``path``, or fitted and saved there.
+
+    Without ``erasures`` one :func:`~dafusion_aug.fit_tokens` run learns every class jointly; with them
+    each class's token is learned alone, from its own images, with that class erased, in a run of
+    ``fit_settings["steps"]`` steps (Adam moves a token about lr per step whatever the batch holds, and the
+    joint run steps every token that often: runs of steps / classes left tokens 10x short).
+
+    Args:
+        pipe: the loaded pipeline.
+        subset: the ``(image, label)`` training images.
+        class_names: the classes, index = label.
+        path: the token file (named by the caller after everything that decides it).
+        seed: the fit's seed.
+        fit_settings: ``steps``, ``batch_size``, ``learning_rate``, ``num_vectors``, ``initializer`` (and any
+            other keys, which are recorded in the tokens' metadata when fitting per class).
+        erasures: one erasure per class, for the erased protocol.
+
+    Returns:
+        The tokens.
+    """
+    path = Path(path)
+    if path.is_file():
+        return ClassTokens.load(path)
+    names = list(class_names)
+    kw = dict(num_vectors=fit_settings["num_vectors"], initializer=fit_settings["initializer"], batch_size=fit_settings["batch_size"],
+              learning_rate=fit_settings["learning_rate"], seed=seed, progress=False)
+    if erasures is None:
+        tokens = fit_tokens(pipe, ImageList(subset, names), names, steps=fit_settings["steps"], **kw)
+    else:
+        embs = []
+        for c, name in enumerate(names):
+            with erasures[c].applied(pipe):
+                one = fit_tokens(pipe, ImageList([(im, 0) for im, y in subset if y == c], [name]), [name], steps=fit_settings["steps"], **kw)
+            embs.append(one.embeddings[0])
+        tokens = ClassTokens(names, embs, metadata={"fit": "one run per class, each with its class erased", **fit_settings})
+    tokens.save(path)
+    return tokens

@@ -1,0 +1,422 @@
+"""DA-Fusion's few-shot experiment: does diffusion augmentation help a classifier trained on k images per class?
+
+For every ``(k, seed)`` a few-shot subset of ``k`` images per class is drawn from a training pool; every
+method (see :mod:`~dafusion_aug.fewshot.methods`) trains the same classifier with the same budget and
+standard augmentation, and is scored by class-balanced accuracy on a test set. Variants are generated once
+into a cache by :func:`~dafusion_aug.precompute`; training reads them with ``on_miss="real"``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._images import to_canonical
+from .._io import atomic_write_bytes
+from ..data import ImageList, class_names_of, few_shot_indices
+from ..errors import CacheError
+from ..hashing import image_digest, stable_digest, stable_hash
+from ..pipeline import pipeline_fingerprint, resolve_pipeline
+from ..tokens import ClassTokens
+from ..transform import DiffusionAugment
+from ..variants import DEFAULT_STRENGTHS
+from .classifier import ClassifierSpec, Inputs, evaluate, resolve_classifier, train_classifier
+from .erasures import resolve_erasures
+from .methods import GENERATIVE, METHODS, fit_subset_tokens, method_transform
+from .report import augmentation_grid, format_table, paired_differences, plot_summary, summarize, write_rows
+
+__all__ = ["METHODS", "FewShotResult", "run_fewshot", "check_grid", "Counter"]
+
+
+def check_grid(methods: Sequence[str], shots: Sequence[int], seeds: Sequence[int], targets: Sequence[int], class_names: Sequence[str], test_given: bool) -> None:
+    """Validate the experiment grid against the training pool.
+
+    Raises:
+        ValueError: an unknown method, an empty or repeated list, a k < 1, or a k larger than a class's pool
+            (with ``test=None`` at least one image per class must also be left for testing).
+    """
+    if not methods or not shots or not seeds:
+        raise ValueError(f"methods, shots and seeds must be non-empty, got methods={list(methods)}, shots={list(shots)}, seeds={list(seeds)}")
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"methods must be among {list(METHODS)}, got unknown {bad}")
+    for name, values in (("methods", methods), ("shots", shots), ("seeds", seeds)):
+        if len(set(values)) != len(values):
+            raise ValueError(f"{name} must not repeat entries, got {list(values)}")
+    for k in shots:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"shots must hold ints >= 1, got {k!r}")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int):
+            raise ValueError(f"seeds must hold ints, got {s!r}")
+    counts = np.bincount(np.asarray(list(targets), dtype=np.int64), minlength=len(class_names))
+    if len(counts) > len(class_names):
+        raise ValueError(f"the training pool has labels up to {len(counts) - 1}, but class_names has {len(class_names)} names")
+    need = max(shots) + (0 if test_given else 1)
+    short = [(class_names[c], int(n)) for c, n in enumerate(counts) if n < need]
+    if short:
+        name, n = short[0]
+        rest = "" if test_given else " (test=None keeps at least one more per class for testing)"
+        raise ValueError(f"shots: k={max(shots)} is larger than class {name!r}'s pool of {n} training images{rest}")
+
+
+class Counter:
+    """Counts how many training samples a transform replaced (it returns a new image object when it does)."""
+
+    def __init__(self, augment: Any) -> None:
+        self.augment, self.seen, self.replaced = augment, 0, 0
+
+    def __call__(self, sample: Any) -> Any:
+        res = self.augment(sample)
+        self.seen += 1
+        self.replaced += res[0] is not sample[0]
+        return res
+
+    def share(self) -> float:
+        return round(self.replaced / self.seen, 4) if self.seen else 0.0
+
+
+class FewShotResult:
+    """The rows of a run (one per method, k, seed), their summary, and the files written.
+
+    Attributes:
+        rows: dicts with ``method``, ``k``, ``seed``, ``erase``, ``accuracy`` (class-balanced, in [0, 1]),
+            ``synthetic_share`` (fraction of training samples that were variants), timings and counts;
+            da-fusion rows also name their ``tokens`` file (in ``tokens_dir``).
+        summary: :func:`~dafusion_aug.fewshot.report.summarize` of the rows (mean and t confidence interval).
+        files: ``{"csv", "json", "plot", "summary"}`` paths (and ``"grid"`` when one was drawn).
+    """
+
+    def __init__(self, rows: list[dict[str, Any]], confidence: float, files: dict[str, Path]) -> None:
+        self.rows = rows
+        self.confidence = confidence
+        self.summary = summarize(rows, confidence)
+        self.files = files
+
+    def table(self) -> str:
+        """The summary as a Markdown table (accuracy in %, mean ± CI half-width)."""
+        return format_table(self.summary)
+
+    def compare(self, method: str = "da-fusion", references: Sequence[str] = ("baseline", "real-guidance-agnostic")) -> str:
+        """``method`` minus each reference, paired by seed, as a Markdown table (accuracy points, mean ± CI).
+
+        A row whose interval lies above 0 says ``method`` beat that reference at that k on these seeds.
+        Methods that did not run are left out.
+        """
+        present = {r["method"] for r in self.rows}
+        diffs = [d for ref in references if method in present and ref in present and ref != method
+                 for d in paired_differences(self.rows, method, ref, self.confidence)]
+        return format_table(diffs) if diffs else ""
+
+    def report(self) -> str:
+        """:meth:`table`, then :meth:`compare` under a one-line caption (what ``summary.md`` holds)."""
+        text = self.table() + "\n"
+        comparison = self.compare()
+        if comparison:
+            text += f"\nda-fusion minus each reference, paired by seed (accuracy points, mean ± {self.confidence:.0%} CI):\n\n{comparison}\n"
+        return text
+
+    def __repr__(self) -> str:
+        return f"FewShotResult({len(self.rows)} rows, files={ {k: str(v) for k, v in self.files.items()} })"
+
+
+def run_fewshot(
+    pipeline: Any,
+    train: Any,
+    test: Any = None,
+    class_names: Sequence[str] | None = None,
+    *,
+    out: str | os.PathLike,
+    methods: Sequence[str] = METHODS,
+    shots: Sequence[int] = (1, 2, 4, 8, 16),
+    seeds: Sequence[int] = (0, 1, 2, 3, 4),
+    classifier: str | ClassifierSpec = "resnet50",
+    num_variants: int = 10,
+    p: float = 0.5,
+    strength: Sequence[float] = DEFAULT_STRENGTHS,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    prompt: str = "a photo of a {name}",
+    agnostic_prompt: str = "a photo",
+    fit_steps: int = 1000,
+    fit_batch_size: int = 4,
+    fit_learning_rate: float = 5e-4,
+    num_vectors: int = 1,
+    fit_initializer: str | None = None,
+    erase: bool = False,
+    erasures: Mapping[Any, Any] | None = None,
+    generation_batch_size: int = 32,
+    cache: str | os.PathLike | None = None,
+    tokens_dir: str | os.PathLike | None = None,
+    grid_classes: Sequence[int] | None = None,
+    confidence: float = 0.95,
+    device: str | None = None,
+    progress: bool = True,
+    _on_run: Callable[[dict[str, Any]], None] | None = None,
+) -> FewShotResult:
+    """Run the few-shot protocol over ``methods x shots x seeds`` and write the results into ``out``.
+
+    Writes (each atomically, rewritten after every run, so an interrupted call resumes where it stopped):
+    ``results.csv`` and ``results.json`` (one row per method, k, seed), ``summary.md`` (the table),
+    ``results.png`` (accuracy vs k, with confidence intervals), ``augmentations.png`` (with ``grid_classes``),
+    plus ``cache/`` (generated variants) and ``tokens/`` (fitted tokens). Rows already in ``results.json`` for the same settings are kept, not rerun.
+
+    Args:
+        pipeline: model id, folder, ``"pocket"``, :class:`PipelineSpec` or a loaded img2img pipeline.
+        train: the training pool, a map-style dataset of ``(PIL image, label)`` with ``.targets``
+            (or ``.class_names``); few-shot subsets are drawn from it per seed with
+            :func:`~dafusion_aug.few_shot_indices`.
+        test: the test set; ``None`` tests on the rest of the pool (everything not in the subset).
+        class_names: class names, index = label; default ``train.class_names`` / ``train.classes``.
+        out: the output folder.
+        methods: a subset of :data:`METHODS`.
+        shots: the values of k (examples per class).
+        seeds: one trial per seed (subset draw, token fit, classifier initialisation).
+        classifier: ``"resnet50"`` (the paper's frozen ResNet-50 + linear head, needs its ImageNet weights),
+            ``"small-cnn"`` (32x32 images) or a :class:`~dafusion_aug.fewshot.classifier.ClassifierSpec`.
+        num_variants, p, strength, num_inference_steps, guidance_scale: the augmentation (DA-Fusion: M=10,
+            p=0.5, strengths 0.25/0.5/0.75/1.0, 50 steps, guidance 7.5), the same for every generative method.
+        prompt: template of ``real-guidance`` (``{name}`` = class name) and ``da-fusion`` (``{name}`` = token).
+        agnostic_prompt: the prompt of ``real-guidance-agnostic`` (no class information).
+        fit_steps, fit_batch_size, fit_learning_rate, num_vectors: textual inversion on the k-shot subset
+            (all classes jointly; with ``erase`` one run per class, with that class erased, of ``fit_steps``
+            steps each, so every token gets as many optimizer steps as in the joint run).
+        fit_initializer: default ``"class_name"``, or ``"the"`` with ``erase`` (a class-name start would
+            carry class knowledge into the token).
+        erase: augment class c's images with class c erased from the model.
+        erasures: ``{label or class name: Erasure or file}`` for ``erase`` (see :func:`build_erasures`).
+        generation_batch_size: images per pipeline call in :func:`~dafusion_aug.precompute`.
+        cache: the variants' cache folder (default ``out/cache``); runs with other settings can share it.
+        tokens_dir: where fitted tokens are kept (default ``out/tokens``), named by a digest of everything
+            that decides them, so runs over other grids can share them.
+        grid_classes: also write ``augmentations.png``: for these labels, an image of the first (k, seed)
+            subset beside its variant at each strength, one row per generative method.
+        confidence: coverage of the confidence intervals.
+        device: where to load a model id / folder and train the classifier (default: CUDA if available).
+        progress: show a progress bar over the (method, k, seed) grid.
+
+    Returns:
+        A :class:`FewShotResult`.
+
+    Raises:
+        ValueError: an unknown method, a k larger than a class's pool, missing erasures, bad arguments.
+        CacheError: variants are missing from the cache after precomputing (generation failed).
+
+    Example:
+        >>> from dafusion_aug.pocket import digits
+        >>> res = run_fewshot("pocket", digits("B"), out="demo/", classifier="small-cnn", shots=(1, 2))  # doctest: +SKIP
+        >>> print(res.table())  # doctest: +SKIP
+    """
+    if erase and fit_initializer is None:
+        fit_initializer = "the"  # a class-name start would carry class knowledge into the token
+    generation = dict(num_variants=num_variants, p=p, strength=list(strength), num_inference_steps=num_inference_steps,
+                      guidance_scale=guidance_scale, prompt=prompt, agnostic_prompt=agnostic_prompt)
+    fitting = dict(steps=fit_steps, batch_size=fit_batch_size, learning_rate=fit_learning_rate, num_vectors=num_vectors,
+                   initializer=fit_initializer or "class_name")
+    experiment = _Experiment(
+        pipeline, train, test, class_names, out=Path(out), methods=list(methods), shots=list(shots), seeds=list(seeds),
+        classifier=classifier, generation=generation, fitting=fitting, erase=erase, erasures=erasures,
+        batch_size=generation_batch_size, cache=cache, tokens_dir=tokens_dir, confidence=confidence, device=device,
+    )
+    rows = experiment.run(progress, _on_run)
+    return experiment.finish(rows, grid_classes)
+
+
+class _Experiment:
+    """One :func:`run_fewshot` call: its data, model, settings, digests, transforms and fitted tokens."""
+
+    def __init__(self, pipeline: Any, train: Any, test: Any, class_names: Sequence[str] | None, *, out: Path,
+                 methods: list[str], shots: list[int], seeds: list[int], classifier: str | ClassifierSpec,
+                 generation: dict[str, Any], fitting: dict[str, Any], erase: bool, erasures: Mapping[Any, Any] | None,
+                 batch_size: int, cache: str | os.PathLike | None, tokens_dir: str | os.PathLike | None,
+                 confidence: float, device: str | None) -> None:
+        # 1. Arguments, data and the grid.
+        names = list(class_names) if class_names is not None else (class_names_of(train) or [])
+        if not names:
+            raise ValueError("class_names is required: train has no .class_names or .classes attribute")
+        self.names, self.methods, self.shots, self.seeds = names, methods, shots, seeds
+        self.spec = resolve_classifier(classifier)
+        self.pool = Inputs(train, self.spec.image_size)
+        check_grid(methods, shots, seeds, self.pool.labels, names, test is not None)
+        self.tests = Inputs(test, self.spec.image_size) if test is not None else None
+        out.mkdir(parents=True, exist_ok=True)
+        self.out, self.erase, self.batch_size, self.confidence = out, bool(erase), batch_size, confidence
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.generation, self.fitting = generation, fitting
+        if erase:
+            # one run per class, each as many optimizer steps as the joint run gives every token (fit_subset_tokens)
+            self.fitting["runs"] = "per class, fit_steps each"
+        # 2. The model (only when a method generates) and one erasure per class.
+        needs_model = any(m in GENERATIVE for m in methods)
+        # ``device`` places a model id or folder; a spec or a loaded pipeline keeps its own
+        self.pipe = resolve_pipeline(pipeline, device=device if isinstance(pipeline, (str, os.PathLike)) else None).load() if needs_model else None
+        self.erasures = resolve_erasures(erasures, names) if (erase and needs_model) else None
+        self.config, self.token_config = self._digests()
+        self.settings = {
+            "methods": methods, "shots": shots, "seeds": seeds, "erase": self.erase,
+            "classifier": {"name": self.spec.name, "steps": self.spec.steps, "batch_size": self.spec.batch_size,
+                           "learning_rate": self.spec.learning_rate, "image_size": self.spec.image_size},
+            "generation": generation, "fit_tokens": self.fitting, "test": "rest of the pool" if test is None else f"{len(test)} images",
+        }
+        self.files = {"csv": out / "results.csv", "json": out / "results.json", "plot": out / "results.png", "summary": out / "summary.md"}
+        self.cache_dir = Path(cache) if cache is not None else out / "cache"
+        self.tokens_dir = Path(tokens_dir) if tokens_dir is not None else out / "tokens"
+        self.augs: dict[Any, DiffusionAugment] = {}
+        self.token_files: dict[tuple[int, int], str] = {}  # (k, seed) -> the token file's name, recorded in da-fusion rows
+
+    def _digests(self) -> tuple[str, str]:
+        """The digest of everything that decides a row, and of everything that decides a token file."""
+        spec, model = self.spec, pipeline_fingerprint(self.pipe) if self.pipe is not None else None
+        erased = [e.content_hash() for e in self.erasures] if self.erasures else None
+        data_fp = stable_digest(self.pool.digest(), None if self.tests is None else self.tests.digest())
+        config = stable_digest(
+            "fewshot", 1, data_fp, self.names, spec.name, spec.steps, spec.batch_size, spec.learning_rate, spec.image_size,
+            self.generation, self.fitting, self.erase, model, erased,
+        )
+        return config, stable_digest(self.names, self.fitting, model, erased)
+
+    def done_rows(self) -> dict[tuple[str, int, int], dict[str, Any]]:
+        """Rows of the same settings already in ``results.json`` (a resumed run keeps them)."""
+        done: dict[tuple[str, int, int], dict[str, Any]] = {}
+        if not self.files["json"].is_file():
+            return done
+        try:
+            old = json.loads(self.files["json"].read_text())
+            for r in old.get("rows", []):
+                if r.get("config") == self.config:
+                    done[(r["method"], int(r["k"]), int(r["seed"]))] = r
+        except (OSError, ValueError, KeyError, TypeError):
+            return {}
+        return done
+
+    # -- the methods' transforms ----------------------------------------------------------------------
+    def tokens(self, subset: list[tuple[Any, int]], k: int, seed: int) -> ClassTokens:
+        """da-fusion's tokens for this subset, kept in ``tokens_dir`` under a name that digests what decides them."""
+        digests = [image_digest(to_canonical(im)[0][0]) for im, _ in subset]
+        key = stable_digest("fewshot-tokens", self.token_config, digests, [y for _, y in subset], seed)
+        path = self.tokens_dir / f"k{k}-seed{seed}-{key[:12]}.safetensors"
+        self.token_files[(k, seed)] = path.name
+        return fit_subset_tokens(self.pipe, subset, self.names, path, seed=seed, fit_settings=self.fitting, erasures=self.erasures)
+
+    def transform(self, method: str, subset: list[tuple[Any, int]], k: int, seed: int) -> DiffusionAugment:
+        """The method's transform (one per method; da-fusion's per subset, with its tokens)."""
+        key = method if method != "da-fusion" else (method, k, seed)
+        if key not in self.augs:
+            g = self.generation
+            self.augs[key] = method_transform(
+                method, self.pipe, self.names, tokens=self.tokens(subset, k, seed) if method == "da-fusion" else None,
+                prompt=g["prompt"], agnostic_prompt=g["agnostic_prompt"], class_erasures=dict(enumerate(self.erasures or [])),
+                num_variants=g["num_variants"], p=g["p"], strength=tuple(g["strength"]), num_inference_steps=g["num_inference_steps"],
+                guidance_scale=g["guidance_scale"], cache=self.cache_dir, batch_size=self.batch_size,
+            )
+        return self.augs[key]
+
+    def prepare(self, method: str, subset: list[tuple[Any, int]], k: int, seed: int) -> DiffusionAugment:
+        """Fill the cache for this subset and return a transform that only reads it (``on_miss='real'``)."""
+        aug = self.transform(method, subset, k, seed)
+        aug.precompute(ImageList(subset, self.names), batch_size=self.batch_size, progress=False)
+        missing = sum(aug.cache_key(image_digest(to_canonical(im)[0][0]), y, v) not in aug.cache
+                      for im, y in subset for v in range(aug.num_variants))
+        if missing:
+            raise CacheError(f"{missing} variants of {method} (k={k}, seed={seed}) are missing from {self.cache_dir} after precompute")
+        reader = copy.copy(aug)  # pickles through __getstate__: no pipeline, so it can never generate
+        reader.on_miss = "real"
+        return reader
+
+    # -- the grid ----------------------------------------------------------------------------------------
+    def run_one(self, method: str, k: int, seed: int, subset: list[tuple[Any, int]], ev_data: Inputs, ev_idx: list[int]) -> dict[str, Any]:
+        """Train and score one (method, k, seed); the row of the results."""
+        t0 = time.perf_counter()
+        augment = self.prepare(method, subset, k, seed) if method != "baseline" else None
+        t1 = time.perf_counter()
+        counter = Counter(augment)
+        torch.manual_seed(stable_hash("fewshot-classifier", k, seed))  # same init for every method: paired
+        model = train_classifier(self.spec, subset, len(self.names), counter if augment is not None else None, device=self.device)
+        acc = evaluate(model, ev_data, ev_idx, len(self.names), self.device)
+        row = {
+            "method": method, "k": k, "seed": seed, "erase": self.erase, "accuracy": acc,
+            "synthetic_share": counter.share(), "num_train": len(subset), "num_test": len(ev_idx),
+            "prepare_seconds": round(t1 - t0, 2), "train_seconds": round(time.perf_counter() - t1, 2),
+            "classifier": self.spec.name, "config": self.config,
+        }
+        if method == "da-fusion":
+            row["tokens"] = self.token_files[(k, seed)]  # which file of the tokens folder these variants came from
+        return row
+
+    def subset(self, k: int, seed: int) -> tuple[list[int], list[tuple[Any, int]]]:
+        idx = few_shot_indices(self.pool.labels, k, seed, num_classes=len(self.names))
+        return idx, [self.pool.item(i) for i in idx]
+
+    def run(self, progress: bool, on_run: Callable[[dict[str, Any]], None] | None) -> list[dict[str, Any]]:
+        """Every (k, seed) subset, then every method on it; rows of the same settings already written are kept."""
+        from tqdm.auto import tqdm
+
+        done = self.done_rows()
+        rows: list[dict[str, Any]] = []
+        grid = [(k, s) for k in self.shots for s in self.seeds]
+        bar = tqdm(total=len(grid) * len(self.methods), desc="few-shot", unit="run", disable=not progress, dynamic_ncols=True)
+        try:
+            for k, seed in grid:
+                idx, subset = self.subset(k, seed)
+                chosen = set(idx)
+                ev_data, ev_idx = (self.pool, [i for i in range(len(self.pool)) if i not in chosen]) if self.tests is None else (self.tests, list(range(len(self.tests))))
+                for method in self.methods:
+                    bar.set_postfix_str(f"{method} k={k} seed={seed}", refresh=True)
+                    if (method, k, seed) in done:
+                        rows.append(done[(method, k, seed)])
+                        bar.update(1)
+                        continue
+                    rows.append(self.run_one(method, k, seed, subset, ev_data, ev_idx))
+                    if on_run is not None:
+                        on_run(rows[-1])
+                    self.write(rows)
+                    bar.update(1)
+        finally:
+            bar.close()
+        return rows
+
+    # -- results -----------------------------------------------------------------------------------------
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        """``results.csv``, ``results.json``, ``summary.md`` and ``results.png``, each atomically."""
+        result = FewShotResult(rows, self.confidence, self.files)
+        extra = {"config": self.config, "confidence": self.confidence, "settings": self.settings, "summary": result.summary}
+        write_rows(rows, self.files["csv"], self.files["json"], extra=extra)
+        atomic_write_bytes(self.files["summary"], result.report().encode(), suffix=self.files["summary"].suffix)
+        plot_summary(result.summary, self.files["plot"], title=f"few-shot accuracy (mean ± {self.confidence:.0%} CI)")
+
+    def grid_rows(self, classes: Sequence[int], subset: list[tuple[Any, int]], k: int, seed: int) -> list[tuple[str, list[np.ndarray]]]:
+        """For each class and generative method: a real image and its variant at each strength."""
+        out_rows = []
+        strengths = self.generation["strength"]
+        for c in classes:
+            im = next(im for im, y in subset if y == c)
+            arr = to_canonical(im)[0][0]
+            for method in [m for m in self.methods if m in GENERATIVE]:
+                aug = self.transform(method, subset, k, seed)
+                var = aug.variant(image_digest(arr), c, 0)
+                made = aug.generate([arr] * len(strengths), [var._replace(strength=float(s)) for s in strengths], [c] * len(strengths))
+                out_rows.append((f"{self.names[c]}\n{method}", [arr, *made]))
+        return out_rows
+
+    def finish(self, rows: list[dict[str, Any]], grid_classes: Sequence[int] | None) -> FewShotResult:
+        """Write the results once more, draw ``augmentations.png`` for ``grid_classes``, and return the result."""
+        self.write(rows)
+        files = dict(self.files)
+        if grid_classes:
+            k0, s0 = self.shots[0], self.seeds[0]
+            _, subset0 = self.subset(k0, s0)
+            files["grid"] = augmentation_grid(
+                self.grid_rows(grid_classes, subset0, k0, s0), ["real"] + [f"strength {s:g}" for s in self.generation["strength"]],
+                self.out / "augmentations.png",
+                title=f"k={k0}, seed={s0}: each real image, then its variant at each strength (same generator seed)"
+                + (" — class erased" if self.erase else ""),
+            )
+        return FewShotResult(rows, self.confidence, files)

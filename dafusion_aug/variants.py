@@ -1,0 +1,267 @@
+"""The variant plan: what variant ``v`` of an image is, decided before anything is generated.
+
+Each real image has ``num_variants`` (M) variants. Variant ``v`` of the image with pixel digest ``d`` and
+label ``y`` fixes its strength, prompt and generator seed through stable hashes of ``(seed, d, y, v)``, so
+it is the same picture on every worker and every run, and its cache key is
+``sha256(format version, d, y, generation fingerprint, v)``. The generation fingerprint hashes everything
+else that decides the pixels (model, tokens, prompts, strengths, guidance, steps, resolution, erasures).
+
+These are plain functions, the way ``torchvision.transforms.v2.functional`` holds the work of its
+transforms: :class:`~dafusion_aug.DiffusionAugment` is the policy around them, and ``precompute`` plans
+its batches with the transform's :meth:`~dafusion_aug.DiffusionAugment.variant`.
+
+Example:
+    >>> from dafusion_aug.hashing import image_digest
+    >>> key = cache_key("f" * 64, image_digest(np.zeros((8, 8, 3), np.uint8)), 1, 0)
+    >>> len(key)
+    64
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+
+import numpy as np
+
+from ._samples import label_index
+from .hashing import stable_digest, stable_hash
+
+if TYPE_CHECKING:
+    from .cache import AugmentationCache
+    from .erasure import Erasure
+    from .tokens import ClassTokens
+
+__all__ = [
+    "Variant",
+    "Augmenter",
+    "DEFAULT_STRENGTHS",
+    "CACHE_FORMAT_VERSION",
+    "PromptSpec",
+    "check_strength_probs",
+    "check_prompt",
+    "prompt_options",
+    "generation_fingerprint",
+    "cache_key",
+    "variant_strength",
+    "variant_prompt",
+    "variant_seed",
+]
+
+#: DA-Fusion's randomized intensity: each strength with probability 1/4.
+DEFAULT_STRENGTHS = (0.25, 0.5, 0.75, 1.0)
+#: Part of every cache key; raise it when a change makes old cached variants wrong.
+CACHE_FORMAT_VERSION = 1
+
+PromptSpec = str | Sequence[str] | Mapping[Any, str | Sequence[str]] | Callable[[str, int | None], str]
+
+
+class Variant(NamedTuple):
+    """What variant ``v`` of an image is: its strength, prompt, seed and cache key."""
+
+    strength: float
+    prompt: str
+    seed: int
+    key: str
+
+
+class Augmenter(Protocol):
+    """What :func:`~dafusion_aug.precompute` needs of a transform (:class:`~dafusion_aug.DiffusionAugment` is one)."""
+
+    spec: Any
+    cache: AugmentationCache | None
+    class_names: list[str] | None
+    num_variants: int
+
+    def fingerprint(self) -> str: ...
+
+    def cache_key(self, digest: str, label: int | None, v: int) -> str: ...
+
+    def variant(self, digest: str, label: int | None, v: int) -> Variant: ...
+
+    def erasure_group(self, label: int | None) -> Any: ...
+
+    def sample_images(self, sample: Any) -> tuple[list[np.ndarray], list[int | None]]: ...
+
+    def generate(self, images: Sequence[np.ndarray], variants: Sequence[Variant],
+                 labels: Sequence[int | None] | None = None) -> list[np.ndarray | None]: ...
+
+
+# -- checks ----------------------------------------------------------------------------------------------
+def check_strength_probs(strengths: Sequence[float], strength_probs: Sequence[float] | None) -> tuple[float, ...]:
+    """The probability of each strength: uniform by default, else as given.
+
+    Raises:
+        ValueError: not one probability per strength, a negative one, or a sum other than 1.
+    """
+    if strength_probs is None:
+        return tuple([1.0 / len(strengths)] * len(strengths))
+    probs = [float(x) for x in strength_probs]
+    if len(probs) != len(strengths):
+        raise ValueError(f"strength_probs must have one entry per strength ({len(strengths)}), got {len(probs)}")
+    if any(x < 0 for x in probs) or abs(sum(probs) - 1.0) > 1e-6:
+        raise ValueError(f"strength_probs must be non-negative and sum to 1, got {probs} (sum {sum(probs)})")
+    return tuple(probs)
+
+
+def _needs_names(template: str) -> bool:
+    return "{name}" in template
+
+
+def _check_template(t: Any, where: str, class_names: Sequence[str] | None) -> None:
+    if not isinstance(t, str):
+        raise TypeError(f"{where} must be a str, got {type(t).__name__}: {t!r}")
+    if _needs_names(t) and class_names is None:
+        raise ValueError(f"{where}={t!r} uses {{name}}, which needs class_names or tokens")
+    try:
+        t.format(name="x")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"{where}={t!r} may only use the field {{name}}: {e}") from e
+
+
+def check_prompt(prompt: PromptSpec, class_names: Sequence[str] | None) -> None:
+    """Check a prompt spec: a template, a list of templates, a per-class dict of them, or a callable.
+
+    Templates may only use ``{name}``, and only when the classes are known.
+
+    Raises:
+        TypeError: a template is not a str, or the spec has another type.
+        ValueError: ``{name}`` without classes, another field, or a dict that misses a class.
+    """
+    if isinstance(prompt, str):
+        _check_template(prompt, "prompt", class_names)
+    elif callable(prompt):
+        return
+    elif isinstance(prompt, Mapping):
+        if class_names is None:
+            raise ValueError("a per-class prompt dict needs class_names or tokens")
+        for k, v in prompt.items():
+            label_index(k, class_names, "prompt key")
+            for t in [v] if isinstance(v, str) else list(v):
+                _check_template(t, f"prompt[{k!r}]", class_names)
+        missing = [n for i, n in enumerate(class_names) if i not in prompt and n not in prompt]
+        if missing:
+            raise ValueError(f"the prompt dict has no entry for classes {missing}")
+    elif isinstance(prompt, Sequence) and prompt:
+        for i, t in enumerate(prompt):
+            _check_template(t, f"prompt[{i}]", class_names)
+    else:
+        raise TypeError(f"prompt must be a str, a non-empty list of str, a dict or a callable, got {prompt!r}")
+
+
+# -- prompts -----------------------------------------------------------------------------------------------
+def _class_word(label: int | None, class_names: Sequence[str] | None, tokens: ClassTokens | None) -> str:
+    """What ``{name}`` becomes: the class's token, or its name without tokens (Real Guidance)."""
+    if label is None:
+        raise ValueError("this prompt needs the class, but the sample has no label (labels_getter found none)")
+    if tokens is not None:
+        return tokens.token_for(label)
+    assert class_names is not None
+    return class_names[label]
+
+
+def prompt_options(prompt: PromptSpec, label: int | None, class_names: Sequence[str] | None,
+                   tokens: ClassTokens | None) -> list[str]:
+    """The prompts a variant of class ``label`` chooses from, with ``{name}`` filled in.
+
+    Raises:
+        ValueError: the prompt needs a label and there is none.
+        TypeError: a prompt callable returned something other than a str or a non-empty list of str.
+    """
+    if callable(prompt) and not isinstance(prompt, str):
+        name = _class_word(label, class_names, tokens) if label is not None else ""
+        out = prompt(name, label)
+        options = [out] if isinstance(out, str) else list(out) if isinstance(out, (list, tuple)) else None
+        if not options or not all(isinstance(t, str) for t in options):
+            raise TypeError(f"the prompt callable must return a str or a non-empty list of str, got {out!r} for label {label!r}")
+        return options
+    if isinstance(prompt, Mapping):
+        if label is None:
+            raise ValueError("a per-class prompt dict needs a label, but the sample has none")
+        assert class_names is not None
+        prompt = prompt[label] if label in prompt else prompt[class_names[label]]
+    templates = [prompt] if isinstance(prompt, str) else list(prompt)
+    return [t.format(name=_class_word(label, class_names, tokens)) if _needs_names(t) else t for t in templates]
+
+
+# -- fingerprint and keys ---------------------------------------------------------------------------------
+def _fingerprint_callable(fn: Callable) -> str:
+    code = getattr(fn, "__code__", None)
+    src = None
+    try:
+        src = inspect.getsource(fn)
+    except (OSError, TypeError):
+        pass
+    return stable_digest(getattr(fn, "__module__", ""), getattr(fn, "__qualname__", repr(fn)), src or (code.co_code.hex() if code else ""))
+
+
+def generation_fingerprint(
+    model: str,
+    *,
+    tokens: ClassTokens | None,
+    class_names: Sequence[str] | None,
+    prompt: PromptSpec,
+    strength: Sequence[float],
+    strength_probs: Sequence[float],
+    guidance_scale: float,
+    num_inference_steps: int,
+    negative_prompt: str | None,
+    resolution: int | None,
+    class_erasures: Mapping[int, Erasure],
+) -> str:
+    """Digest of everything that decides the generated pixels besides the image, label and variant.
+
+    Args:
+        model: the model's fingerprint (:meth:`PipelineSpec.fingerprint` or :func:`pipeline_fingerprint`).
+        tokens, class_names, prompt, strength, strength_probs, guidance_scale, num_inference_steps,
+            negative_prompt, resolution, class_erasures: as the transform holds them. A prompt callable
+            counts by its module, name and source code.
+
+    Returns:
+        A sha256 hex digest.
+    """
+    prompt_fp = _fingerprint_callable(prompt) if callable(prompt) and not isinstance(prompt, str) else prompt
+    return stable_digest(
+        "generation",
+        model,
+        tokens.content_hash() if tokens is not None else None,
+        None if class_names is None else list(class_names),
+        prompt_fp,
+        tuple(strength),
+        tuple(strength_probs),
+        guidance_scale,
+        num_inference_steps,
+        negative_prompt,
+        resolution,
+        sorted((label, e.content_hash()) for label, e in class_erasures.items()),
+    )
+
+
+def cache_key(fingerprint: str, digest: str, label: int | None, v: int) -> str:
+    """``sha256(format_version, image_digest, label, generation_fingerprint, v)``, as DESIGN.md specifies."""
+    # a plain joined string (all parts are hex, ints or None) is cheaper than the JSON of stable_digest
+    return hashlib.sha256(f"dafusion-aug/cache-key/{CACHE_FORMAT_VERSION}|{digest}|{label}|{fingerprint}|{int(v)}".encode()).hexdigest()
+
+
+def variant_strength(seed: int, digest: str, label: int | None, v: int, strengths: Sequence[float],
+                     strength_probs: Sequence[float]) -> float:
+    """Variant ``v``'s strength: the inverse CDF of ``strength_probs`` at a uniform number from a stable hash."""
+    u = stable_hash(seed, digest, label, v, "strength") / float(1 << 63)
+    cum, strength = 0.0, strengths[-1]
+    for s, q in zip(strengths, strength_probs):
+        cum += q
+        if u < cum:
+            return s
+    return strength
+
+
+def variant_prompt(seed: int, digest: str, label: int | None, v: int, options: Sequence[str]) -> str:
+    """Variant ``v``'s prompt among ``options`` (see :func:`prompt_options`)."""
+    return options[stable_hash(seed, digest, label, v, "prompt") % len(options)]
+
+
+def variant_seed(seed: int, digest: str, label: int | None, v: int) -> int:
+    """Variant ``v``'s generator seed: ``stable_hash(seed, digest, label, v)``."""
+    return stable_hash(seed, digest, label, v)
