@@ -1,7 +1,9 @@
-"""Offline test helpers: a tiny, random Stable-Diffusion-layout img2img pipeline built from configs.
+"""Offline test helpers: a tiny, random Stable-Diffusion-layout img2img pipeline built from configs, and
+:func:`check_transform`, the contract check every transform test runs.
 
-Use it in your own tests the way diffusers' tests use ``get_dummy_components()``, but with no network:
-the tokenizer is a small BPE vocabulary built on the spot.
+Use the pipeline in your own tests the way diffusers' tests use ``get_dummy_components()``, but with no
+network: the tokenizer is a small BPE vocabulary built on the spot. Use :func:`check_transform` the way
+torchvision's tests use theirs, on your own transforms that hold a ``DiffusionAugment``.
 
 Example:
     >>> from dafusion_aug.testing import tiny_pipeline
@@ -12,11 +14,14 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import functools
+import pickle
+from typing import Any
 
 import torch
 
-__all__ = ["tiny_pipeline", "tiny_components", "TINY_CORPUS"]
+__all__ = ["tiny_pipeline", "tiny_components", "check_transform", "TINY_CORPUS"]
 
 #: Sentences the tiny tokenizer's merges are learned from.
 TINY_CORPUS = (
@@ -136,3 +141,47 @@ def tiny_pipeline(seed: int = 0):
     pipe = StableDiffusionImg2ImgPipeline(**tiny_components(seed), requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def check_transform(transform: Any, image: Any, label: Any = 1) -> Any:
+    """Check the torchvision v2 sample contract of a transform, as torchvision's tests do.
+
+    The transform is called on a tuple ``(image, label, junk)``, a list ``[image, label, junk]`` and a dict
+    ``{"image", "label", "meta": {"junk", "name"}}``: the image comes back as the same type, the label and
+    every other leaf as the very same objects, and the structure is rebuilt. Then the transform must be
+    picklable (what DataLoader workers started with ``spawn`` receive), and a copy rebuilt from its pickled
+    state must have the same :meth:`fingerprint` when it has one (so the copy reads the same cache entries).
+
+    Args:
+        transform: the transform to check (called with samples like the ones above).
+        image: a picture it accepts (PIL image, tensor, ``tv_tensors.Image``).
+        label: the sample's label.
+
+    Returns:
+        The transformed dict sample.
+
+    Raises:
+        AssertionError: a part of the contract does not hold.
+
+    Example:
+        >>> check_transform(DiffusionAugment(tiny_pipeline(), class_names=["a", "b"]), image)  # doctest: +SKIP
+    """
+    junk = object()
+    out = transform(image, label, junk)
+    assert isinstance(out, tuple) and len(out) == 3, f"a tuple sample must come back as a 3-tuple, got {type(out).__name__}"
+    assert out[1] is label and out[2] is junk, "non-image leaves of a tuple sample must come back as the same objects"
+    assert type(out[0]) is type(image), f"the image came back as {type(out[0]).__name__}, not {type(image).__name__}"
+    out = transform([image, label, junk])
+    assert isinstance(out, list) and out[1] is label and out[2] is junk, "a list sample must keep its other leaves"
+    assert type(out[0]) is type(image), f"the image of a list sample came back as {type(out[0]).__name__}"
+    sample = {"image": image, "label": label, "meta": {"junk": junk, "name": "x"}}
+    out = transform(sample)
+    assert out["label"] is label and out["meta"]["junk"] is junk and out["meta"]["name"] == "x", "dict leaves must be kept"
+    assert type(out["image"]) is type(image), f"the image of a dict sample came back as {type(out['image']).__name__}"
+    pickle.dumps(transform)  # picklable: no lambdas, loaded pipelines or open files in its state
+    # the package never calls pickle.loads (test_package.py::test_no_pickle_loads); deepcopy rebuilds the copy
+    # from the same __getstate__ / __reduce_ex__ state that a spawned worker unpickles
+    again = copy.deepcopy(transform)
+    if hasattr(transform, "fingerprint"):
+        assert again.fingerprint() == transform.fingerprint(), "a pickled copy must have the same fingerprint"
+    return out

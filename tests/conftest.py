@@ -1,8 +1,13 @@
-"""Shared fixtures: every test is offline and on the CPU, built on the tiny pipeline."""
+"""Shared fixtures and helpers: every test is offline and on the CPU, built on the tiny pipeline.
+
+Test files share helpers through this file (``from conftest import ...``) or :mod:`dafusion_aug.testing`,
+never by importing another test file.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -15,6 +20,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 CLASS_NAMES = ["cat", "golden retriever", "zebra"]
+#: Transform settings that generate fast: one variant, always replaced, two denoising steps.
+FAST = dict(num_inference_steps=2, strength=1.0, num_variants=1, p=1.0)
+
+
+def ours(caught, pattern: str) -> list[str]:
+    """The RuntimeWarnings of dafusion-aug among ``caught`` that match ``pattern``."""
+    return [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning) and re.search(pattern, str(w.message))]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and far faster than on two when other jobs share the cores
+    (the tiny UNet is 10-20x slower with 2 threads on a busy 2-core machine). Use it for a whole module
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import builtins
 import errno
 import os
+import tempfile
+import threading
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FAST, ours, random_image
+from PIL import Image
 
-from dafusion_aug import AugmentationCache
+from dafusion_aug import AugmentationCache, precompute
+from dafusion_aug.data import ImageList
 from dafusion_aug.errors import CacheError
 
 KEY = "ab" * 32
@@ -130,3 +138,124 @@ def test_written_files_get_the_permissions_open_would_give(tmp_path):
     tokens = ClassTokens(["cat"], [torch.zeros(1, 8)]).save(tmp_path / "tokens.safetensors")
     for path in (entry, tokens):
         assert stat.S_IMODE(path.stat().st_mode) == expected, path
+
+
+# -- the cache folder and the disk (issue 8) -------------------------------------------------------------
+def test_unwritable_cache_fails_at_construction(make_aug, tmp_path, monkeypatch):
+    """A path under a regular file: also test_cache.py::test_unwritable_root_fails_at_construction."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(CacheError, match="not a writable folder"):
+        make_aug(**FAST, cache=blocker / "cache")
+
+    def denied(*args, **kwargs):  # root ignores chmod: simulate a read-only mount instead
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    with pytest.raises(CacheError, match="not a writable folder.*Permission denied"):
+        make_aug(**FAST, cache=tmp_path / "ro")
+
+
+def _full_disk(monkeypatch, root: Path, how: str, after: int = 0) -> None:
+    """Make writes under ``root`` fail with ENOSPC after ``after`` successful ones: at the rename into place,
+    or half-way through writing the temporary file (whether it is opened with ``open`` or ``os.fdopen``)."""
+    state = {"left": after}
+    lock = threading.Lock()  # precompute writes from a thread pool
+    root = str(root)
+
+    def room() -> bool:
+        with lock:
+            state["left"] -= 1
+            return state["left"] >= 0
+
+    if how == "replace":
+        real_replace = os.replace
+
+        def replace(src, dst, *a, **k):
+            if str(dst).startswith(root) and not room():
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_replace(src, dst, *a, **k)
+
+        monkeypatch.setattr(os, "replace", replace)
+        return
+
+    class HalfWriter:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def close(self):
+            self.f.close()
+
+        def write(self, data):
+            if not room():
+                self.f.write(data[: len(data) // 2])
+                self.f.flush()
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(data)
+
+    real_open, real_fdopen = builtins.open, os.fdopen
+
+    def fake_open(file, mode="r", *a, **k):
+        f = real_open(file, mode, *a, **k)
+        return HalfWriter(f) if "w" in mode and isinstance(file, (str, os.PathLike)) and os.fspath(file).startswith(root) else f
+
+    def fake_fdopen(fd, mode="r", *a, **k):
+        f = real_fdopen(fd, mode, *a, **k)
+        return HalfWriter(f) if "w" in mode and os.readlink(f"/proc/self/fd/{fd}").startswith(root) else f
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(os, "fdopen", fake_fdopen)
+
+
+def _files(root: Path) -> tuple[list[Path], list[Path]]:
+    return sorted(root.rglob("*.webp")), sorted(p for p in root.rglob("*") if p.name.endswith(".tmp"))
+
+
+@pytest.mark.parametrize("how", ["replace", "write"])
+def test_full_disk_during_training_warns_once_and_keeps_the_generated_image(make_aug, monkeypatch, tmp_path, how):
+    aug = make_aug(**FAST, cache=tmp_path / "c")
+    reference = make_aug(**FAST, cache=None)
+    _full_disk(monkeypatch, aug.cache.root, how)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(3):
+            img = random_image(i)
+            out, _ = aug(img, i)
+            assert np.array_equal(np.asarray(out), np.asarray(reference(img, i)[0]))  # generated, not the real image
+    found = ours(caught, "disk is full.*not cached")
+    assert len(found) == 1, ours(caught, ".")
+    assert _files(aug.cache.root) == ([], [])  # nothing half-written
+
+
+@pytest.mark.parametrize("how", ["replace", "write"])
+def test_full_disk_stops_precompute_with_only_whole_files(make_aug, monkeypatch, tmp_path, how):
+    """CacheError from put itself: test_precompute.py::test_full_disk_stops_with_a_clear_error."""
+    aug = make_aug(num_inference_steps=2, strength=1.0, num_variants=2, cache=tmp_path / "c")
+    items = ImageList([(random_image(i), i % 3) for i in range(4)])
+    _full_disk(monkeypatch, aug.cache.root, how, after=3)
+    with pytest.raises(CacheError, match="disk is full"):
+        precompute(aug, items, batch_size=4, encode_threads=2, progress=False)
+    monkeypatch.undo()
+    pngs, tmps = _files(aug.cache.root)
+    assert tmps == [] and len(pngs) == 3
+    assert all(aug.cache.get(p.stem) is not None for p in pngs)
+    again = precompute(aug, items, batch_size=4, progress=False)  # space freed: the rerun completes
+    assert again["generated"] == 8 - 3 and again["skipped"] == 3
+    assert len(_files(aug.cache.root)[0]) == 8
+
+
+def test_read_only_cache_in_training_warns_once(make_aug, tmp_path):
+    AugmentationCache(tmp_path / "shared")
+    aug = make_aug(**FAST, cache=AugmentationCache(tmp_path / "shared", read_only=True))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(2):
+            out, _ = aug(random_image(i), i)
+            assert isinstance(out, Image.Image)
+    assert len(ours(caught, "read-only.*not cached")) == 1

@@ -16,13 +16,7 @@ from dafusion_aug.testing import tiny_pipeline
 FAST = dict(steps=2, ddim_steps=2, learning_rate=1e-2, progress=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The tiny UNet is 10-20x slower with 2 threads on a busy 2-core machine than with one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def _snapshot(pipe) -> dict[str, torch.Tensor]:

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import random_image
 from PIL import Image
 
-from dafusion_aug import ClassTokens, DafusionError, DiffusionAugment, PipelineSpec, fit_tokens
+from dafusion_aug import ClassTokens, DafusionError, DiffusionAugment, FitError, PipelineSpec, fit_tokens
 from dafusion_aug.cli import main
-from dafusion_aug.fit import FitError
 from dafusion_aug.functional import to_batch
 from dafusion_aug.hashing import image_digest
 from dafusion_aug.pipeline import pipeline_fingerprint
@@ -21,13 +21,7 @@ NAMES = ["cat", "dog", "zebra"]
 FAST = dict(steps=6, batch_size=3, learning_rate=1e-2, progress=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The tiny UNet is 10-20x slower with 2 threads on a busy 2-core machine than with one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def _items(per_class: int = 3, classes: int = 3) -> list[tuple[Image.Image, int]]:
@@ -349,3 +343,15 @@ def test_cli_fit_tokens(tiny_folder, items, tmp_path, capsys):
     assert tokens.metadata["initializer"] == "the" and tokens.metadata["seed"] == 1
     assert main(args + ["--initializer", "xyzzyq"]) == 2
     assert "xyzzyq" in capsys.readouterr().err
+
+
+# -- class names never reach file paths raw (issue 8) ----------------------------------------------------
+def test_fit_checkpoints_never_use_class_names(tmp_path):
+    from dafusion_aug import fit_tokens
+
+    names = ["../../evil", "nul\x00byte", "y" * 5000]
+    items = [(random_image(i), i % 3) for i in range(3)]
+    ckpt = tmp_path / "ckpt"
+    fit_tokens(tiny_pipeline(seed=0), items, names, initializer="a", steps=2, batch_size=3, checkpoint_dir=ckpt, checkpoint_every=1, progress=False)
+    assert {p.name for p in ckpt.iterdir()} <= {f"checkpoint-{s:08d}.{e}" for s in (1, 2) for e in ("json", "safetensors")}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

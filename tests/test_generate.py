@@ -10,11 +10,12 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 
 import numpy as np
 import pytest
 import torch
-from conftest import CLASS_NAMES, random_image
+from conftest import CLASS_NAMES, FAST, ours, random_image
 
 from dafusion_aug import AugmentationCache, DiffusionAugment, PipelineSpec, diffuse, precompute
 from dafusion_aug.data import ImageList
@@ -210,3 +211,43 @@ def test_ray_missing_names_the_extra(make_aug, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(ImportError, match=r"dafusion-aug\[ray\]"):
         precompute(make_aug(), [(random_image(0), 0)], backend="ray", progress=False)
+
+
+# -- bad outputs of low-precision pipelines (issue 8) ----------------------------------------------------
+class FakeBlackHalfPipe(FakeHalfPipe):
+    """An fp16 pipeline whose first output of each call is all black (an fp16 VAE overflow)."""
+
+    def __call__(self, **kw):
+        self.calls.append((self.half, len(kw["prompt"])))
+        out = self.pipe(**kw)
+        if self.half or self.bad_in_fp32:
+            out.images[0] = 0.0
+        return out
+
+
+def test_black_output_is_redone_in_fp32_and_the_fp32_result_cached(tiny_pipe, tmp_path):
+    """NaN outputs: test_generate.py::test_nan_outputs_are_redone_in_fp32."""
+    fake = FakeBlackHalfPipe(tiny_pipe)
+    common = dict(class_names=CLASS_NAMES, **FAST)
+    aug = DiffusionAugment(fake, cache=tmp_path / "c", **common)
+    reference = DiffusionAugment(tiny_pipe, cache=None, **common)
+    img = random_image(0)
+    out, _ = aug(img, 1)
+    assert fake.calls == [(True, 1), (False, 1)] and fake.half
+    assert np.array_equal(np.asarray(out), np.asarray(reference(img, 1)[0]))
+    (key,) = aug.cache.keys()
+    assert np.array_equal(aug.cache.get(key), np.asarray(out))
+
+
+def test_bad_outputs_in_a_batch_keep_their_real_image_and_warn_once(tiny_pipe, tmp_path):
+    """One bad single sample: test_generate.py::test_outputs_bad_even_in_fp32_are_never_cached."""
+    fake = FakeBlackHalfPipe(tiny_pipe, bad_in_fp32=True)
+    aug = DiffusionAugment(fake, class_names=CLASS_NAMES, cache=tmp_path / "c", **FAST)
+    x = torch.rand(3, 3, 32, 32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, _ = aug(x, torch.tensor([0, 1, 2]))
+        again, _ = aug(torch.rand(2, 3, 32, 32), torch.tensor([0, 1]))
+    assert len(ours(caught, "NaN or black")) == 1
+    assert torch.equal(out[0], x[0]) and not torch.equal(out[1], x[1]) and not torch.equal(out[2], x[2])
+    assert len(list(aug.cache.keys())) == 2 + 1  # never the black ones

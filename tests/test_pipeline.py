@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import socket
 import subprocess
 import sys
 import time
@@ -111,3 +112,39 @@ def test_spec_validation(kwargs, match):
 def test_scheduler_swap(tiny_folder):
     pipe = load_pipeline(PipelineSpec(str(tiny_folder), device="cpu", scheduler="euler"))
     assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+
+
+# -- bad model folders and the Hub (issue 8) -------------------------------------------------------------
+def test_corrupt_model_folder_is_a_pipeline_error(tiny_folder, tmp_path):
+    """A folder of .bin pickles: test_pipeline.py::test_only_safetensors_are_loaded."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_folder, folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(PipelineError, match="could not load an img2img pipeline from folder"):
+        load_pipeline(PipelineSpec(str(folder), device="cpu"))
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test (HF_HUB_OFFLINE is set as well)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[1:] if len(args) > 1 else args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_hub_only_for_hub_ids(no_network, tiny_folder, tmp_path):
+    with pytest.raises(PipelineError, match="could not load an img2img pipeline from Hub id 'nobody/nothing'"):
+        load_pipeline(PipelineSpec("nobody/nothing", local_files_only=True, device="cpu", scheduler="pndm"))
+    for bad in ("my_model", str(tmp_path / "missing"), "./model", "a/b/c"):
+        with pytest.raises(PipelineError, match="neither a model folder nor a Hub id"):
+            load_pipeline(PipelineSpec(bad, device="cpu"))
+    pipe = load_pipeline(PipelineSpec(str(tiny_folder), device="cpu", scheduler="euler-a"))  # local: no Hub call at all
+    assert pipe is not None

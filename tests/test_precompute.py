@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
-from conftest import random_image
+from conftest import FAST, random_image
 
-from dafusion_aug import AugmentationCache, diffuse, precompute
+from dafusion_aug import AugmentationCache, ClassTokens, diffuse, precompute
 from dafusion_aug.data import ImageList, few_shot_indices, image_folder
 from dafusion_aug.errors import CacheError
 
@@ -151,3 +153,31 @@ def test_image_folder_and_few_shot(tmp_path):
         few_shot_indices(ds.targets, 4, seed=0)
     with pytest.raises(FileNotFoundError, match="not found"):
         image_folder(tmp_path / "missing")
+
+
+# -- class names never reach file paths raw (issue 8) ----------------------------------------------------
+HOSTILE = ["../../evil", "/etc/passwd", "nul\x00byte", "x" * 5000, "..", "C:\\Windows\\system32"]
+
+
+def _inside(root: Path, paths) -> None:
+    root = root.resolve()
+    for p in paths:
+        rel = Path(p).resolve().relative_to(root)  # raises when a path escaped the folder
+        assert all(len(part) <= 100 and "\x00" not in part for part in rel.parts), rel
+
+
+@pytest.mark.filterwarnings("ignore:prompt .* tokens:RuntimeWarning")  # the 5000-letter name makes a long prompt
+def test_class_names_never_reach_file_paths_raw(make_aug, tmp_path):
+    tokens = ClassTokens(HOSTILE, [torch.randn(1, 32) for _ in HOSTILE])
+    out = tmp_path / "export"
+    paths = tokens.export_diffusers(out)
+    assert len({p.parent for p in paths}) == len(HOSTILE)
+    _inside(out, paths)
+    _inside(out, out.rglob("*"))
+    # precompute's ImageFolder export (also test_generate.py::test_export_writes_image_folder_and_manifest)
+    aug = make_aug(**FAST, class_names=HOSTILE)
+    folder = tmp_path / "images"
+    res = precompute(aug, [(random_image(i), i) for i in range(len(HOSTILE))], out=folder, progress=False)
+    assert res["exported"] == len(HOSTILE)
+    _inside(folder, folder.rglob("*"))
+    assert not (tmp_path / "evil").exists() and not list(tmp_path.parent.glob("evil*"))

@@ -31,13 +31,8 @@ from dafusion_aug.hashing import image_digest
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
 
 
-@pytest.fixture
-def one_thread():
-    # DataLoader workers run with one intra-op thread; the in-process reference must too, to match bitwise.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# DataLoader workers run with one intra-op thread; the in-process references must too, to match bitwise:
+# the tests that compare with them use conftest.one_thread.
 
 
 def _spec_aug(folder, cache, **kw):

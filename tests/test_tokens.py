@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import CLASS_NAMES, FAST, random_image
 from safetensors import safe_open
 
 from dafusion_aug import ClassTokens
@@ -167,3 +170,51 @@ def test_missing_file_names_the_path(tmp_path):
 def test_constructor_validation(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         ClassTokens(**kwargs)
+
+
+# -- token files reaching the transform, and exports (issue 8) -------------------------------------------
+def _token_file(tmp_path: Path, dim: int = 32) -> Path:
+    return ClassTokens(CLASS_NAMES, [torch.randn(1, dim) for _ in CLASS_NAMES]).save(tmp_path / "tokens.safetensors")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "junk", "pickle", "empty"])
+def test_bad_token_file_fails_at_construction(make_aug, tmp_path, damage):
+    """ClassTokens.load itself: test_tokens.py::test_load_rejects_bad_files / test_load_rejects_truncated_file."""
+    path = _token_file(tmp_path)
+    good = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(good[: len(good) - 9])
+    elif damage == "junk":
+        path.write_bytes(os.urandom(len(good)))
+    elif damage == "pickle":
+        torch.save({"<cat>": torch.randn(32)}, path)
+    else:
+        path.write_bytes(b"")
+    with pytest.raises(TokenFileError, match="tokens.safetensors"):
+        make_aug(**FAST, tokens=str(path), class_names=None)
+
+
+def test_token_dimension_mismatch_is_refused_before_generating(make_aug, fresh_pipe, tmp_path):
+    aug = make_aug(**FAST, pipeline=fresh_pipe, tokens=str(_token_file(tmp_path, dim=16)), class_names=None)
+    size = len(fresh_pipe.tokenizer)
+    with pytest.raises(TokenFileError, match="dim 16 but the text encoder's embeddings have dim 32"):
+        aug(random_image(0), 0)
+    assert len(fresh_pipe.tokenizer) == size and list(aug.cache.keys()) == []
+
+
+@pytest.mark.parametrize("token", ["photo", "Photo", "zebra"])
+def test_tokens_that_are_vocabulary_words_are_refused(fresh_pipe, token):
+    """Exact vocabulary entries ('photo</w>'): test_tokens.py::test_apply_refuses_vocabulary_words_and_wrong_dim."""
+    size = len(fresh_pipe.tokenizer)
+    before = fresh_pipe.tokenizer.tokenize("a photo of a cat")
+    with pytest.raises(TokenFileError, match="is a word of the tokenizer's vocabulary"):
+        ClassTokens(["x"], [torch.randn(1, 32)], tokens=[token]).apply(fresh_pipe)
+    assert len(fresh_pipe.tokenizer) == size and fresh_pipe.tokenizer.tokenize("a photo of a cat") == before
+
+
+def test_tokens_that_differ_only_in_case_export_to_distinct_folders(tmp_path):
+    tokens = ClassTokens(["a", "b"], [torch.randn(1, 32), torch.randn(1, 32)], tokens=["<A>", "<a>"])
+    paths = tokens.export_diffusers(tmp_path)
+    assert len(set(paths)) == 2
+    for token, path in zip(tokens.tokens, paths):
+        assert ClassTokens.load(path).tokens == [token]

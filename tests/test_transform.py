@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import CLASS_NAMES, random_image
+from conftest import CLASS_NAMES, FAST, random_image
 from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -15,27 +15,13 @@ from torchvision.transforms import v2
 from dafusion_aug import AugmentationCache, ClassTokens, DiffusionAugment, PipelineSpec
 from dafusion_aug.errors import CacheError, PipelineError
 from dafusion_aug.hashing import image_digest
+from dafusion_aug.testing import check_transform
 
 
 def pixels(x) -> np.ndarray:
     if isinstance(x, Image.Image):
         return np.asarray(x).copy()
     return x.detach().cpu().numpy().copy()
-
-
-def check_transform(aug, image, label=1):
-    """torchvision-style contract check: tuples, dicts, junk leaves by identity, pickling."""
-    junk = object()
-    out = aug(image, label, junk)
-    assert out[1] is label and out[2] is junk
-    assert type(out[0]) is type(image)
-    sample = {"image": image, "label": label, "meta": {"junk": junk, "name": "x"}}
-    out = aug(sample)
-    assert out["label"] is label and out["meta"]["junk"] is junk and out["meta"]["name"] == "x"
-    assert type(out["image"]) is type(image)
-    again = pickle.loads(pickle.dumps(aug))
-    assert again.fingerprint() == aug.fingerprint()
-    return out
 
 
 def test_check_transform_pil(make_aug):
@@ -339,3 +325,9 @@ def test_missing_label_when_prompt_needs_one(make_aug):
     aug = make_aug(labels_getter=None)
     with pytest.raises(ValueError, match="no label"):
         aug(random_image(0))
+
+
+# -- pickles (issue 8) -----------------------------------------------------------------------------------
+def test_transform_pickle_holds_no_code_or_weights(make_aug):
+    blob = pickle.dumps(make_aug(**FAST))
+    assert len(blob) < 100_000  # the loaded pipeline is never pickled
