@@ -70,9 +70,15 @@ def remove_temporaries(folder: str | os.PathLike, *, prefix: str = ".tmp-") -> i
 
 # -- safetensors ----------------------------------------------------------------------------------------
 def looks_like_pickle(path: str | os.PathLike) -> bool:
-    """Whether the file starts like a pickle or a ``torch.save`` zip (never opened as one)."""
+    """Whether the file starts like a pickle or a ``torch.save`` zip (never opened as one).
+
+    A safetensors file starts with its header's length (8 bytes, little-endian) and then ``{``; one header
+    length in 256 starts with the byte a pickle starts with (0x80), so that shape is recognised first.
+    """
     with open(path, "rb") as f:
-        head = f.read(4)
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= os.path.getsize(path) - 8:
+        return False
     return head[:1] == b"\x80" or head[:2] == b"PK"
 
 

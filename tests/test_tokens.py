@@ -172,6 +172,20 @@ def test_constructor_validation(kwargs, match):
         ClassTokens(**kwargs)
 
 
+
+def test_safetensors_files_are_never_mistaken_for_pickles(tmp_path):
+    """A safetensors file starts with its header's length; one length in 256 starts with 0x80, a pickle's first byte."""
+    for k in range(1, 400):
+        path = ClassTokens(["c" * k], [torch.zeros(1, 32)]).save(tmp_path / "tokens.safetensors")
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    else:
+        pytest.fail("no token file whose header length starts with 0x80")
+    assert ClassTokens.load(path).class_names == ["c" * k]
+    torch.save({"<c>": torch.zeros(32)}, path)  # real pickles are still refused
+    with pytest.raises(TokenFileError, match="pickle"):
+        ClassTokens.load(path)
+
 # -- token files reaching the transform, and exports (issue 8) -------------------------------------------
 def _token_file(tmp_path: Path, dim: int = 32) -> Path:
     return ClassTokens(CLASS_NAMES, [torch.randn(1, dim) for _ in CLASS_NAMES]).save(tmp_path / "tokens.safetensors")
