@@ -24,14 +24,31 @@ import numpy as np
 import torch
 
 from ._io import atomic_path, atomic_write_bytes
-from .data import source_of
+from .data import class_names_of, source_of
 from .hashing import image_digest
 from .tokens import token_for_class
 from .variants import Augmenter, Variant
 
-__all__ = ["precompute", "plan_batches"]
+__all__ = ["precompute", "plan_batches", "check_classes"]
 
 Batch = list[tuple[np.ndarray, Variant, "int | None"]]
+
+
+def check_classes(augment: Augmenter, dataset: Any) -> None:
+    """Refuse a dataset whose class names differ from the transform's (its token file's, with tokens).
+
+    Label ``i`` of the data must be class ``i`` of the transform, or every prompt names the wrong class. A
+    dataset without ``.class_names`` / ``.classes``, or a transform without class names, is not checked.
+
+    Raises:
+        ValueError: both name their classes, differently.
+    """
+    theirs = class_names_of(dataset)
+    if augment.class_names is None or theirs is None or list(augment.class_names) == theirs:
+        return
+    source = "the token file's classes" if getattr(augment, "tokens", None) is not None else "the transform's class_names"
+    raise ValueError(f"{source} {list(augment.class_names)} differ from the dataset's {theirs}; "
+                     "label i of the data must be class i of the transform")
 
 
 def plan_batches(augment: Augmenter, dataset: Any, batch_size: int, counts: dict, failures: list, records: list | None = None) -> Iterator[Batch]:
@@ -204,6 +221,8 @@ def precompute(
         (``[(index, reason), ...]``; the run goes on without them), ``seconds`` and ``images_per_second``.
 
     Raises:
+        ValueError: bad arguments, or a dataset whose class names differ from the transform's (with a
+            token file: from the token file's), which would put the wrong class into every prompt.
         CacheError: the cache cannot be written (e.g. the disk is full); nothing half-written is left.
         ImportError: ``backend="ray"`` without Ray installed.
 
@@ -216,6 +235,7 @@ def precompute(
         raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
     if augment.cache is None:
         raise ValueError("precompute needs a transform with a cache (cache=...), got cache=None")
+    check_classes(augment, dataset)
     auto = batch_size == "auto"
     if auto:
         batch_size = 64 if torch.cuda.is_available() else 16

@@ -53,3 +53,16 @@ def test_errors_are_one_line_and_exit_2(tmp_path, tiny_folder, capsys):
                  "--strength", "0.01", "--steps", "10"])
     assert code == 2
     assert "strength=0.01" in capsys.readouterr().err
+
+
+def test_generate_refuses_a_token_file_of_other_classes(tmp_path, tiny_folder, capsys):
+    import torch
+
+    from dafusion_aug import ClassTokens
+
+    tokens = ClassTokens(["cat", "zebra"], [torch.randn(1, 32), torch.randn(1, 32)]).save(tmp_path / "tokens.safetensors")
+    code = main(["generate", "--model", str(tiny_folder), "--data", str(make_data(tmp_path / "data")), "--cache", str(tmp_path / "c"),
+                 "--tokens", str(tokens), "--steps", "4", "--num-variants", "1", "--quiet", "--device", "cpu"])
+    assert code == 2
+    assert "the token file's classes ['cat', 'zebra'] differ from the dataset's ['cat', 'dog']" in capsys.readouterr().err
+    assert list(AugmentationCache(tmp_path / "c").keys()) == []

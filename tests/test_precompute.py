@@ -181,3 +181,22 @@ def test_class_names_never_reach_file_paths_raw(make_aug, tmp_path):
     assert res["exported"] == len(HOSTILE)
     _inside(folder, folder.rglob("*"))
     assert not (tmp_path / "evil").exists() and not list(tmp_path.parent.glob("evil*"))
+
+
+# -- the data's classes must be the transform's ----------------------------------------------------------
+def test_token_file_classes_must_match_the_data(make_aug):
+    """Label i of the data must be class i of the token file, or every prompt names the wrong class.
+
+    precompute checks it for every caller (it used to be checked by ``dafusion-aug generate`` alone).
+    """
+    tokens = ClassTokens(["cat", "dog", "zebra"], [torch.randn(1, 32) for _ in range(3)])
+    aug = make_aug(tokens=tokens, class_names=None, num_variants=1, num_inference_steps=2, strength=1.0)
+    pairs = [(random_image(i), i % 3) for i in range(3)]
+    with pytest.raises(ValueError, match=r"the token file's classes \['cat', 'dog', 'zebra'\] differ from the dataset's \['cat', 'zebra', 'dog'\]"):
+        precompute(aug, ImageList(pairs, ["cat", "zebra", "dog"]), progress=False)
+    assert list(aug.cache.keys()) == []
+    named = make_aug(num_variants=1, num_inference_steps=2, strength=1.0)  # class_names=CLASS_NAMES, no tokens
+    with pytest.raises(ValueError, match=r"the transform's class_names \[.*\] differ from the dataset's"):
+        precompute(named, ImageList(pairs, ["a", "b", "c"]), progress=False)
+    assert precompute(aug, ImageList(pairs, ["cat", "dog", "zebra"]), progress=False)["generated"] == 3
+    assert precompute(aug, pairs, progress=False)["skipped"] == 3  # data without class names: nothing to compare
