@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from dafusion_aug import Erasure, PipelineSpec, erase_concept
+from dafusion_aug import Erasure, PipelineSpec
+from dafusion_aug.erase import ensure_erasure
 from dafusion_aug.hashing import stable_digest
 
 
@@ -79,34 +80,17 @@ def erasure_for(digit: int, args: argparse.Namespace | None = None) -> tuple[Era
     word = CLASS_NAMES[digit]
     concepts = {word: [prompt(digit), word] if args.word_prompt else [prompt(digit)]}
     path = Path(args.work) / f"erase-{word}-{stable_digest(spec.fingerprint(), concepts, train)[:10]}.safetensors"
-    if path.is_file():
-        return Erasure.load(path), path, None
-    t0 = time.perf_counter()
-    erasure = erase_concept(spec, concepts, progress=False, **train)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    erasure.save(path)
-    return erasure, path, round(time.perf_counter() - t0, 1)
+    seconds = ensure_erasure(path, spec, concepts, progress=False, **train)
+    return Erasure.load(path), path, None if seconds is None else round(seconds, 1)
 
 
-@torch.no_grad()
 def judged_rates(txt2img, judge, n: int, steps: int, guidance: float, seed: int, batch_size: int) -> list[float]:
     """Fraction of ``n`` samples per digit that the judge reads as the prompted digit (seeds fixed per digit)."""
-    from dafusion_aug.pocket import prompt
+    from dafusion_aug import pocket
 
-    jobs = [(d, i) for d in range(10) for i in range(n)]
-    preds = []
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start : start + batch_size]
-        images = txt2img(
-            [prompt(d) for d, _ in chunk],
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=[torch.Generator().manual_seed(seed * 100_000 + d * 1_000 + i) for d, i in chunk],
-            output_type="pt",
-        ).images
-        preds.append(judge(images.float().cpu()))
-    pred = torch.cat(preds).view(10, n)
-    return [round(float((pred[d] == d).float().mean()), 4) for d in range(10)]
+    judged = pocket.judged_rates(txt2img, {d: pocket.prompt(d) for d in range(10)}, n, steps=steps, guidance=guidance,
+                                 seed=seed, batch_size=batch_size, read=judge)
+    return [round(judged.rates[d], 4) for d in range(10)]
 
 
 def markdown(report: dict) -> str:

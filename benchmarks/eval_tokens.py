@@ -32,16 +32,17 @@ import time
 import torch
 
 from dafusion_aug import Erasure, PipelineSpec, few_shot_indices, fit_tokens
-from dafusion_aug.pocket import CLASS_NAMES, digits, judge, judge_images
+from dafusion_aug.pocket import CLASS_NAMES, digits, judge, judge_images, judged_rates
 
 
-def _img2img(folder: str):
+def img2img_pipeline(folder: str):
+    """The img2img pipeline of a pocket-layout model folder, in float32."""
     from diffusers import StableDiffusionImg2ImgPipeline
 
     return StableDiffusionImg2ImgPipeline.from_pretrained(folder, torch_dtype=torch.float32)
 
 
-def _sampler(img2img):
+def ddim_sampler(img2img):
     """A DDIM txt2img pipeline sharing ``img2img``'s modules (so its tokens and erased weights too)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -52,35 +53,27 @@ def _sampler(img2img):
 
 
 def _txt2img(folder: str, tokens=None):
-    img2img = _img2img(folder)
+    img2img = img2img_pipeline(folder)
     if tokens is not None:
         tokens.apply(img2img)
-    return _sampler(img2img)
+    return ddim_sampler(img2img)
 
 
-@torch.no_grad()
-def _rate(pipe, text: str | None, label: int, samples: int, seed: int, judge_net, batch_size: int = 64, keep: int = 0,
-          pipe_kwargs: dict | None = None):
-    """``(fraction of samples the judge reads as label, the first keep images)``; seeds fixed per label.
+def judged_rate(pipe, text: str | None, label: int, samples: int, seed: int, judge_net, batch_size: int = 64, keep: int = 0,
+                pipe_kwargs: dict | None = None):
+    """``(fraction of samples the judge reads as label, the first keep images)``: ``dafusion_aug.pocket.judged_rates``
+    for one label (50 DDIM steps, guidance 7.5, seeds fixed per label).
 
     ``pipe_kwargs`` (e.g. ``prompt_embeds``, with ``text=None``): tensors of ``samples`` rows, sliced per batch.
     """
-    hits, kept = 0, []
-    for start in range(0, samples, batch_size):
-        n = min(batch_size, samples - start)
-        gens = [torch.Generator().manual_seed(seed * 100_000 + label * 1_000 + start + i) for i in range(n)]
-        kw = {k: v[start:start + n] for k, v in (pipe_kwargs or {}).items()}
-        images = pipe(None if text is None else [text] * n, num_inference_steps=50, guidance_scale=7.5, generator=gens,
-                      output_type="pt", **kw).images
-        images = images.float().clamp(0, 1)
-        hits += int((judge_images(images, model=judge_net) == label).sum())
-        kept += list(images[: max(0, keep - len(kept))])
-    return hits / samples, kept
+    judged = judged_rates(pipe, {label: text}, samples, seed=seed, batch_size=batch_size, keep=keep, pipe_kwargs=pipe_kwargs,
+                          read=lambda images: judge_images(images, model=judge_net))
+    return judged.rates[label], list(judged.images[label])
 
 
 def _accuracy(pipe, prompts: list[str], samples: int, seed: int, judge_net, batch_size: int = 64) -> list[float]:
     """Per digit: the fraction of ``samples`` images from ``prompts[digit]`` that the judge reads as that digit."""
-    return [_rate(pipe, text, label, samples, seed, judge_net, batch_size)[0] for label, text in enumerate(prompts)]
+    return [judged_rate(pipe, text, label, samples, seed, judge_net, batch_size)[0] for label, text in enumerate(prompts)]
 
 
 def _erased(args, folder: str, items, judge_net, rows: dict, report: dict) -> list:
@@ -97,10 +90,10 @@ def _erased(args, folder: str, items, judge_net, rows: dict, report: dict) -> li
         info = report["erasures"][CLASS_NAMES[d]] = {"file": str(path), "erase_s": trained_s, "fit": {}}
         print(f"[erased {d}] {path} ({'loaded' if trained_s is None else f'trained in {trained_s}s'})", flush=True)
         for k, init in enumerate(args.initializers):
-            img2img = _img2img(folder)  # fresh per fit: no tokens of an earlier digit in its vocabulary
+            img2img = img2img_pipeline(folder)  # fresh per fit: no tokens of an earlier digit in its vocabulary
             with erasure.applied(img2img):
                 if k == 0:
-                    rate, images = _rate(_sampler(img2img), f"a photo of a {CLASS_NAMES[d]}", d, args.samples, args.seed,
+                    rate, images = judged_rate(ddim_sampler(img2img), f"a photo of a {CLASS_NAMES[d]}", d, args.samples, args.seed,
                                          judge_net, keep=args.grid_samples)
                     rows.setdefault("erased d, 'a photo of a {word}'", {})[d] = rate
                     grid.append(images)
@@ -118,10 +111,10 @@ def _erased(args, folder: str, items, judge_net, rows: dict, report: dict) -> li
                 fit_s = time.perf_counter() - t1
                 assert Erasure.active(img2img) is erasure  # fit_tokens must not have undone the erasure
                 tokens.apply(img2img)
-                sampler = _sampler(img2img)  # built after apply: load_textual_inversion resizes the embeddings
+                sampler = ddim_sampler(img2img)  # built after apply: load_textual_inversion resizes the embeddings
                 assert sampler.unet is img2img.unet and sampler.text_encoder is img2img.text_encoder
                 token = tokens.token_for(label)
-                rate, images = _rate(sampler, f"a photo of a {token}", d, args.samples, args.seed, judge_net,
+                rate, images = judged_rate(sampler, f"a photo of a {token}", d, args.samples, args.seed, judge_net,
                                      keep=args.grid_samples)
             name = "erased d, learned token" + (f" (initializer {init!r})" if len(args.initializers) > 1 else "")
             rows.setdefault(name, {})[d] = rate

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dafusion_aug import DiffusionAugment, PipelineSpec, few_shot_indices
+from dafusion_aug import PipelineSpec, few_shot_indices
+from dafusion_aug.fewshot import method_transform
 from dafusion_aug.hashing import image_digest
 from dafusion_aug.pocket import digits, judge_images
 
@@ -46,25 +47,24 @@ def main(argv=None) -> None:
     if settings["erase"]:
         files = sorted(glob.glob(str(Path(a.erasures) / "erase-*.safetensors")))
         erasures = dict(enumerate(files))
+    # run_fewshot's own transforms (same cache keys), reading the cache only
     common = dict(
-        num_variants=gen["num_variants"], strength=tuple(gen["strength"]), num_inference_steps=gen["num_inference_steps"],
-        guidance_scale=gen["guidance_scale"], cache=a.cache, on_miss="real", class_erasures=erasures,
+        prompt=gen["prompt"], agnostic_prompt=gen["agnostic_prompt"], class_erasures=erasures, num_variants=gen["num_variants"],
+        p=gen["p"], strength=tuple(gen["strength"]), num_inference_steps=gen["num_inference_steps"],
+        guidance_scale=gen["guidance_scale"], cache=a.cache, on_miss="real",
     )
     totals: dict[tuple[str, int], dict[float, list[int]]] = collections.defaultdict(lambda: collections.defaultdict(list))
     for k in a.shots or settings["shots"]:
         for seed in settings["seeds"]:
             subset = [data[i] for i in few_shot_indices(data.targets, k, seed, len(names))]
-            augs = {
-                "real-guidance": DiffusionAugment(spec, class_names=names, prompt=gen["prompt"], **common),
-                "real-guidance-agnostic": DiffusionAugment(spec, class_names=names, prompt=gen["agnostic_prompt"], **common),
-            }
+            augs = {m: method_transform(m, spec, names, **common) for m in ("real-guidance", "real-guidance-agnostic")}
             if (k, seed) in used:
-                augs["da-fusion"] = DiffusionAugment(spec, tokens=Path(a.tokens) / used[(k, seed)], prompt=gen["prompt"], **common)
+                augs["da-fusion"] = method_transform("da-fusion", spec, names, tokens=Path(a.tokens) / used[(k, seed)], **common)
             else:
                 candidates = []
                 for path in sorted(glob.glob(str(Path(a.tokens) / f"k{k}-seed{seed}-*.safetensors"))):
                     try:
-                        aug = DiffusionAugment(spec, tokens=path, prompt=gen["prompt"], **common)
+                        aug = method_transform("da-fusion", spec, names, tokens=path, **common)
                         aug.cache_key(image_digest(np.asarray(subset[0][0])), subset[0][1], 0)
                     except Exception:  # noqa: BLE001 - a token file of other settings: skip it
                         continue

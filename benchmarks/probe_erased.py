@@ -31,7 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import eval_erasure  # noqa: E402
-from eval_tokens import _img2img, _rate, _sampler  # noqa: E402
+from eval_tokens import ddim_sampler, img2img_pipeline, judged_rate  # noqa: E402
 
 from dafusion_aug import PipelineSpec, few_shot_indices  # noqa: E402
 from dafusion_aug.pocket import CLASS_NAMES, digits, judge  # noqa: E402
@@ -65,11 +65,11 @@ def main(argv=None) -> None:
     items = [data[i] for i in few_shot_indices(data.targets, a.shots, a.seed, num_classes=10)]
     erasure_args = eval_erasure.parse_args(["--work", a.erasure_work])
     # one pipeline for every digit: an erasure changes UNet tensors only, in place, and is restored after its block
-    pipe = _img2img(folder)
+    pipe = img2img_pipeline(folder)
     tok, te, unet, vae, sched = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae, pipe.scheduler
     for m in (unet, te, vae):
         m.requires_grad_(False)
-    sampler = _sampler(pipe)
+    sampler = ddim_sampler(pipe)
     size = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
     with torch.no_grad():
         ids = tok(["a photo of a the", ""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
@@ -107,7 +107,7 @@ def main(argv=None) -> None:
             fitted = torch.cat([base[:, : a.first], norm(free).detach(), base[:, last:]], 1)
             drift = float((fitted - base).norm() / base.norm())
             kw = dict(prompt_embeds=fitted.expand(a.samples, -1, -1), negative_prompt_embeds=empty.expand(a.samples, -1, -1))
-            rate, _ = _rate(sampler, None, d, a.samples, a.seed, judge_net, pipe_kwargs=kw)
+            rate, _ = judged_rate(sampler, None, d, a.samples, a.seed, judge_net, pipe_kwargs=kw)
         where = f"positions {a.first}-{last - 1}" + (" before the final norm" if a.through_final_norm else "")
         print(f"[erased {d} ({CLASS_NAMES[d]})] encoder output {where} fitted: loss {sum(losses[-50:]) / len(losses[-50:]):.4f}, "
               f"drift {drift:.2f} of its norm, {time.perf_counter() - t0:.0f}s; judge reads {d} in {rate:.0%} of {a.samples}",

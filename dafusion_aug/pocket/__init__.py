@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .data import CLASS_NAMES, SPLIT_SEED, DigitsDataset, digits, split_indices
 from .judge import JUDGE_FILE, JudgeNet, judge, judge_images
+from .judged import JudgedRates, judged_rates
 
 __all__ = [
     "CLASS_NAMES",
@@ -32,6 +33,8 @@ __all__ = [
     "JUDGE_FILE",
     "judge",
     "judge_images",
+    "judged_rates",
+    "JudgedRates",
 ]
 
 _MODEL_DIR = Path(__file__).resolve().parent / "model"

@@ -31,6 +31,7 @@ from . import attributes, model_path, prompt
 from .arch import ATTRIBUTE_CLASS_TEMPLATES, ATTRIBUTE_ONLY_TEMPLATES
 from .data import CLASS_NAMES, digits
 from .judge import judge, judge_images
+from .judged import judged_rates, txt2img_batches
 
 #: The class-agnostic prompt measured with img2img (names no digit).
 AGNOSTIC_PROMPT = "a photo of a handwritten digit"
@@ -90,19 +91,8 @@ def txt2img_samples(
     Returns:
         Float ``(n, 3, 32, 32)`` in [0, 1].
     """
-    out = []
-    for start in range(0, n, batch_size):
-        count = min(batch_size, n - start)
-        seeds = [seed * 100_000 + label * 1_000 + start + i for i in range(count)]
-        result = txt2img(
-            [prompt(label)] * count,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=_generators(seeds),
-            output_type="pt",
-        )
-        out.append(result.images.float().cpu())
-    return torch.cat(out)
+    batches = txt2img_batches(txt2img, {label: prompt(label)}, n, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size)
+    return torch.cat([images for _, images in batches])
 
 
 @torch.no_grad()
@@ -345,9 +335,10 @@ def _txt2img_part(report, txt2img, net, n, steps, guidance, seed, grid) -> None:
     t0 = time.perf_counter()
     samples, per_digit = [], {}
     for label in range(10):
-        images = txt2img_samples(txt2img, label, n, steps, guidance, seed)
-        samples.append(images)
-        per_digit[CLASS_NAMES[label]] = _rate(judge_images(images, model=net), torch.full((n,), label))
+        judged = judged_rates(txt2img, {label: prompt(label)}, n, steps=steps, guidance=guidance, seed=seed,
+                              read=lambda x: judge_images(x, model=net), keep=16)
+        samples.append(judged.images[label])
+        per_digit[CLASS_NAMES[label]] = round(judged.rates[label], 4)
         print(f"[txt2img] {CLASS_NAMES[label]:>5}: {per_digit[CLASS_NAMES[label]]:.3f}", flush=True)
     report["txt2img_accuracy_per_digit"] = per_digit
     report["txt2img_accuracy_mean"] = round(float(np.mean(list(per_digit.values()))), 4)
