@@ -8,6 +8,7 @@ leaves at most a temporary file, which no reader opens. Finished files get the p
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -16,7 +17,7 @@ import torch
 
 from .errors import DafusionError, TokenFileError
 
-__all__ = ["atomic_path", "atomic_write_bytes", "remove_temporaries", "looks_like_pickle", "save_safetensors", "read_safetensors"]
+__all__ = ["atomic_path", "atomic_write_bytes", "remove_temporaries", "looks_like_pickle", "is_safetensors_layout", "save_safetensors", "read_safetensors"]
 
 # mkstemp creates files 0600; a plain open() would give 0666 minus the umask. Read the umask once, at
 # import (os.umask can only be read by setting it, which is not thread-safe later on).
@@ -69,17 +70,46 @@ def remove_temporaries(folder: str | os.PathLike, *, prefix: str = ".tmp-") -> i
 
 
 # -- safetensors ----------------------------------------------------------------------------------------
-def looks_like_pickle(path: str | os.PathLike) -> bool:
-    """Whether the file starts like a pickle or a ``torch.save`` zip (never opened as one).
+#: safetensors refuses headers larger than this (100 MB); a larger "length" is no safetensors file.
+_MAX_HEADER = 100_000_000
 
-    A safetensors file starts with its header's length (8 bytes, little-endian) and then ``{``; one header
-    length in 256 starts with the byte a pickle starts with (0x80), so that shape is recognised first.
+
+def is_safetensors_layout(path: str | os.PathLike) -> bool:
+    """Whether the file has the safetensors layout: an 8-byte little-endian header length that fits the
+    file, followed by that many bytes of JSON describing an object.
+
+    Args:
+        path: the file (read, never unpickled).
+
+    Returns:
+        ``True`` for a file laid out as safetensors (its tensors may still be damaged), else ``False``.
     """
     with open(path, "rb") as f:
-        head = f.read(9)
-    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= os.path.getsize(path) - 8:
+        head = f.read(8)
+        if len(head) < 8:
+            return False
+        n = int.from_bytes(head, "little")
+        if n < 2 or n > _MAX_HEADER or n > os.fstat(f.fileno()).st_size - 8:
+            return False
+        header = f.read(n)
+    try:
+        return isinstance(json.loads(header.decode("utf-8")), dict)
+    except (UnicodeDecodeError, ValueError):
         return False
-    return head[:1] == b"\x80" or head[:2] == b"PK"
+
+
+def looks_like_pickle(path: str | os.PathLike) -> bool:
+    """Whether the file is a pickle or a ``torch.save`` zip rather than safetensors (never opened as one).
+
+    A safetensors file starts with its header's length, whose first byte is anything, 0x80 (a pickle's
+    protocol byte) included; so a file is a pickle only when it does *not* have the safetensors layout
+    (:func:`is_safetensors_layout`) and starts like a pickle (0x80) or a zip (``PK``).
+    """
+    if is_safetensors_layout(path):
+        return False
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return head[:1] == b"\x80" or head == b"PK"
 
 
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str]) -> None:
@@ -105,12 +135,17 @@ def read_safetensors(
         ``(tensors, metadata)``.
 
     Raises:
-        DafusionError: ``error``, when the file is missing, a pickle (never unpickled) or not readable.
+        DafusionError: ``error``, when the file is missing, a folder, a pickle (never unpickled) or not
+            readable.
     """
     from safetensors import SafetensorError, safe_open
 
-    if not os.path.isfile(path):
+    if os.path.isdir(path):
+        raise error(f"{what} {path!r} is a folder; pass the path of the .safetensors file itself")
+    if not os.path.exists(path):
         raise error(f"{what} not found: {path!r}")
+    if not os.path.isfile(path):
+        raise error(f"{what} {path!r} is not a regular file")
     if looks_like_pickle(path):
         raise error(f"{what} {path!r} is a pickle / torch.save file; dafusion-aug never unpickles" + (f". {pickle_hint}" if pickle_hint else ""))
     try:

@@ -71,6 +71,19 @@ def random_image(seed: int = 0, size: tuple[int, int] = (32, 32), mode: str = "R
     return img if mode == "RGB" else img.convert(mode)
 
 
+def with_header_length(path, length: int) -> None:
+    """Rewrite a safetensors file so that its JSON header is ``length`` bytes long (padded with spaces, which
+    the format allows): how a test reaches every header length, whose low byte is a file's first byte."""
+    data = open(path, "rb").read()
+    n = int.from_bytes(data[:8], "little")
+    header = data[8 : 8 + n].rstrip(b" ")
+    if length < len(header):
+        raise ValueError(f"header of {path} needs at least {len(header)} bytes, got {length}")
+    header += b" " * (length - len(header))
+    with open(path, "wb") as f:
+        f.write(length.to_bytes(8, "little") + header + data[8 + n :])
+
+
 @pytest.fixture
 def make_aug(tiny_pipe, tmp_path):
     """Build a DiffusionAugment on the shared tiny pipeline with fast settings."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLASS_NAMES, FAST, random_image
+from conftest import CLASS_NAMES, FAST, random_image, with_header_length
 from safetensors import safe_open
 
 from dafusion_aug import ClassTokens
@@ -173,18 +173,27 @@ def test_constructor_validation(kwargs, match):
 
 
 
-def test_safetensors_files_are_never_mistaken_for_pickles(tmp_path):
-    """A safetensors file starts with its header's length; one length in 256 starts with 0x80, a pickle's first byte."""
+def test_token_files_of_every_header_length_load(tmp_path):
+    """A safetensors file starts with its header's length: every first byte must load, 0x80 (a pickle's first
+    byte) included. Before issue 13, 1 token file in 32 was refused as a pickle (issue 15, item 1)."""
+    path = tmp_path / "tokens.safetensors"
+    seen = set()
     for k in range(1, 400):
-        path = ClassTokens(["c" * k], [torch.zeros(1, 32)]).save(tmp_path / "tokens.safetensors")
-        if path.read_bytes()[:1] == b"\x80":
-            break
-    else:
-        pytest.fail("no token file whose header length starts with 0x80")
-    assert ClassTokens.load(path).class_names == ["c" * k]
+        toks = ClassTokens(["c" * k], [torch.full((1, 32), float(k))])
+        toks.save(path)
+        if path.read_bytes()[0] in seen:
+            continue
+        seen.add(path.read_bytes()[0])
+        assert ClassTokens.load(path).content_hash() == toks.content_hash()
+    assert seen == set(range(0, 256, 8))  # safetensors pads headers to 8 bytes: every first byte save() can write
+    for low in range(256):  # and every other one, as other writers may leave them
+        toks.save(path)
+        with_header_length(path, 1024 + low)
+        assert path.read_bytes()[0] == low and ClassTokens.load(path).content_hash() == toks.content_hash()
     torch.save({"<c>": torch.zeros(32)}, path)  # real pickles are still refused
     with pytest.raises(TokenFileError, match="pickle"):
         ClassTokens.load(path)
+
 
 # -- token files reaching the transform, and exports (issue 8) -------------------------------------------
 def _token_file(tmp_path: Path, dim: int = 32) -> Path:
