@@ -225,7 +225,7 @@ class DiffusionAugment(Transform):
                 model_fp, tokens=self.tokens, class_names=self.class_names, prompt=self.prompt, strength=self.strength,
                 strength_probs=self.strength_probs, guidance_scale=self.guidance_scale,
                 num_inference_steps=self.num_inference_steps, negative_prompt=self.negative_prompt,
-                resolution=self.resolution, class_erasures=self.class_erasures,
+                resolution=self.resolution, class_erasures=self.class_erasures, seed=self.seed,
             )
         return self._fingerprint
 

@@ -101,6 +101,7 @@ def test_variant_depends_on_label_seed_and_settings(make_aug):
     a = make_aug()
     assert a.variant(digest, 0, 0).key != a.variant(digest, 1, 0).key
     assert a.variant(digest, 0, 0).seed != make_aug(seed=1).variant(digest, 0, 0).seed
+    assert a.variant(digest, 0, 0).key != make_aug(seed=1).variant(digest, 0, 0).key
     assert a.variant(digest, 0, 0).key != make_aug(guidance_scale=3.0).variant(digest, 0, 0).key
     assert a.variant(digest, 0, 0).key != make_aug(prompt="a drawing of a {name}").variant(digest, 0, 0).key
 

@@ -3,14 +3,18 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import warnings
 
 import numpy as np
 import pytest
 from conftest import FAST, ours, random_image
+from PIL import Image
 
 from dafusion_aug.hashing import image_digest
 from dafusion_aug.variants import (
+    CACHE_FORMAT_VERSION,
     DEFAULT_STRENGTHS,
     cache_key,
     generation_fingerprint,
@@ -18,14 +22,16 @@ from dafusion_aug.variants import (
     variant_strength,
 )
 
-# Computed with the code before the reorganisation (issue 13); pure hashing, the same on every machine.
+# Pure hashing, the same on every machine. digest, seed and strengths: computed with the code before the
+# reorganisation (issue 13). key, key_unlabelled and fingerprint: changed on purpose by issue 15 (cache format
+# 2: the fingerprint covers ``seed``), computed with that code; CHANGELOG says caches are rebuilt once.
 GOLDEN = {
     "digest": "8e7a8dc0372f3def0f5e8547d8029f3d70dfe35db6db552aa45c28dd11efb2d5",
-    "key": "a683b5142b095681c9f87172cd68629408f634988bc7e5f4c10f6bc0933603f6",
-    "key_unlabelled": "a089e0c7967d7cc2f07c22bbb6c45d5dcd8c55492657433ee63454c432d43dbd",
+    "key": "258d6dc2a52734517437f798a391e863e507586efbfbbccd3f4c23b7c2dd28b9",
+    "key_unlabelled": "b9ce0d492a2139fee35b2c1c6d7af4dd8caf3174e1e4840e3c516d0d36163e3f",
     "seed": 2885419976310194828,
     "strengths": [1.0, 0.25, 0.75, 0.5, 0.25, 0.5],
-    "fingerprint": "5449874cfde02be00e6b342b26cb0dcd03e71754ed7ee2acff28e4b1a18ae187",
+    "fingerprint": "21aec6ea6b3377c3220161ef43f4ab8cb0eff20bb79dff3cd6761339ded5dd1b",
 }
 
 
@@ -73,8 +79,9 @@ def test_cache_keys_and_seeds_are_stable_across_versions():
     assert [variant_strength(0, digest, 1, v, DEFAULT_STRENGTHS, (0.25,) * 4) for v in range(6)] == GOLDEN["strengths"]
     fp = generation_fingerprint("model", tokens=None, class_names=["cat", "dog"], prompt="a photo of a {name}", strength=(0.5, 1.0),
                                 strength_probs=(0.5, 0.5), guidance_scale=7.5, num_inference_steps=50, negative_prompt=None,
-                                resolution=None, class_erasures={})
+                                resolution=None, class_erasures={}, seed=0)
     assert fp == GOLDEN["fingerprint"]
+    assert CACHE_FORMAT_VERSION == 2
 
 
 def test_the_transform_plans_with_the_variant_functions(make_aug):
@@ -88,3 +95,52 @@ def test_the_transform_plans_with_the_variant_functions(make_aug):
         assert var.prompt in ("a zebra", "two zebras")
     with pytest.raises(ValueError, match=r"v must be in \[0, 4\), got 4"):
         aug.variant(digest, 2, 4)
+
+
+# -- every input of a variant is in its key (issue 15, item 2) --------------------------------------------
+def test_seed_is_part_of_the_cache_key(make_aug, tmp_path):
+    """Two transforms differing only in ``seed`` on one cache: before, seed=1 was served seed=0's pixels and
+    ``precompute(out=)`` wrote a manifest whose seed, strength and prompt did not match the files."""
+    digest = image_digest(np.zeros((8, 8, 3), np.uint8))
+    a, b = make_aug(seed=0, strength=(0.5, 1.0)), make_aug(seed=1, strength=(0.5, 1.0))
+    assert a.fingerprint() != b.fingerprint() and a.cache_key(digest, 0, 0) != b.cache_key(digest, 0, 0)
+    data = [(random_image(i), i % 3) for i in range(2)]
+    assert a.precompute(data, progress=False)["generated"] == 6
+    counts = b.precompute(data, progress=False, out=tmp_path / "out")
+    assert counts["generated"] == 6 and counts["skipped"] == 0
+    records = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert len(records) == 6
+    for r in records:
+        image, label = data[r["index"]]
+        rgb = np.asarray(image)
+        var = b.variant(image_digest(rgb), label, r["variant"])
+        assert (r["seed"], r["strength"], r["prompt"], r["key"]) == (var.seed, var.strength, var.prompt, var.key)
+        (made,) = b.generate([rgb], [var], [label])
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / r["file"]).convert("RGB")), made)
+
+
+def _styled(style):
+    return lambda name, label: f"{style} of a {name}"
+
+
+class _Prompt:
+    def __init__(self, style):
+        self.style = style
+
+    def __call__(self, name, label):
+        return f"{self.style} of a {name}"
+
+
+def test_prompt_callables_count_by_what_they_close_over(make_aug):
+    """A prompt callable's closure values, a callable object's attributes and a partial's arguments decide
+    its prompts, so they are in the key; no memory address is (before, a callable object's key differed in
+    every process, and two closures over other values shared one key)."""
+    assert make_aug(prompt=_styled("a photo")).fingerprint() != make_aug(prompt=_styled("a drawing")).fingerprint()
+    assert make_aug(prompt=_styled("a photo")).fingerprint() == make_aug(prompt=_styled("a photo")).fingerprint()
+    assert make_aug(prompt=_Prompt("a photo")).fingerprint() == make_aug(prompt=_Prompt("a photo")).fingerprint()
+    assert make_aug(prompt=_Prompt("a photo")).fingerprint() != make_aug(prompt=_Prompt("a drawing")).fingerprint()
+
+    def two(style, name, label):
+        return f"{style} {name}"
+
+    assert make_aug(prompt=functools.partial(two, "x")).fingerprint() != make_aug(prompt=functools.partial(two, "y")).fingerprint()
