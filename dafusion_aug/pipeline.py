@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ __all__ = [
     "pipeline_fingerprint",
     "resolve_dtype",
     "resolve_device",
+    "pipeline_lock",
 ]
 
 _DTYPES = {
@@ -55,6 +57,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".json", ".txt", ".model")
 _LOADED: dict[tuple, Any] = {}
 _LOCK = threading.Lock()
 _FILE_FP: dict[tuple, str] = {}
+_PIPE_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -355,6 +358,30 @@ def _check_matches(pipe, device, dtype) -> None:
         raise ValueError(f"device={device!r} differs from the pipeline's {unet.device}; move the pipeline or pass a model id")
     if dtype is not None and resolve_dtype(dtype) != unet.dtype:
         raise ValueError(f"dtype={dtype!r} differs from the pipeline's {unet.dtype}; convert the pipeline or pass a model id")
+
+
+def pipeline_lock(pipe) -> threading.RLock:
+    """The lock that serialises dafusion-aug's changes to, and runs of, one loaded pipeline.
+
+    A loaded pipeline is shared (by every transform on it, and by :func:`load_pipeline` within a process),
+    and generating changes it for a while: class tokens are written into the text encoder, a class's
+    erasure is swapped into the UNet and restored, a float16 pipeline may run in float32 for a redo.
+    :meth:`~dafusion_aug.DiffusionAugment.generate` holds this lock from the first change to the restore,
+    so threads calling transforms on one pipeline are safe (they take turns to generate; cache hits do not
+    wait). Re-entrant; kept beside the pipeline (not on it, so the pipeline still deep-copies), for as long
+    as the pipeline lives.
+
+    Args:
+        pipe: a loaded pipeline.
+
+    Returns:
+        The pipeline's ``threading.RLock`` (the same object for the same pipeline).
+    """
+    with _LOCK:
+        lock = _PIPE_LOCKS.get(pipe)
+        if lock is None:
+            lock = _PIPE_LOCKS[pipe] = threading.RLock()
+        return lock
 
 
 def pipeline_fingerprint(pipe) -> str:

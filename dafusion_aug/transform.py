@@ -39,7 +39,7 @@ from .erasure import Erasure
 from .errors import CacheError, PipelineError
 from .functional import check_strengths, diffuse, native_resolution
 from .hashing import image_digest
-from .pipeline import PipelineSpec, pipeline_fingerprint, resolve_pipeline
+from .pipeline import PipelineSpec, pipeline_fingerprint, pipeline_lock, resolve_pipeline
 from .tokens import ClassTokens
 from .variants import (
     CACHE_FORMAT_VERSION,
@@ -278,9 +278,10 @@ class DiffusionAugment(Transform):
             self.fingerprint()
         if self.tokens is not None:
             wanted = self.tokens.content_hash()
-            if getattr(pipe, "_dafusion_active_tokens", None) != wanted:
-                self.tokens.apply(pipe, replace=True)
-                pipe._dafusion_active_tokens = wanted
+            with pipeline_lock(pipe):
+                if getattr(pipe, "_dafusion_active_tokens", None) != wanted:
+                    self.tokens.apply(pipe, replace=True)
+                    pipe._dafusion_active_tokens = wanted
         return pipe
 
     def _check_prompt_lengths(self, pipe, variants: Sequence[Variant]) -> None:
@@ -304,8 +305,16 @@ class DiffusionAugment(Transform):
         """Generate the given variants (no cache involved); ``None`` where the output stayed NaN/black.
 
         With ``class_erasures``, pass ``labels``: images are generated in groups, one per erasure, each
-        inside ``erasure.applied(pipe)``.
+        inside ``erasure.applied(pipe)``. Thread-safe: the pipeline's lock (:func:`~dafusion_aug.pipeline.pipeline_lock`)
+        is held from applying this transform's tokens to restoring the last erasure, so threads sharing a
+        pipeline take turns.
         """
+        if self._pipe is None:
+            self.pipeline()  # load outside the lock: load_pipeline has its own
+        with pipeline_lock(self._pipe):
+            return self._generate(images, variants, labels)
+
+    def _generate(self, images: Sequence[np.ndarray], variants: Sequence[Variant], labels: Sequence[int | None] | None) -> list[np.ndarray | None]:
         pipe = self.pipeline()
         self._check_prompt_lengths(pipe, variants)
         kwargs = dict(

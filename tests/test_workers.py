@@ -152,3 +152,54 @@ def test_workers_read_what_precompute_wrote(tiny_folder, tmp_path):
     ds = LoadedProbe(AugmentedDataset(ImageList(items), reader, transform=v2.PILToTensor()))
     for _, _, loaded in DataLoader(ds, batch_size=3, num_workers=2, multiprocessing_context="spawn"):
         assert loaded.tolist() == [0, 0, 0]
+
+
+# -- threads (issue 15, item 3) --------------------------------------------------------------------------
+def test_threads_calling_one_transform_with_class_erasures(fresh_pipe, monkeypatch):
+    """Two threads share one transform (and so one pipeline) whose zebra class is erased. Generation holds the
+    pipeline's lock from token and erasure application to restore, so every output is the one a single thread
+    makes and the pipeline ends restored. Before, 4 runs in 5 generated some outputs under the other class's
+    erasure and left the pipeline erased, or raised a spurious ErasureFileError or a tensor-size error. The
+    UNet is slowed down so that the threads overlap on every call."""
+    import threading
+    import time
+
+    from dafusion_aug import Erasure
+    from dafusion_aug.erasure import base_digests
+
+    name = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+    original = dict(fresh_pipe.unet.named_parameters())[name].detach().clone()
+    dtype, digests = base_digests({name: original})
+    erasure = Erasure({name: torch.randn_like(original) * 3}, concepts="zebra", base_dtype=dtype, base_digests=digests)
+    aug = DiffusionAugment(fresh_pipe, class_names=CLASS_NAMES, class_erasures={"zebra": erasure}, strength=1.0,
+                           num_inference_steps=3, guidance_scale=2.0, num_variants=1, p=1.0, cache=None)
+    jobs = [(random_image(i), 2 if i % 2 else 0) for i in range(12)]
+    expected = [np.asarray(aug(image, label)[0]) for image, label in jobs]  # one thread
+    assert torch.equal(dict(fresh_pipe.unet.named_parameters())[name], original)
+
+    forward = fresh_pipe.unet.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(0.005)  # releases the GIL: the other thread runs in between
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(fresh_pipe.unet, "forward", slow_forward)
+    results: dict[int, np.ndarray] = {}
+    errors: list[BaseException] = []
+
+    def work(indices):
+        try:
+            for i in indices:
+                results[i] = np.asarray(aug(*jobs[i])[0])
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(range(k, 12, 2),)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    wrong = [i for i in range(12) if not np.array_equal(results[i], expected[i])]
+    assert not wrong, f"outputs {wrong} were generated under another class's model"
+    assert torch.equal(dict(fresh_pipe.unet.named_parameters())[name], original) and Erasure.active(fresh_pipe) is None
