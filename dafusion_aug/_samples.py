@@ -26,6 +26,7 @@ __all__ = [
     "LabelsGetter",
     "default_labels_getter",
     "check_labels_getter",
+    "check_class_names",
     "label_index",
     "labels_per_sample",
     "image_leaf_indices",
@@ -58,6 +59,43 @@ def check_labels_getter(labels_getter: str | LabelsGetter | None) -> LabelsGette
     if labels_getter is None or callable(labels_getter):
         return labels_getter
     raise ValueError(f"labels_getter must be 'default', a callable or None, got {labels_getter!r}")
+
+
+def check_class_names(names: Any, where: str = "class_names", *, error: type[ValueError] = ValueError) -> list[str]:
+    """Class names as a list, index = label: a non-empty sequence of distinct, non-empty str.
+
+    Args:
+        names: what the user passed.
+        where: how messages name the argument.
+        error: the exception for empty, blank or repeated names (a ``ValueError`` subclass).
+
+    Returns:
+        The names as a new list.
+
+    Raises:
+        TypeError: a single str (which would be read as one class per character), something without an
+            order (a set, a dict) or not iterable, or a name that is not a str.
+        ValueError: ``error``, for no names, an empty name, or a name given twice (a label naming it would
+            always mean its first index).
+    """
+    if isinstance(names, (str, bytes)):
+        raise TypeError(f"{where} must be a list of class names, got the {type(names).__name__} {names!r}; "
+                        f"for one class pass [{names!r}]")
+    if isinstance(names, (Mapping, set, frozenset)) or not hasattr(names, "__iter__"):
+        raise TypeError(f"{where} must be a list of class names (index = label), got {type(names).__name__}")
+    out = list(names)
+    if not out:
+        raise error(f"{where} must name at least one class, got []")
+    bad = [n for n in out if not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"{where} must hold str class names, got {type(bad[0]).__name__} {bad[0]!r} in {out!r}"[:300])
+    if not all(out):
+        raise error(f"{where} must hold non-empty class names, got {out!r}"[:300])
+    repeated = sorted({n for n in out if out.count(n) > 1})
+    if repeated:
+        raise error(f"{where} must be unique, got {repeated} more than once; a label naming such a class would "
+                    "always mean its first index")
+    return out
 
 
 def label_index(label: Any, class_names: Sequence[str] | None, where: str = "label", *,

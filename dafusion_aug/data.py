@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from ._images import image_array
-from ._samples import label_index
+from ._samples import check_class_names, label_index
 from .hashing import image_digest, stable_digest
 
 __all__ = [
@@ -75,7 +75,7 @@ class ImageList:
 
     def __init__(self, items: Sequence[tuple[Any, int]], class_names: Sequence[str] | None = None) -> None:
         self.items = list(items)
-        self.class_names = list(class_names) if class_names is not None else None
+        self.class_names = check_class_names(class_names) if class_names is not None else None
         self.targets = [int(label) for _, label in self.items]
 
     def __len__(self) -> int:

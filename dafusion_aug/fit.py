@@ -25,6 +25,7 @@ from torch import nn
 
 from ._checkpoint import load_numbered, numbered_checkpoints, remove_checkpoints, save_numbered
 from ._io import remove_temporaries
+from ._samples import check_class_names
 from .data import LabelledImages, as_dataset, class_names_of, read_labelled_images
 from .errors import FitError
 from .functional import native_resolution, to_batch
@@ -225,6 +226,7 @@ def _open_training_data(data: Any, class_names: Sequence[str] | None) -> tuple[A
     """The dataset behind ``data`` and its class names, checked (no image is read yet).
 
     Raises:
+        TypeError: class names given as one str (not a list), or holding a non-str.
         ValueError: no class names, or empty / repeated ones.
         FitError: the data holds no image.
     """
@@ -232,11 +234,7 @@ def _open_training_data(data: Any, class_names: Sequence[str] | None) -> tuple[A
     names = class_names if class_names is not None else class_names_of(ds)
     if names is None:
         raise ValueError(f"class_names is required: data ({type(data).__name__}) has no .class_names or .classes attribute")
-    names = list(names)
-    if not names or not all(isinstance(n, str) and n for n in names):
-        raise ValueError(f"class_names must be a non-empty list of non-empty str, got {names!r}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"class_names must be unique, got {names}")
+    names = check_class_names(names)
     if len(ds) == 0:
         raise FitError(f"data is empty ({type(data).__name__} with 0 images); fit_tokens needs at least one image per class")
     return ds, names

@@ -13,7 +13,9 @@ images and the label (like ``v2.MixUp``) and puts the labels into the parameters
 from __future__ import annotations
 
 import contextlib
+import math
 import multiprocessing
+import numbers
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -27,6 +29,7 @@ from torchvision.transforms.v2 import Transform
 from ._images import to_canonical
 from ._samples import (
     LabelsGetter,
+    check_class_names,
     check_labels_getter,
     check_no_image,
     first_image,
@@ -62,47 +65,76 @@ _ON_MISS = ("generate", "real", "error")
 
 
 # -- validation (at construction) ---------------------------------------------------------------------
+def _real(value: Any, name: str) -> float:
+    """``value`` as a finite Python float; any real number type is accepted (``np.float32`` too)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}: {value!r}")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _int(value: Any, name: str) -> int:
+    """``value`` as a Python int; any integer type is accepted (``np.int64`` too), floats are not."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
+    return int(value)
+
+
 def _check_classes(tokens: Any, class_names: Sequence[str] | None) -> tuple[ClassTokens | None, list[str] | None]:
     """The tokens (loaded from a file if need be) and the class names, which must agree with them."""
     if tokens is not None and not isinstance(tokens, ClassTokens):
         tokens = ClassTokens.load(tokens)
     if class_names is None and tokens is not None:
         class_names = tokens.class_names
-    names = list(class_names) if class_names is not None else None
+    names = check_class_names(class_names) if class_names is not None else None
     if tokens is not None and names != tokens.class_names:
         raise ValueError(f"class_names {names} do not match the token file's class names {tokens.class_names}")
-    if names is not None and (not names or not all(isinstance(n, str) for n in names)):
-        raise ValueError(f"class_names must be a non-empty list of str, got {names!r}")
     return tokens, names
 
 
-def _check_strengths(strength: float | Sequence[float], strength_probs: Sequence[float] | None,
-                     num_inference_steps: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    strengths = [strength] if isinstance(strength, (int, float)) else list(strength)
+def _check_strengths(strength: Any, strength_probs: Any, num_inference_steps: Any) -> tuple[tuple[float, ...], tuple[float, ...], int]:
+    """``(strengths, their probabilities, num_inference_steps)`` as plain Python numbers, checked."""
+    steps = _int(num_inference_steps, "num_inference_steps")
+    single = isinstance(strength, numbers.Real) and not isinstance(strength, bool)
+    if not single and (isinstance(strength, (str, bytes)) or not hasattr(strength, "__iter__")):
+        raise TypeError(f"strength must be a float or a sequence of floats, got {type(strength).__name__}: {strength!r}")
+    strengths = [strength] if single else list(strength)
     if not strengths:
         raise ValueError("strength must be a float or a non-empty sequence of floats, got []")
-    check_strengths(strengths, num_inference_steps)
-    return tuple(float(s) for s in strengths), check_strength_probs(strengths, strength_probs)
+    strengths = [float(s) if isinstance(s, numbers.Real) and not isinstance(s, bool) else s for s in strengths]
+    check_strengths(strengths, steps)
+    return tuple(strengths), check_strength_probs(strengths, strength_probs), steps
 
 
-def _check_policy(guidance_scale: Any, num_variants: Any, p: Any, on_miss: Any) -> None:
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
+def _check_policy(guidance_scale: Any, num_variants: Any, p: Any, on_miss: Any) -> tuple[float, int, float]:
+    """``(guidance_scale, num_variants, p)`` as plain Python numbers, checked."""
+    guidance_scale = _real(guidance_scale, "guidance_scale")  # NaN turned guidance off, inf made every output bad
+    if guidance_scale < 0:
         raise ValueError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}")
-    if isinstance(num_variants, bool) or not isinstance(num_variants, int) or num_variants < 1:
+    num_variants = _int(num_variants, "num_variants")
+    if num_variants < 1:
         raise ValueError(f"num_variants must be an int >= 1, got {num_variants!r}")
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+    p = _real(p, "p")
+    if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must be in [0, 1], got {p!r}")
     if on_miss not in _ON_MISS:
         raise ValueError(f"on_miss must be one of {_ON_MISS}, got {on_miss!r}")
+    return guidance_scale, num_variants, p
 
 
-def _check_generation(seed: Any, resolution: Any, batch_size: Any) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if resolution is not None and (not isinstance(resolution, int) or resolution < 8 or resolution % 8):
-        raise ValueError(f"resolution must be a multiple of 8 (>= 8), got {resolution!r}")
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+def _check_generation(seed: Any, resolution: Any, batch_size: Any) -> tuple[int, int | None, int | None]:
+    """``(seed, resolution, batch_size)`` as Python ints (``None`` kept), checked."""
+    seed = _int(seed, "seed")
+    if resolution is not None:
+        resolution = _int(resolution, "resolution")
+        if resolution < 8 or resolution % 8:
+            raise ValueError(f"resolution must be a multiple of 8 (>= 8), got {resolution!r}")
+    if batch_size is not None:
+        batch_size = _int(batch_size, "batch_size")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    return seed, resolution, batch_size
 
 
 def _load_erasures(mapping: Mapping[int | str, Any] | None, class_names: list[str] | None) -> dict[int, Erasure]:
@@ -199,17 +231,14 @@ class DiffusionAugment(Transform):
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             raise TypeError(f"negative_prompt must be a str or None, got {type(negative_prompt).__name__}")
         self.negative_prompt = negative_prompt
-        self.strength, self.strength_probs = _check_strengths(strength, strength_probs, num_inference_steps)
-        self.num_inference_steps = int(num_inference_steps)
-        _check_policy(guidance_scale, num_variants, p, on_miss)
-        self.guidance_scale, self.num_variants, self.p, self.on_miss = float(guidance_scale), num_variants, float(p), on_miss
+        self.strength, self.strength_probs, self.num_inference_steps = _check_strengths(strength, strength_probs, num_inference_steps)
+        self.guidance_scale, self.num_variants, self.p = _check_policy(guidance_scale, num_variants, p, on_miss)
+        self.on_miss = on_miss
         self.cache: AugmentationCache | None = cache if cache is None or isinstance(cache, AugmentationCache) else AugmentationCache(cache)
         if self.cache is None and on_miss != "generate":
             raise ValueError(f"on_miss={on_miss!r} needs a cache to read variants from, got cache=None")
-        _check_generation(seed, resolution, batch_size)
-        self.seed = seed
+        self.seed, self.resolution, self.batch_size = _check_generation(seed, resolution, batch_size)
         self._labels_getter: LabelsGetter | None = check_labels_getter(labels_getter)
-        self.resolution, self.batch_size = resolution, batch_size
         self.class_erasures = _load_erasures(class_erasures, self.class_names)
         if self.class_erasures and self.spec is not None and self.spec.erasure is not None:
             raise ValueError("class_erasures cannot be combined with a PipelineSpec that already has an erasure")

@@ -22,7 +22,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import math
+import numbers
 import re
+import string
 import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -100,37 +103,61 @@ def check_strength_probs(strengths: Sequence[float], strength_probs: Sequence[fl
     """The probability of each strength: uniform by default, else as given.
 
     Raises:
-        ValueError: not one probability per strength, a negative one, or a sum other than 1.
+        TypeError: ``strength_probs`` is not a sequence of numbers (numpy scalars are numbers).
+        ValueError: not one probability per strength, a NaN, infinite or negative one, or a sum other than 1.
     """
     if strength_probs is None:
         return tuple([1.0 / len(strengths)] * len(strengths))
-    probs = [float(x) for x in strength_probs]
+    if isinstance(strength_probs, (str, bytes)) or not hasattr(strength_probs, "__iter__"):
+        raise TypeError(f"strength_probs must be a sequence of numbers, got {type(strength_probs).__name__}: {strength_probs!r}")
+    raw = list(strength_probs)
+    bad = [x for x in raw if isinstance(x, bool) or not isinstance(x, numbers.Real)]
+    if bad:
+        raise TypeError(f"strength_probs must hold numbers, got {type(bad[0]).__name__}: {bad[0]!r}")
+    probs = [float(x) for x in raw]
     if len(probs) != len(strengths):
         raise ValueError(f"strength_probs must have one entry per strength ({len(strengths)}), got {len(probs)}")
+    if not all(math.isfinite(x) for x in probs):  # NaN compares False everywhere: [nan, 1.0] always drew 1.0
+        raise ValueError(f"strength_probs must be finite, got {probs}")
     if any(x < 0 for x in probs) or abs(sum(probs) - 1.0) > 1e-6:
         raise ValueError(f"strength_probs must be non-negative and sum to 1, got {probs} (sum {sum(probs)})")
     return tuple(probs)
 
 
+def _fields(template: str) -> list[str]:
+    """The replacement fields of a ``str.format`` template (``"{name!r}"`` and ``"{name:>8}"`` name ``name``).
+
+    Raises:
+        ValueError: the template is not a valid format string (a lone ``{`` or ``}``).
+    """
+    return [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+
+
 def _needs_names(template: str) -> bool:
-    return "{name}" in template
+    return "name" in _fields(template)
 
 
 def _check_template(t: Any, where: str, class_names: Sequence[str] | None) -> None:
     if not isinstance(t, str):
         raise TypeError(f"{where} must be a str, got {type(t).__name__}: {t!r}")
-    if _needs_names(t) and class_names is None:
-        raise ValueError(f"{where}={t!r} uses {{name}}, which needs class_names or tokens")
     try:
+        fields = _fields(t)
+        other = sorted({f for f in fields if f != "name"})
+        if other:  # positional "{}", another name, or an attribute / index of name ("{name.upper}")
+            raise ValueError(f"it uses {', '.join('{' + f + '}' for f in other)}")
         t.format(name="x")
-    except (KeyError, IndexError, ValueError) as e:
-        raise ValueError(f"{where}={t!r} may only use the field {{name}}: {e}") from e
+    except (KeyError, IndexError, ValueError, TypeError) as e:
+        raise ValueError(f"{where}={t!r} may only use the field {{name}} (with an optional !conversion or "
+                         f":format spec): {e}") from e
+    if "name" in fields and class_names is None:
+        raise ValueError(f"{where}={t!r} uses {{name}}, which needs class_names or tokens")
 
 
 def check_prompt(prompt: PromptSpec, class_names: Sequence[str] | None) -> None:
     """Check a prompt spec: a template, a list of templates, a per-class dict of them, or a callable.
 
-    Templates may only use ``{name}``, and only when the classes are known.
+    Templates are ``str.format`` strings that may only use the field ``{name}`` (a conversion or format spec
+    such as ``{name!r}`` or ``{name:>8}`` included), and only when the classes are known.
 
     Raises:
         TypeError: a template is not a str, or the spec has another type.
@@ -189,7 +216,9 @@ def prompt_options(prompt: PromptSpec, label: int | None, class_names: Sequence[
         assert class_names is not None
         prompt = prompt[label] if label in prompt else prompt[class_names[label]]
     templates = [prompt] if isinstance(prompt, str) else list(prompt)
-    return [t.format(name=_class_word(label, class_names, tokens)) if _needs_names(t) else t for t in templates]
+    # always format: "{name!r}" and "{name:>8}" need the class too, and "{{" stands for "{" (check_prompt
+    # allows only templates that format); before, such templates reached the model as they were written
+    return [t.format(name=_class_word(label, class_names, tokens)) if _needs_names(t) else t.format() for t in templates]
 
 
 # -- fingerprint and keys ---------------------------------------------------------------------------------

@@ -294,6 +294,59 @@ def test_bad_arguments_name_themselves(make_aug, kwargs, match):
         make_aug(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number, got nan"),
+        (dict(guidance_scale=float("inf")), "guidance_scale must be a finite number, got inf"),
+        (dict(guidance_scale=np.float32("nan")), "guidance_scale must be a finite number"),
+        (dict(p=float("nan")), "p must be a finite number"),
+        (dict(strength=(0.5, 1.0), strength_probs=(float("nan"), 1.0)), r"strength_probs must be finite, got \[nan, 1.0\]"),
+        (dict(strength=(0.5, 1.0), strength_probs=(float("inf"), 1.0)), "strength_probs must be finite"),
+        (dict(strength=float("nan")), "strength must be in"),
+        (dict(strength=(0.5, 1.0), strength_probs=("0.5", "0.5")), "strength_probs must hold numbers, got str"),
+        (dict(guidance_scale="7.5"), "guidance_scale must be a number, got str"),
+        (dict(num_variants=2.0), "num_variants must be an int, got float"),
+        (dict(seed=1.5), "seed must be an int, got float"),
+    ],
+)
+def test_non_finite_and_non_numeric_settings_are_refused(make_aug, kwargs, match):
+    """Issue 15, item 4: guidance_scale=nan was accepted, turned guidance off and was cached; inf made every
+    output bad; strength_probs=[nan, 1.0] always drew 1.0."""
+    with pytest.raises((ValueError, TypeError), match=match):
+        make_aug(**kwargs)
+
+
+def test_numpy_scalars_are_accepted_as_python_numbers(make_aug):
+    """Users pass np.float32 / np.int64 (from configs, sweeps, np.linspace); they were refused."""
+    a = make_aug(p=np.float32(0.5), num_variants=np.int64(3), strength=np.float32(0.5), guidance_scale=np.float32(2.0),
+                 num_inference_steps=np.int64(4), seed=np.int64(7), resolution=np.int64(32), batch_size=np.int32(2),
+                 strength_probs=None)
+    b = make_aug(p=0.5, num_variants=3, strength=0.5, guidance_scale=2.0, num_inference_steps=4, seed=7, resolution=32, batch_size=2)
+    for name in ("p", "num_variants", "guidance_scale", "num_inference_steps", "seed", "resolution", "batch_size"):
+        assert type(getattr(a, name)) is type(getattr(b, name)) and getattr(a, name) == getattr(b, name), name
+    assert a.strength == b.strength == (0.5,) and type(a.strength[0]) is float
+    assert a.fingerprint() == b.fingerprint()
+    c = make_aug(strength=np.array([0.5, 1.0], dtype=np.float32), strength_probs=np.array([0.25, 0.75], dtype=np.float32))
+    assert c.strength == (0.5, 1.0) and c.strength_probs == pytest.approx((0.25, 0.75))
+
+
+@pytest.mark.parametrize(
+    "class_names, error, match",
+    [
+        ("cat", TypeError, r"class_names must be a list of class names, got the str 'cat'; for one class pass \['cat'\]"),
+        (["cat", "dog", "cat"], ValueError, r"class_names must be unique, got \['cat'\] more than once"),
+        ([1, 2], TypeError, "class_names must hold str class names, got int 1"),
+        ({"cat", "dog"}, TypeError, "class_names must be a list of class names .index = label., got set"),
+        (["cat", ""], ValueError, "non-empty class names"),
+    ],
+)
+def test_class_names_must_be_a_list_of_distinct_names(make_aug, class_names, error, match):
+    """Issue 15, item 6: 'cat' became ['c', 'a', 't'], and with duplicates a label 'cat' always meant index 0."""
+    with pytest.raises(error, match=match):
+        make_aug(class_names=class_names)
+
+
 def test_bad_pipeline_and_token_mismatch(make_aug):
     with pytest.raises(TypeError, match="pipeline must be"):
         DiffusionAugment(42, class_names=CLASS_NAMES)

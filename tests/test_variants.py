@@ -144,3 +144,28 @@ def test_prompt_callables_count_by_what_they_close_over(make_aug):
         return f"{style} {name}"
 
     assert make_aug(prompt=functools.partial(two, "x")).fingerprint() != make_aug(prompt=functools.partial(two, "y")).fingerprint()
+
+
+# -- prompt templates are format strings (issue 15, item 5) -----------------------------------------------
+@pytest.mark.parametrize(
+    "template, expected",
+    [
+        ("{name!r}", "'zebra'"),
+        ("a {name:>8}", "a    zebra"),
+        ("a {name!s:_<7}!", "a zebra__!"),
+        ("{{style}} of a {name}", "{style} of a zebra"),
+        ("{{literal}} braces", "{literal} braces"),
+    ],
+)
+def test_templates_with_conversions_and_format_specs_are_filled(make_aug, template, expected):
+    """Before, '{name!r}' and '{name:>8}' (and a template whose only braces are escaped) reached the model
+    exactly as written."""
+    aug = make_aug(prompt=template)
+    digest = image_digest(np.zeros((8, 8, 3), np.uint8))
+    assert aug.variant(digest, 2, 0).prompt == expected
+
+
+@pytest.mark.parametrize("template", ["{name.upper}", "{name[0]}", "{0}", "{}", "a {name} {style}", "{name:{width}}", "a {", "b }"])
+def test_templates_with_other_fields_are_refused(make_aug, template):
+    with pytest.raises(ValueError, match=r"may only use the field \{name\}"):
+        make_aug(prompt=template)
