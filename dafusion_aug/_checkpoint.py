@@ -51,7 +51,7 @@ def write_checkpoint(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    save_safetensors(cpu, folder / f"{stem}.safetensors", metadata)
+    save_safetensors(cpu, folder / f"{stem}.safetensors", metadata, what="checkpoint")
     json_path = folder / f"{stem}.json"
     atomic_write_bytes(json_path, json.dumps(dict(doc), indent=indent, default=str).encode("utf-8"), suffix=".json")
     return json_path

@@ -8,8 +8,10 @@ leaves at most a temporary file, which no reader opens. Finished files get the p
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Mapping
 
@@ -112,12 +114,45 @@ def looks_like_pickle(path: str | os.PathLike) -> bool:
     return head[:1] == b"\x80" or head == b"PK"
 
 
-def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str]) -> None:
-    """Write ``tensors`` with string ``metadata`` to ``path`` as safetensors, atomically."""
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str], *,
+                     what: str = "file", error: type[DafusionError] = DafusionError) -> None:
+    """Write ``tensors`` with string ``metadata`` to ``path`` as safetensors, atomically.
+
+    Args:
+        tensors: name -> tensor (each its own memory: safetensors refuses tensors that share it).
+        path: the destination; a temporary file beside it is renamed into place.
+        metadata: string metadata for the header.
+        what: what the file is, for messages (``"token file"``).
+        error: the exception raised when the file cannot be written.
+
+    Raises:
+        DafusionError: ``error``, naming the path, when the folder cannot be written or the disk is full
+            (nothing is left behind: no file, no temporary).
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    with atomic_path(path, suffix=".safetensors") as tmp:
-        save_file(dict(tensors), tmp, metadata=dict(metadata))
+    try:
+        with atomic_path(path, suffix=".safetensors") as tmp:
+            save_file(dict(tensors), tmp, metadata=dict(metadata))
+    except (OSError, SafetensorError) as e:
+        raise error(f"cannot write {what} {os.fspath(path)!r}: {_write_failure(e)}") from e
+
+
+def _write_failure(e: BaseException) -> str:
+    """Why a write failed, in words: "the disk is full", "the file size limit was reached", or the OS's reason."""
+    code = getattr(e, "errno", None)
+    text = str(e)
+    if code is None:  # safetensors' Rust errors carry the OS error in their text: "... (os error 28)"
+        m = re.search(r"(?:os error |code: )(\d+)", text)
+        code = int(m.group(1)) if m else None
+    if code == errno.ENOSPC:
+        return "the disk is full"
+    if code == errno.EFBIG:
+        return "the file size limit (ulimit -f) was reached"
+    if code == errno.EDQUOT:
+        return "the disk quota is exceeded"
+    return text
 
 
 def read_safetensors(

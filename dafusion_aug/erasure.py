@@ -150,7 +150,14 @@ class Erasure:
 
     # -- files -------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the erasure to ``path`` (safetensors), atomically. Returns the path."""
+        """Write the erasure to ``path`` (safetensors), atomically.
+
+        Returns:
+            The path.
+
+        Raises:
+            ErasureFileError: the file cannot be written (full disk, unwritable folder); nothing is left behind.
+        """
         path = Path(path)
         meta = {
             "format": "pt",
@@ -163,7 +170,7 @@ class Erasure:
             "base_digests": json.dumps(self.base_digests, sort_keys=True),
             "training": json.dumps(self.metadata, default=str),
         }
-        save_safetensors(self.tensors, path, meta)
+        save_safetensors(self.tensors, path, meta, what="erasure file", error=ErasureFileError)
         return path
 
     @classmethod

@@ -28,6 +28,17 @@ _FORMAT = "dafusion-aug/class-tokens/1"
 _PICKLE_HINT = "Import DA-Fusion .pt files with ClassTokens.from_dafusion(path)."
 
 
+def _check_metadata_list(path: str, key: str, value: Any) -> None:
+    """A token file's ``tokens`` / ``class_names`` metadata must be a non-empty JSON list of strings.
+
+    Raises:
+        TokenFileError: naming the file, the key and what it holds.
+    """
+    if not isinstance(value, list) or not value or not all(isinstance(x, str) for x in value):
+        raise TokenFileError(f"token file {path!r} has malformed metadata: {key!r} must be a non-empty JSON list of "
+                             f"strings, got {json.dumps(value)[:200]}")
+
+
 def token_for_class(name: str, index: int | None = None) -> str:
     """The token for a class name: ``"Golden Retriever"`` -> ``"<golden-retriever>"``.
 
@@ -44,15 +55,34 @@ def token_for_class(name: str, index: int | None = None) -> str:
     return f"<{slug}>"
 
 
+def _embedding(value: Any, name: str) -> torch.Tensor:
+    """One class's embedding as a float32 ``[num_vectors, dim]`` CPU tensor of its own (never a view of the
+    caller's tensor, nor shared with another class: safetensors refuses to save tensors that share memory).
+
+    Raises:
+        TypeError: not a floating-point tensor (integer values are no embedding: they are refused, never cast).
+    """
+    t = torch.as_tensor(value)
+    if not t.is_floating_point():
+        raise TypeError(f"the embedding of class {name!r} must be a floating-point tensor, got dtype {str(t.dtype).removeprefix('torch.')}")
+    t = t.detach().to("cpu", torch.float32, copy=True)
+    return t.unsqueeze(0) if t.ndim == 1 else t
+
+
 class ClassTokens:
     """Learned class tokens and their embeddings.
 
     Args:
-        class_names: class names, index = label.
+        class_names: class names, index = label (a list, not a single str).
         embeddings: one float tensor per class, ``[num_vectors, dim]`` (a ``[dim]`` tensor means one vector),
-            as a sequence in class order or a mapping ``class_name -> tensor``.
+            as a sequence in class order or a mapping ``class_name -> tensor``. Each is copied and stored as
+            float32 (the file format's dtype); integer tensors are refused.
         tokens: the token strings; default ``token_for_class(name)`` for each class.
         metadata: free-form JSON-able information (base model fingerprint, hyper-parameters, ...).
+
+    Raises:
+        TypeError: ``class_names`` is a str or holds a non-str, or an embedding is not a float tensor.
+        ValueError: no classes, repeated names or tokens, embeddings of different or empty shapes, NaN or inf.
 
     Example:
         >>> toks = ClassTokens(["cat", "dog"], [torch.zeros(1, 32), torch.ones(1, 32)])
@@ -67,9 +97,15 @@ class ClassTokens:
         tokens: Sequence[str] | None = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> None:
+        if isinstance(class_names, (str, bytes)):
+            raise TypeError(f"class_names must be a list of class names, got the {type(class_names).__name__} "
+                            f"{class_names!r}; for one class pass [{class_names!r}]")
         names = list(class_names)
         if not names:
             raise ValueError("class_names must name at least one class, got []")
+        bad = [n for n in names if not isinstance(n, str)]
+        if bad:
+            raise TypeError(f"class_names must hold str class names, got {type(bad[0]).__name__} {bad[0]!r} in {names!r}"[:300])
         if len(set(names)) != len(names):
             raise ValueError(f"class_names must be unique, got {names}")
         if isinstance(embeddings, Mapping):
@@ -77,13 +113,15 @@ class ClassTokens:
             if missing:
                 raise ValueError(f"embeddings has no entry for classes {missing}")
             embeddings = [embeddings[n] for n in names]
-        embs = [torch.as_tensor(e).detach().to("cpu", torch.float32) for e in embeddings]
-        if len(embs) != len(names):
-            raise ValueError(f"embeddings must have one entry per class ({len(names)}), got {len(embs)}")
-        embs = [e.unsqueeze(0) if e.ndim == 1 else e for e in embs]
+        embeddings = list(embeddings)
+        if len(embeddings) != len(names):
+            raise ValueError(f"embeddings must have one entry per class ({len(names)}), got {len(embeddings)}")
+        embs = [_embedding(e, n) for e, n in zip(embeddings, names)]
         shapes = {tuple(e.shape) for e in embs}
         if len(shapes) != 1 or len(next(iter(shapes))) != 2:
             raise ValueError(f"embeddings must all be [num_vectors, dim] of one shape, got {sorted(shapes)}")
+        if min(next(iter(shapes))) < 1:
+            raise ValueError(f"embeddings must have at least one vector of at least one value, got shape {next(iter(shapes))}")
         if any(not torch.isfinite(e).all() for e in embs):
             raise ValueError("embeddings must be finite, got NaN or inf values")
         toks = list(tokens) if tokens is not None else [token_for_class(n, i) for i, n in enumerate(names)]
@@ -141,7 +179,14 @@ class ClassTokens:
 
     # -- files -------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the tokens to ``path`` (safetensors), atomically. Returns the path."""
+        """Write the tokens to ``path`` (safetensors), atomically.
+
+        Returns:
+            The path.
+
+        Raises:
+            TokenFileError: the file cannot be written (full disk, unwritable folder); nothing is left behind.
+        """
         path = Path(path)
         meta = {
             "format": "pt",
@@ -154,7 +199,8 @@ class ClassTokens:
             "base_model": str(self.metadata.get("base_model", "")),
             "training": json.dumps({k: v for k, v in self.metadata.items() if k != "base_model"}, default=str),
         }
-        save_safetensors({t: e.contiguous() for t, e in zip(self.tokens, self.embeddings)}, str(path), meta)
+        save_safetensors({t: e.contiguous() for t, e in zip(self.tokens, self.embeddings)}, str(path), meta,
+                         what="token file", error=TokenFileError)
         return path
 
     @classmethod
@@ -170,10 +216,16 @@ class ClassTokens:
             raise TokenFileError(f"token file {path!r} holds no tensors")
         try:
             tokens = json.loads(meta["tokens"]) if "tokens" in meta else list(tensors)
+            _check_metadata_list(path, "tokens", tokens)
             names = json.loads(meta["class_names"]) if "class_names" in meta else [t.strip("<>") for t in tokens]
+            _check_metadata_list(path, "class_names", names)
             extra = json.loads(meta.get("training", "{}") or "{}")
         except json.JSONDecodeError as e:
             raise TokenFileError(f"token file {path!r} has malformed metadata: {e}") from e
+        if not isinstance(extra, dict):
+            raise TokenFileError(f"token file {path!r} has malformed metadata: 'training' must be a JSON object, got {extra!r}"[:300])
+        if len(names) != len(tokens):
+            raise TokenFileError(f"token file {path!r} has {len(names)} class_names but {len(tokens)} tokens in its metadata")
         missing = [t for t in tokens if t not in tensors]
         if missing:
             raise TokenFileError(f"token file {path!r} lists tokens {missing} that it does not store")
@@ -226,7 +278,7 @@ class ClassTokens:
             used.add(slug)
             sub = Path(folder) / slug
             path = sub / "learned_embeds.safetensors"
-            save_safetensors({token: emb.contiguous()}, str(path), {"format": "pt"})
+            save_safetensors({token: emb.contiguous()}, str(path), {"format": "pt"}, what="token file", error=TokenFileError)
             out.append(path)
         return out
 

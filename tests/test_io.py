@@ -69,3 +69,36 @@ def test_a_folder_or_a_fifo_is_named_as_such(tmp_path):
         read_safetensors(str(fifo), "token file")
     with pytest.raises(TokenFileError, match="token file not found"):
         read_safetensors(str(tmp_path / "missing.safetensors"), "token file")
+
+
+SAVE_UNDER_ULIMIT = """
+import os, resource, signal, sys, torch
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # as a shell's `ulimit -f` with the signal ignored: writes fail with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (200, resource.RLIM_INFINITY))
+from dafusion_aug import ClassTokens, Erasure
+from dafusion_aug.errors import DafusionError
+for make in (lambda: ClassTokens(["cat"], [torch.zeros(1, 64)]).save(sys.argv[1] + "/t.safetensors"),
+             lambda: Erasure({"a.weight": torch.zeros(8, 8)}, concepts="z").save(sys.argv[1] + "/e.safetensors")):
+    try:
+        make()
+    except DafusionError as e:
+        print(type(e).__name__, e)
+print(sorted(os.listdir(sys.argv[1])))
+"""
+
+
+def test_token_and_erasure_saves_over_the_file_size_limit_name_the_file(tmp_path):
+    """Token and erasure saves that cannot be written (here `ulimit -f`, in a child process) raise the
+    library's error with the path and the reason, and leave no file; before, safetensors' raw
+    SafetensorError. The full-disk case: test_tokens.py::test_full_disk_on_save_names_the_file_and_leaves_nothing."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", SAVE_UNDER_ULIMIT, str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[0] == f"TokenFileError cannot write token file '{tmp_path}/t.safetensors': the file size limit (ulimit -f) was reached"
+    assert lines[1] == f"ErasureFileError cannot write erasure file '{tmp_path}/e.safetensors': the file size limit (ulimit -f) was reached"
+    assert lines[2] == "[]"

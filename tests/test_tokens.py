@@ -195,6 +195,73 @@ def test_token_files_of_every_header_length_load(tmp_path):
         ClassTokens.load(path)
 
 
+# -- issue 15: shared tensors, bad metadata, empty or integer embeddings, full disks ------------------------
+def test_classes_sharing_one_tensor_save_and_load(tmp_path):
+    """Item 9: ClassTokens(names, [t] * 3).save() crashed with safetensors' "Some tensors share memory"."""
+    t = torch.randn(2, 32)
+    toks = ClassTokens(NAMES, [t] * 3)
+    back = ClassTokens.load(toks.save(tmp_path / "t.safetensors"))
+    assert all(torch.equal(e, t) for e in back.embeddings)
+    t.zero_()  # the caller's tensor is copied, not kept
+    assert not torch.equal(toks.embeddings[0], t)
+
+
+def _write_token_file(path, metadata, tensors=None):
+    from safetensors.torch import save_file
+
+    save_file(tensors or {"<cat>": torch.zeros(1, 32)}, str(path), metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize(
+    "metadata, match",
+    [
+        ({"tokens": "null"}, r"'tokens' must be a non-empty JSON list of strings, got null"),
+        ({"tokens": '"<cat>"'}, r"'tokens' must be a non-empty JSON list of strings"),
+        ({"tokens": '["<cat>"]', "class_names": "[1]"}, r"'class_names' must be a non-empty JSON list of strings, got \[1\]"),
+        ({"tokens": '["<cat>"]', "class_names": '["cat", "dog"]'}, "has 2 class_names but 1 tokens"),
+        ({"tokens": '["<cat>"]', "training": "[]"}, "'training' must be a JSON object"),
+    ],
+)
+def test_bad_token_metadata_is_named_at_load(tmp_path, metadata, match):
+    """Unclear errors of issue 15: tokens=null raised "'NoneType' object is not iterable"; class_names=[1, 2]
+    loaded and failed later."""
+    path = _write_token_file(tmp_path / "t.safetensors", {"format": "pt", **metadata})
+    with pytest.raises(TokenFileError, match=match) as info:
+        ClassTokens.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_empty_or_integer_embeddings_are_refused(tmp_path):
+    """A [0, dim] tensor loaded, then raised IndexError; int64 tensors were cast to float silently."""
+    with pytest.raises(ValueError, match=r"at least one vector of at least one value, got shape \(0, 32\)"):
+        ClassTokens(["cat"], [torch.zeros(0, 32)])
+    with pytest.raises(TypeError, match="the embedding of class 'cat' must be a floating-point tensor, got dtype int64"):
+        ClassTokens(["cat"], [torch.zeros(1, 32, dtype=torch.int64)])
+    assert ClassTokens(["cat"], [torch.zeros(1, 32, dtype=torch.float64)]).embeddings[0].dtype == torch.float32
+    for tensor, match in [(torch.zeros(0, 32), "at least one vector"), (torch.zeros(1, 32, dtype=torch.int64), "floating-point")]:
+        path = _write_token_file(tmp_path / "t.safetensors", {"tokens": '["<cat>"]', "class_names": '["cat"]'}, {"<cat>": tensor})
+        with pytest.raises(TokenFileError, match=match):
+            ClassTokens.load(path)
+
+
+def test_full_disk_on_save_names_the_file_and_leaves_nothing(tmp_path, monkeypatch):
+    """Token (and export) saves on a full disk raised safetensors' raw SafetensorError, without the path."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(TokenFileError, match=r"cannot write token file '.*t.safetensors': the disk is full"):
+        make_tokens().save(tmp_path / "t.safetensors")
+    with pytest.raises(TokenFileError, match="cannot write token file .*learned_embeds.safetensors.*: the disk is full"):
+        make_tokens().export_diffusers(tmp_path / "export")
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
 # -- token files reaching the transform, and exports (issue 8) -------------------------------------------
 def _token_file(tmp_path: Path, dim: int = 32) -> Path:
     return ClassTokens(CLASS_NAMES, [torch.randn(1, dim) for _ in CLASS_NAMES]).save(tmp_path / "tokens.safetensors")
