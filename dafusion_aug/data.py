@@ -3,16 +3,18 @@ reads any labelled image data it is given (a folder, a list of pairs, a map-styl
 
 from __future__ import annotations
 
+import numbers
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._images import image_array
-from ._samples import check_class_names, label_index
+from ._samples import check_class_names, default_labels_getter, image_leaf_indices, label_index
 from .hashing import image_digest, stable_digest
 
 __all__ = [
@@ -40,7 +42,14 @@ class AugmentedDataset:
     Args:
         dataset: any map-style dataset (``__len__`` and ``__getitem__``).
         augment: a callable taking and returning a sample, e.g. a ``v2.Compose`` holding ``DiffusionAugment``.
-        transform: optional callable applied to the image after ``augment`` (e.g. ``ToTensor`` / normalize).
+        transform: optional callable applied to the image after ``augment`` (e.g. ``ToTensor`` / normalize):
+            the first element of a tuple or list sample, the image of a dict sample (found as the transform
+            finds it: its first PIL image or ``tv_tensors.Image``, else its first 3-D/4-D tensor that is not
+            the label), or the sample itself when it is not a container. The sample keeps its type.
+
+    Raises:
+        TypeError: ``dataset`` is not map-style or ``augment`` is not callable; when reading, a dict sample
+            in which ``transform`` finds no image.
 
     Example:
         >>> ds = AugmentedDataset(ImageFolder("train/"), aug)  # doctest: +SKIP
@@ -61,10 +70,21 @@ class AugmentedDataset:
 
     def __getitem__(self, index: int) -> Any:
         sample = self.augment(self.dataset[index])
-        if self.transform is not None:
-            image, *rest = sample
-            sample = (self.transform(image), *rest)
-        return sample
+        return sample if self.transform is None else self._transform_image(sample)
+
+    def _transform_image(self, sample: Any) -> Any:
+        """``sample`` with ``transform`` applied to its image (see the class docstring)."""
+        if isinstance(sample, (tuple, list)) and sample:
+            out = [self.transform(sample[0]), *sample[1:]]
+            return type(sample)(out) if type(sample) in (tuple, list) else type(sample)(*out)  # namedtuples too
+        if isinstance(sample, Mapping):  # before, unpacking a dict gave its keys and the sample was lost
+            flat, spec = tree_flatten(sample)
+            where = image_leaf_indices(flat, default_labels_getter(sample))
+            if not where:
+                raise TypeError(f"transform needs an image in the sample, but the dict sample with keys {list(sample)} has none")
+            flat[where[0]] = self.transform(flat[where[0]])
+            return tree_unflatten(flat, spec)
+        return self.transform(sample)
 
 
 class ImageList:
@@ -111,10 +131,24 @@ def image_folder(root: str | os.PathLike) -> ImageList:
 def few_shot_indices(targets: Sequence[int], k: int, seed: int, num_classes: int | None = None) -> list[int]:
     """Draw ``k`` indices per class (without replacement), reproducibly from ``seed``.
 
+    Args:
+        targets: the label of every item.
+        k: images per class (an int of any type, numpy's included).
+        seed: the draw's seed.
+        num_classes: draw from classes ``0 .. num_classes - 1``; default the labels present.
+
+    Returns:
+        The drawn indices, sorted within each class, classes in order.
+
     Raises:
-        ValueError: a class has fewer than ``k`` examples.
+        TypeError: ``k``, ``seed`` or ``num_classes`` is not an int (``k=1.5``).
+        ValueError: ``k < 1``, or a class has fewer than ``k`` examples.
     """
+    for name, value in (("k", k), ("seed", seed), ("num_classes", num_classes)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
     targets = np.asarray(list(targets))
+    k = int(k)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     classes = range(num_classes) if num_classes is not None else sorted(set(targets.tolist()))
