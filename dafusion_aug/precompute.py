@@ -165,9 +165,9 @@ def _export(augment: Augmenter, dataset: Any, out: Path, records: list) -> int:
     written = 0
     for index, label, v, digest in records:
         var = augment.variant(digest, label, v)
-        src = augment.cache.path(var.key)
-        if not src.is_file():
+        if var.key not in augment.cache:  # a regular file in real shard folders; never a link or a FIFO
             continue
+        src = augment.cache.path(var.key)
         if label is None:
             folder = "unlabelled"
         else:

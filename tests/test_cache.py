@@ -18,6 +18,7 @@ from PIL import Image
 from dafusion_aug import AugmentationCache, precompute
 from dafusion_aug.data import ImageList
 from dafusion_aug.errors import CacheError
+from dafusion_aug.hashing import image_digest
 
 KEY = "ab" * 32
 
@@ -259,3 +260,78 @@ def test_read_only_cache_in_training_warns_once(make_aug, tmp_path):
             out, _ = aug(random_image(i), i)
             assert isinstance(out, Image.Image)
     assert len(ours(caught, "read-only.*not cached")) == 1
+
+
+# -- issue 15: empty roots, FIFOs, links out of the cache -------------------------------------------------
+def test_empty_root_is_refused(make_aug, tmp_path, monkeypatch):
+    """Item 8: cache='' wrote shard folders into the current directory."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="root must be a folder path, got ''"):
+        AugmentationCache("")
+    with pytest.raises(ValueError, match="root must be a folder path, got ''"):
+        make_aug(cache="")
+    with pytest.raises(TypeError, match="root must be a folder path, got int"):
+        AugmentationCache(3)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_fifo_at_an_entry_path_is_a_miss_not_a_hang(tmp_path):
+    """Item 10: cache.get(key) on a FIFO blocked forever in open(); only regular files are opened now."""
+    cache = AugmentationCache(tmp_path)
+    path = cache.path(KEY)
+    path.parent.mkdir(parents=True)
+    os.mkfifo(path)
+    result: dict = {}
+    reader = threading.Thread(target=lambda: result.update(got=cache.get(KEY), contains=KEY in cache), daemon=True)
+    reader.start()
+    reader.join(timeout=20)
+    if reader.is_alive():  # release the blocked reader before failing
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("cache.get blocked on a FIFO")
+    assert result == {"got": None, "contains": False}
+    assert not path.exists() and cache.stats()["corrupt"] == 1  # removed like a torn entry
+    cache.put(KEY, image())
+    assert np.array_equal(cache.get(KEY), image())
+
+
+def test_links_out_of_the_cache_are_never_followed(tmp_path):
+    """Item 11: with a shard folder linked outside the cache, clean_temporaries() (which precompute calls)
+    deleted a .tmp file outside the cache and put() wrote outside it. A linked shard is now never read,
+    written or cleaned, and an entry that is a link is a miss whose target is left alone."""
+    outside = tmp_path / "outside"
+    (outside / "ab").mkdir(parents=True)
+    bystander = outside / "ab" / ".keep-me.tmp"
+    bystander.write_bytes(b"not the cache's")
+    Image.fromarray(image(1)).save(outside / "ab" / f"{KEY}.webp", lossless=True)
+    root = tmp_path / "cache"
+    cache = AugmentationCache(root)
+    (root / "ab").symlink_to(outside, target_is_directory=True)
+
+    assert cache.clean_temporaries() == 0 and bystander.read_bytes() == b"not the cache's"
+    assert cache.get(KEY) is None and KEY not in cache and list(cache.keys()) == []
+    with pytest.raises(CacheError, match="is a symbolic link, and dafusion-aug never follows links out of the cache root"):
+        cache.put(KEY, image())
+    assert sorted(p.name for p in (outside / "ab").iterdir()) == [".keep-me.tmp", f"{KEY}.webp"]
+    assert np.array_equal(np.asarray(Image.open(outside / "ab" / f"{KEY}.webp")), image(1))  # untouched
+
+    other = "cd" * 32  # an entry that is itself a link to a file outside: a miss; the link goes, not its target
+    target = outside / "target.webp"
+    Image.fromarray(image(2)).save(target, lossless=True)
+    cache.path(other).parent.mkdir(parents=True)
+    cache.path(other).symlink_to(target)
+    assert other not in cache and cache.get(other) is None
+    assert target.is_file() and not cache.path(other).is_symlink()
+    cache.put(other, image(3))
+    assert np.array_equal(cache.get(other), image(3)) and np.array_equal(np.asarray(Image.open(target)), image(2))
+
+
+def test_precompute_stops_at_a_linked_shard_and_leaves_the_outside_alone(make_aug, tmp_path):
+    aug = make_aug(**FAST)
+    key = aug.cache_key(image_digest(np.asarray(random_image(0))), 0, 0)
+    outside = tmp_path / "outside"
+    (outside / key[2:4]).mkdir(parents=True)
+    (outside / key[2:4] / f".{key[:16]}-stale.tmp").write_bytes(b"x")
+    (aug.cache.root / key[:2]).symlink_to(outside, target_is_directory=True)
+    with pytest.raises(CacheError, match="symbolic link"):
+        precompute(aug, ImageList([(random_image(0), 0)]), progress=False)
+    assert [p.name for p in (outside / key[2:4]).iterdir()] == [f".{key[:16]}-stale.tmp"]
