@@ -73,14 +73,48 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     raise ValueError(f"dtype must be one of {sorted(set(_DTYPES))} or a torch.dtype, got {dtype!r}")
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` -> CUDA when available, else CPU."""
+def resolve_device(device: str | torch.device | None, *, require_available: bool = False) -> torch.device:
+    """The ``torch.device`` a ``device`` argument names; the one place device arguments are interpreted.
+
+    Args:
+        device: ``None`` (CUDA when available, else CPU), a name (``"cpu"``, ``"cuda"``, ``"cuda:1"``,
+            ``"mps"``) or a ``torch.device``.
+        require_available: also check that this machine has that device (done when a model is loaded or a
+            classifier trained, not when a spec is built: a spec made on a CPU-only machine may be sent to
+            GPU workers).
+
+    Returns:
+        The device.
+
+    Raises:
+        ValueError: ``device`` names no torch device.
+        PipelineError: ``require_available`` and the machine has no such device (no CUDA device, fewer
+            CUDA devices than the index, no MPS); before, torch's raw driver error surfaced at ``.to()``.
+    """
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from e
+    if require_available:
+        _check_available(resolved, device)
+    return resolved
+
+
+def _check_available(device: torch.device, given: Any) -> None:
+    """Refuse a device this machine does not have (see :func:`resolve_device`)."""
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise PipelineError(f"device={given!r}, but no CUDA device is available on this machine "
+                                "(torch.cuda.is_available() is False); pass device='cpu', or None to use CUDA when there is one")
+        if device.index is not None and device.index >= count:
+            raise PipelineError(f"device={given!r}, but this machine has {count} CUDA device(s) (cuda:0 to cuda:{count - 1})")
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise PipelineError(f"device={given!r}, but MPS is not available on this machine; pass device='cpu'")
 
 
 def _pocket_path() -> Path:
@@ -206,7 +240,7 @@ def _load_uncached(spec: PipelineSpec):
     from diffusers import StableDiffusionImg2ImgPipeline
 
     dtype = resolve_dtype(spec.dtype)
-    device = resolve_device(spec.device)
+    device = resolve_device(spec.device, require_available=True)
     local = spec.local_path()
     kwargs: dict[str, Any] = dict(
         torch_dtype=dtype,
@@ -224,8 +258,9 @@ def _load_uncached(spec: PipelineSpec):
             )
     except (OSError, ValueError) as e:
         where = f"folder {str(local)!r}" if local is not None else f"Hub id {spec.model!r} (revision {spec.revision or 'main'})"
+        reason = _load_failure(e, spec.local_files_only) if local is None else str(e)
         raise PipelineError(
-            f"could not load an img2img pipeline from {where}: {e}. "
+            f"could not load an img2img pipeline from {where}: {reason}. "
             "Only safetensors weights are loaded; no remote code is ever run."
         ) from e
     if spec.scheduler is not None:
@@ -239,6 +274,37 @@ def _load_uncached(spec: PipelineSpec):
         Erasure.load(spec.erasure).apply(pipe)
     pipe._dafusion_fingerprint = spec.fingerprint()
     return pipe
+
+
+def _load_failure(e: BaseException, local_files_only: bool = False) -> str:
+    """Why a Hub model did not load, in the user's terms.
+
+    diffusers words a missing network as "outgoing traffic has been disabled" (the user disabled nothing
+    unless ``HF_HUB_OFFLINE`` is set) and sends readers to "the stacktrace above" (the CLI prints none), so
+    the cause is found in the exception chain and said plainly.
+    """
+    chain: list[BaseException] = []
+    while e is not None and e not in chain and len(chain) < 20:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    root = chain[-1]
+    names = {type(x).__name__ for x in chain}
+    text = " ".join(str(x) for x in chain).lower()
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return ("it is not in the local Hugging Face cache, and HF_HUB_OFFLINE is set, so the Hub was not asked; "
+                "unset HF_HUB_OFFLINE (or download the model once) and try again")
+    if local_files_only:
+        return "it is not in the local Hugging Face cache, and local_files_only=True forbids downloading it"
+    if any("connect" in n.lower() or "timeout" in n.lower() for n in names) or "couldn't connect" in text:
+        return (f"it is not (fully) in the local Hugging Face cache, and the Hub could not be reached "
+                f"({type(root).__name__}: {str(root)[:200]}); check the network connection, or download the model "
+                "once where the Hub is reachable")
+    detail = str(chain[0]).replace("Please check out the root cause in the stacktrace above.", "").strip()
+    if root is not chain[0]:
+        detail += f" (caused by {type(root).__name__}: {str(root)[:200]})"
+    return detail
 
 
 def load_pipeline(spec: PipelineSpec | str | os.PathLike, **overrides: Any):

@@ -143,6 +143,17 @@ def test_run_fewshot_bad_arguments(toy_data, tiny_pipe, tmp_path):
         run_fewshot(tiny_pipe, list(toy_data.items), out=tmp_path, shots=[1], seeds=[0], **FAST)
 
 
+def test_run_fewshot_cuda_without_a_gpu_is_named(toy_data, tiny_pipe, tmp_path, monkeypatch):
+    """With a loaded pipeline, device='cuda' only places the classifier; without CUDA it raised torch's raw
+    driver error when training began (issue 15)."""
+    from dafusion_aug.errors import PipelineError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(PipelineError, match="device='cuda', but no CUDA device is available"):
+        run_fewshot(tiny_pipe, toy_data, out=tmp_path, methods=["baseline"], shots=[1], seeds=[0], device="cuda", **FAST)
+
+
 # -- end to end ----------------------------------------------------------------------------------------
 def _check_outputs(res, methods, shots, seeds):
     keys = [(r["method"], r["k"], r["seed"]) for r in res.rows]

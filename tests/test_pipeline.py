@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 
 from dafusion_aug import PipelineSpec, load_pipeline
 from dafusion_aug.errors import PipelineError
@@ -148,3 +149,72 @@ def test_hub_only_for_hub_ids(no_network, tiny_folder, tmp_path):
             load_pipeline(PipelineSpec(bad, device="cpu"))
     pipe = load_pipeline(PipelineSpec(str(tiny_folder), device="cpu", scheduler="euler-a"))  # local: no Hub call at all
     assert pipe is not None
+
+
+# -- issue 15: devices this machine does not have, and an unreachable Hub ---------------------------------
+@pytest.fixture
+def no_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+
+
+def test_cuda_without_a_gpu_is_named_at_load(tiny_folder, no_cuda, tmp_path):
+    """device='cuda' on a machine without CUDA raised torch's raw driver error from pipe.to(); the spec is
+    still built (it may be sent to GPU workers), and loading says what is wrong."""
+    spec = PipelineSpec(str(tiny_folder), device="cuda")
+    with pytest.raises(PipelineError, match=r"device='cuda', but no CUDA device is available on this machine \(torch.cuda.is_available\(\) is False\)"):
+        load_pipeline(spec)
+    from dafusion_aug import DiffusionAugment
+
+    aug = DiffusionAugment(str(tiny_folder), device="cuda", class_names=["cat"], num_inference_steps=2, strength=1.0, p=1.0,
+                           num_variants=1, cache=tmp_path / "c")
+    with pytest.raises(PipelineError, match="no CUDA device is available"):
+        aug(Image.new("RGB", (8, 8)), 0)
+
+
+def test_cuda_index_beyond_the_devices_is_named(monkeypatch):
+    from dafusion_aug.pipeline import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(PipelineError, match=r"device='cuda:3', but this machine has 1 CUDA device\(s\) \(cuda:0 to cuda:0\)"):
+        resolve_device("cuda:3", require_available=True)
+    assert resolve_device("cuda:3") == torch.device("cuda:3")  # building a spec does not check
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch, tmp_path):
+    """HF_HUB_OFFLINE unset (as for most users) and no network: every connection fails."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+
+    def refuse(*args, **kwargs):
+        raise OSError("network is unreachable (blocked by the test)")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_unreachable_hub_is_said_plainly(unreachable_hub):
+    """With HF_HUB_OFFLINE unset and no network, the PipelineError said "outgoing traffic has been disabled"
+    (the user disabled nothing) and "check out the root cause in the stacktrace above" (the CLI prints none)."""
+    with pytest.raises(PipelineError) as info:
+        load_pipeline(PipelineSpec("nobody/nothing", device="cpu"))
+    message = str(info.value)
+    assert "could not load an img2img pipeline from Hub id 'nobody/nothing' (revision main): it is not (fully) in the local " \
+           "Hugging Face cache, and the Hub could not be reached (OSError: network is unreachable" in message
+    assert "outgoing traffic" not in message and "stacktrace" not in message
+
+
+def test_offline_and_local_files_only_are_named(unreachable_hub, monkeypatch):
+    import huggingface_hub.constants
+
+    with pytest.raises(PipelineError, match="it is not in the local Hugging Face cache, and local_files_only=True forbids downloading it"):
+        load_pipeline(PipelineSpec("nobody/nothing", device="cpu", local_files_only=True))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(PipelineError, match="HF_HUB_OFFLINE is set, so the Hub was not asked") as info:
+        load_pipeline(PipelineSpec("nobody/other", device="cpu"))
+    assert "stacktrace" not in str(info.value)

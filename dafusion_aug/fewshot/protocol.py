@@ -24,7 +24,7 @@ from .._io import atomic_write_bytes
 from ..data import ImageList, class_names_of, few_shot_indices
 from ..errors import CacheError
 from ..hashing import image_digest, stable_digest, stable_hash
-from ..pipeline import pipeline_fingerprint, resolve_pipeline
+from ..pipeline import pipeline_fingerprint, resolve_device, resolve_pipeline
 from ..tokens import ClassTokens
 from ..transform import DiffusionAugment
 from ..variants import DEFAULT_STRENGTHS
@@ -208,6 +208,7 @@ def run_fewshot(
 
     Raises:
         ValueError: an unknown method, a k larger than a class's pool, missing erasures, bad arguments.
+        PipelineError: ``device`` names a device this machine does not have (``"cuda"`` without a GPU).
         CacheError: variants are missing from the cache after precomputing (generation failed).
 
     Example:
@@ -249,7 +250,7 @@ class _Experiment:
         self.tests = Inputs(test, self.spec.image_size) if test is not None else None
         out.mkdir(parents=True, exist_ok=True)
         self.out, self.erase, self.batch_size, self.confidence = out, bool(erase), batch_size, confidence
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = str(resolve_device(device, require_available=True))  # no CUDA: a clear error, not torch's
         self.generation, self.fitting = generation, fitting
         if erase:
             # one run per class, each as many optimizer steps as the joint run gives every token (fit_subset_tokens)
