@@ -259,6 +259,28 @@ def test_resume_equals_uninterrupted(tmp_path, pipe):
     assert again.content_hash() == straight.content_hash()
 
 
+def test_resume_from_a_checkpoint_starting_with_a_pickle_byte(tmp_path, pipe):
+    """Issue 15, item 1: erase_concept(checkpoint_every=1) for 12 steps could not resume from its own
+    checkpoint, whose header length was 0x2c80 (first byte 0x80, a pickle's). The checkpoint is given that
+    header length here; resuming from it must equal an uninterrupted run."""
+    from conftest import with_header_length
+
+    kw = dict(FAST, steps=3, checkpoint_every=1, seed=5)
+    straight = erase_concept(pipe, "zebra", **kw)
+
+    def stop_after_2(step, loss):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        erase_concept(pipe, "zebra", checkpoint_dir=tmp_path, _on_step=stop_after_2, **kw)
+    checkpoint = tmp_path / "esd-checkpoint.safetensors"
+    with_header_length(checkpoint, 0x2C80)
+    assert checkpoint.read_bytes()[0] == 0x80
+    resumed = erase_concept(pipe, "zebra", checkpoint_dir=tmp_path, **kw)
+    assert resumed.content_hash() == straight.content_hash() and resumed.metadata["losses"] == straight.metadata["losses"]
+
+
 def test_erase_concept_arguments(pipe):
     with pytest.raises(ValueError, match="steps must be"):
         erase_concept(pipe, "zebra", steps=0)
