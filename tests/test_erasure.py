@@ -4,9 +4,14 @@ files trained on another base model. ``Erasure`` itself and ``erase_concept``: t
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 from conftest import CLASS_NAMES, FAST, random_image, with_header_length
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from dafusion_aug import DiffusionAugment, Erasure, PipelineSpec, load_pipeline
@@ -67,3 +72,39 @@ def test_erasure_files_of_every_header_length_load(tmp_path):
         erasure.save(path)
         with_header_length(path, 2048 + low)
         assert path.read_bytes()[0] == low and Erasure.load(path).content_hash() == erasure.content_hash()
+
+
+# -- property: any erasure file round-trips (issue 15) -----------------------------------------------------
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
+PROMPT = st.text(min_size=1, max_size=16).filter(str.strip)
+
+
+@st.composite
+def erasures(draw):
+    dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    names = draw(st.lists(st.text(min_size=1, max_size=24), min_size=1, max_size=4, unique=True))
+    tensors = {}
+    for name in names:
+        shape = tuple(draw(st.lists(st.integers(1, 4), min_size=1, max_size=3)))
+        count = int(np.prod(shape))
+        values = draw(st.lists(st.floats(-1e4, 1e4, width=16, allow_nan=False), min_size=count, max_size=count))
+        tensors[name] = torch.tensor(values, dtype=torch.float32).reshape(shape).to(dtype)
+    concepts = draw(st.dictionaries(PROMPT, st.lists(PROMPT, min_size=1, max_size=3), min_size=1, max_size=3))
+    digests = draw(st.dictionaries(st.sampled_from(["float32", "float16", "bfloat16"]), st.text(alphabet="0123456789abcdef", min_size=64, max_size=64)))
+    return Erasure(tensors, concepts=concepts, method=draw(st.sampled_from(["esd-x", "esd-u", "custom"])), base_dtype=str(dtype).removeprefix("torch."),
+                   base_digests=digests, base_model=draw(st.none() | st.text(min_size=1, max_size=16)),
+                   metadata=draw(st.dictionaries(st.text(max_size=8), JSON, max_size=3)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(erasure=erasures())
+def test_any_erasure_file_round_trips(tmp_path_factory, erasure):
+    """Any parameter names, shapes, float dtypes and values (bitwise), concepts and JSON metadata: what save()
+    writes, load() reads back the same, whatever the header length (so whatever the file's first byte)."""
+    back = Erasure.load(erasure.save(tmp_path_factory.mktemp("prop") / "erasure.safetensors"))
+    assert back.content_hash() == erasure.content_hash() and back.tensors.keys() == erasure.tensors.keys()
+    assert all(back.tensors[n].dtype == t.dtype and torch.equal(back.tensors[n], t) for n, t in erasure.tensors.items())
+    assert (back.concepts, back.method, back.base_dtype, back.base_digests, back.base_model) == \
+        (erasure.concepts, erasure.method, erasure.base_dtype, erasure.base_digests, erasure.base_model)
+    assert back.metadata == json.loads(json.dumps(erasure.metadata))

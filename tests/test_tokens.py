@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CLASS_NAMES, FAST, random_image, with_header_length
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 
 from dafusion_aug import ClassTokens
@@ -308,3 +310,38 @@ def test_tokens_that_differ_only_in_case_export_to_distinct_folders(tmp_path):
     assert len(set(paths)) == 2
     for token, path in zip(tokens.tokens, paths):
         assert ClassTokens.load(path).tokens == [token]
+
+
+# -- property: any token file round-trips (issue 15) -------------------------------------------------------
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
+
+
+@st.composite
+def class_tokens(draw):
+    n = draw(st.integers(1, 4))
+    names = draw(st.lists(st.text(min_size=1, max_size=20), min_size=n, max_size=n, unique=True))
+    tokens = draw(st.lists(st.text(min_size=1, max_size=12).filter(lambda t: not any(c.isspace() for c in t)),
+                           min_size=n, max_size=n, unique=True))
+    shape = (draw(st.integers(1, 3)), draw(st.integers(1, 8)))
+    values = st.floats(width=32, allow_nan=False, allow_infinity=False)
+    embeddings = [torch.tensor(draw(st.lists(values, min_size=shape[0] * shape[1], max_size=shape[0] * shape[1]))).reshape(shape)
+                  for _ in range(n)]
+    metadata = draw(st.dictionaries(st.text(min_size=1, max_size=8).filter(lambda k: k != "base_model"), JSON, max_size=3))
+    if draw(st.booleans()):
+        metadata["base_model"] = draw(st.text(min_size=1, max_size=16))
+    return ClassTokens(names, embeddings, tokens=tokens, metadata=metadata)
+
+
+@settings(max_examples=60, deadline=None)
+@given(toks=class_tokens())
+def test_any_token_file_round_trips(tmp_path_factory, toks):
+    """Names and tokens of any text (slashes, NUL, non-ASCII), any finite float32 values (bitwise, -0.0 and
+    subnormals included), any JSON metadata: what save() writes, load() reads back the same, whatever the
+    header length (so whatever the file's first byte)."""
+    path = tmp_path_factory.mktemp("prop") / "tokens.safetensors"
+    back = ClassTokens.load(toks.save(path))
+    assert back.class_names == toks.class_names and back.tokens == toks.tokens
+    assert all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(back.embeddings, toks.embeddings))
+    assert back.content_hash() == toks.content_hash()
+    assert back.metadata == json.loads(json.dumps(toks.metadata))

@@ -3,15 +3,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import tempfile
 import warnings
 
 import numpy as np
 import pytest
+import torch
 from conftest import FAST, ours, random_image
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
+from dafusion_aug import ClassTokens, DiffusionAugment, Erasure, PipelineSpec
 from dafusion_aug.hashing import image_digest
 from dafusion_aug.variants import (
     CACHE_FORMAT_VERSION,
@@ -169,3 +175,122 @@ def test_templates_with_conversions_and_format_specs_are_filled(make_aug, templa
 def test_templates_with_other_fields_are_refused(make_aug, template):
     with pytest.raises(ValueError, match=r"may only use the field \{name\}"):
         make_aug(prompt=template)
+
+
+# -- property: the key covers every input of a variant, and nothing else (issue 15) ---------------------
+NAME = st.text(alphabet="abcdefghijklmnopqrstuvwxyz", min_size=1, max_size=6)
+STRENGTH_SETS = [(1.0,), (0.5, 1.0), (0.25, 0.5, 0.75, 1.0), (0.3,), (0.75, 1.0)]
+PROMPTS = ["a photo of a {name}", ["a {name}", "two {name}s"], "a {name!r} drawing", "class-agnostic"]
+ERASED = "down_blocks.0.attn2.to_k.weight"
+
+
+def _tokens(names, value):
+    return ClassTokens(names, [torch.full((1, 4), float(value) + i) for i in range(len(names))])
+
+
+@st.composite
+def variant_settings(draw):
+    """Random settings of a transform on a Hub id (its fingerprint needs no download) and one variant."""
+    names = draw(st.lists(NAME, min_size=1, max_size=4, unique=True))
+    strength = draw(st.sampled_from(STRENGTH_SETS))
+    weights = draw(st.lists(st.integers(1, 9), min_size=len(strength), max_size=len(strength)))
+    kw = dict(
+        pipeline=PipelineSpec(draw(st.sampled_from(["owner/a", "owner/b"])), revision=draw(st.sampled_from([None, "v1"])),
+                              scheduler=draw(st.sampled_from([None, "ddim", "euler"])), device="cpu"),
+        class_names=names,
+        tokens=_tokens(names, draw(st.integers(0, 5))) if draw(st.booleans()) else None,
+        prompt=draw(st.sampled_from(PROMPTS)),
+        strength=strength,
+        strength_probs=draw(st.sampled_from([None, [w / sum(weights) for w in weights]])),
+        guidance_scale=draw(st.floats(0, 20, allow_nan=False)),
+        num_inference_steps=draw(st.integers(4, 60)),
+        negative_prompt=draw(st.none() | st.text(max_size=8)),
+        resolution=draw(st.sampled_from([None, 32, 64, 512])),
+        seed=draw(st.integers(0, 2**62)),
+        class_erasures={names[0]: Erasure({ERASED: torch.full((2, 2), 1.0)}, concepts=names[0])} if draw(st.booleans()) else {},
+        num_variants=draw(st.integers(1, 8)),
+    )
+    where = dict(digest=draw(st.sampled_from(["0" * 64, "1" * 64])), label=draw(st.none() | st.integers(0, len(names) - 1)),
+                 v=draw(st.integers(0, kw["num_variants"] - 1)))
+    return kw, where
+
+
+def _changed(kw, where, field, draw):
+    """``kw`` and ``where`` with ``field`` set to a different value (one that changes a variant's pixels)."""
+    kw, where, spec = dict(kw), dict(where), kw["pipeline"]
+    if field in ("model", "revision", "scheduler"):
+        new = {"model": dict(model="owner/c"), "revision": dict(revision=draw(st.sampled_from(["v2", "v3"]))),
+               "scheduler": dict(scheduler=draw(st.sampled_from(["pndm", "dpm++"])))}[field]
+        kw["pipeline"] = PipelineSpec(**{**dataclasses.asdict(spec), **new})
+    elif field == "tokens":
+        kw["tokens"] = _tokens(kw["class_names"], 10) if kw["tokens"] is not None else _tokens(kw["class_names"], 0)
+    elif field == "class_names":
+        kw["class_names"] = [kw["class_names"][0] + "x", *kw["class_names"][1:]]
+        kw["tokens"] = None if kw["tokens"] is None else ClassTokens(kw["class_names"], kw["tokens"].embeddings)
+        if kw["class_erasures"]:  # keyed by class name: follow the rename
+            kw["class_erasures"] = {kw["class_names"][0]: next(iter(kw["class_erasures"].values()))}
+    elif field == "prompt":
+        kw["prompt"] = draw(st.sampled_from([p for p in PROMPTS if p != kw["prompt"]]))
+    elif field == "strength":
+        kw["strength"], kw["strength_probs"] = draw(st.sampled_from([s for s in STRENGTH_SETS if s != kw["strength"]])), None
+    elif field == "strength_probs":
+        assume(len(kw["strength"]) > 1)
+        n = len(kw["strength"])
+        current = kw["strength_probs"] or [1 / n] * n  # None means uniform: the same probabilities, the same key
+        kw["strength_probs"] = next(p for p in ([0.7] + [0.3 / (n - 1)] * (n - 1), [0.6] + [0.4 / (n - 1)] * (n - 1))
+                                    if not np.allclose(p, current))
+    elif field == "guidance_scale":
+        kw["guidance_scale"] += draw(st.floats(0.25, 5))
+    elif field == "num_inference_steps":
+        kw["num_inference_steps"] += draw(st.integers(1, 10))
+    elif field == "negative_prompt":
+        kw["negative_prompt"] = "blurry" if kw["negative_prompt"] is None else kw["negative_prompt"] + "x"
+    elif field == "resolution":
+        kw["resolution"] = draw(st.sampled_from([r for r in (None, 32, 64, 512) if r != kw["resolution"]]))
+    elif field == "class_erasures":
+        kw["class_erasures"] = {} if kw["class_erasures"] else {kw["class_names"][0]: Erasure({ERASED: torch.ones(2, 2)}, concepts="x")}
+    elif field == "seed":
+        kw["seed"] += draw(st.integers(1, 1000))
+    elif field == "digest":
+        where["digest"] = "2" * 64
+    elif field == "label":
+        where["label"] = None if where["label"] is not None else 0
+    elif field == "v":
+        kw["num_variants"] += 1
+        where["v"] = kw["num_variants"] - 1
+    return kw, where
+
+
+CACHE_DIR = tempfile.mkdtemp(prefix="dafusion-keys-")  # on_miss="real"/"error" need a cache; nothing is written
+
+VARIANT_FIELDS = ["model", "revision", "scheduler", "tokens", "class_names", "prompt", "strength", "strength_probs",
+                  "guidance_scale", "num_inference_steps", "negative_prompt", "resolution", "class_erasures", "seed",
+                  "digest", "label", "v"]
+OTHER_FIELDS = {  # what decides whether and which variant is used, or how it is computed: never the key
+    "p": st.floats(0, 1), "num_variants": st.integers(8, 20), "on_miss": st.sampled_from(["generate", "real", "error"]),
+    "labels_getter": st.sampled_from([None, "default", lambda sample: 0]), "batch_size": st.none() | st.integers(1, 64),
+    "device": st.sampled_from(["cpu", "cuda", "cuda:1"]), "dtype": st.sampled_from(["float32", "float16", "bfloat16"]),
+}
+
+
+def _key(kw, where) -> str:
+    aug = DiffusionAugment(**kw)
+    key = aug.cache_key(where["digest"], where["label"], where["v"])
+    if where["label"] is not None or "{name" not in str(aug.prompt):
+        assert aug.variant(where["digest"], where["label"], where["v"]).key == key
+    return key
+
+
+@settings(max_examples=150, deadline=None)
+@given(variant_settings(), st.sampled_from(VARIANT_FIELDS), st.data())
+def test_every_variant_field_changes_the_key_and_nothing_else_does(setting, field, data):
+    kw, where = setting
+    before = _key(kw, where)
+    assert _key(*_changed(kw, where, field, data.draw)) != before, field
+    other = data.draw(st.sampled_from(sorted(OTHER_FIELDS)))
+    value = data.draw(OTHER_FIELDS[other])
+    if other in ("device", "dtype"):
+        same = dict(kw, pipeline=PipelineSpec(**{**dataclasses.asdict(kw["pipeline"]), other: value}))
+    else:
+        same = dict(kw, **{other: value}, cache=CACHE_DIR if other == "on_miss" else None)
+    assert _key(same, where) == before, other
