@@ -81,7 +81,8 @@ class ClassTokens:
         metadata: free-form JSON-able information (base model fingerprint, hyper-parameters, ...).
 
     Raises:
-        TypeError: ``class_names`` is a str or holds a non-str, or an embedding is not a float tensor.
+        TypeError: ``class_names`` or ``tokens`` is a str (not a list), a name is not a str, or an embedding is
+            not a float tensor.
         ValueError: no classes, repeated names or tokens, embeddings of different or empty shapes, NaN or inf.
 
     Example:
@@ -124,6 +125,8 @@ class ClassTokens:
             raise ValueError(f"embeddings must have at least one vector of at least one value, got shape {next(iter(shapes))}")
         if any(not torch.isfinite(e).all() for e in embs):
             raise ValueError("embeddings must be finite, got NaN or inf values")
+        if isinstance(tokens, (str, bytes)):
+            raise TypeError(f"tokens must be a list of token strings, got the {type(tokens).__name__} {tokens!r}; for one class pass [{tokens!r}]")
         toks = list(tokens) if tokens is not None else [token_for_class(n, i) for i, n in enumerate(names)]
         if len(toks) != len(names):
             raise ValueError(f"tokens must have one entry per class ({len(names)}), got {len(toks)}")

@@ -167,6 +167,9 @@ def test_missing_file_names_the_path(tmp_path):
         (dict(class_names=["a"], embeddings=[torch.tensor([[float("nan")]])]), "finite"),
         (dict(class_names=["A b", "a-b"], embeddings=[torch.zeros(1, 4)] * 2), "same token"),
         (dict(class_names=["a"], embeddings=[torch.zeros(1, 4)], tokens=["has space"]), "without spaces"),
+        (dict(class_names="cat", embeddings=[torch.zeros(1, 4)] * 3), r"for one class pass \['cat'\]"),
+        (dict(class_names=["cat"], embeddings=[torch.zeros(1, 4)], tokens="<cat>"), r"tokens must be a list of token strings"),
+        (dict(class_names=[1, 2], embeddings=[torch.zeros(1, 4)] * 2), "must hold str class names, got int 1"),
     ],
 )
 def test_constructor_validation(kwargs, match):
