@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-__all__ = ["is_image_leaf", "to_canonical", "image_array", "Restore"]
+__all__ = ["is_image_leaf", "looks_like_picture", "picture_count", "to_canonical", "image_array", "Restore"]
 
 Restore = Callable[[Sequence["np.ndarray | Image.Image | None"]], object]
 
@@ -23,7 +23,28 @@ _GRAY_W = np.array([299, 587, 114], dtype=np.uint32)
 
 
 def is_image_leaf(x: object) -> bool:
+    """A PIL image or a ``tv_tensors.Image``: the leaves torchvision calls images wherever they are."""
     return isinstance(x, (Image.Image, tv_tensors.Image))
+
+
+def looks_like_picture(x: object) -> bool:
+    """Anything that is no class label because it is pixel-shaped or a torchvision type: a PIL image, any
+    ``tv_tensors`` leaf (``Image``, ``Video``, ``Mask``, ``BoundingBoxes``, ``KeyPoints``), or a tensor or
+    numpy array of three or more dimensions, or of two that are both longer than 1 (a ``(B, 1)`` label
+    tensor is still a label)."""
+    if isinstance(x, (Image.Image, tv_tensors.TVTensor)):
+        return True
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        return x.ndim >= 3 or (x.ndim == 2 and min(x.shape) > 1)
+    return False
+
+
+def picture_count(leaf: object) -> int:
+    """How many pictures an image leaf holds: 1 for a PIL image, the product of the leading dimensions of a
+    ``(..., C, H, W)`` tensor (torchvision treats every leading dimension as a batch dimension)."""
+    if isinstance(leaf, torch.Tensor) and leaf.ndim >= 3:
+        return int(np.prod(leaf.shape[:-3], dtype=np.int64))
+    return 1
 
 
 def _gray(rgb: np.ndarray) -> np.ndarray:
@@ -124,28 +145,35 @@ def _restore_chw(orig: torch.Tensor, out: np.ndarray | Image.Image) -> torch.Ten
 
 
 def to_canonical(leaf: object, where: str = "image") -> tuple[list[np.ndarray], Restore]:
-    """Split ``leaf`` into canonical RGB arrays (one per sample) and a function that rebuilds its type.
+    """Split ``leaf`` into canonical RGB arrays (one per picture) and a function that rebuilds its type.
 
-    ``restore(outs)`` takes one array or ``None`` per sample (``None`` keeps the sample) and returns the
-    input object itself when nothing is replaced.
+    A tensor is ``(C, H, W)`` or has any number of leading batch dimensions (``(B, C, H, W)``,
+    ``(B1, B2, C, H, W)``), as in torchvision; its pictures are listed in row-major order of those
+    dimensions. ``restore(outs)`` takes one array or ``None`` per picture (``None`` keeps the picture) and
+    returns the input object itself when nothing is replaced, else an object of the input's type, shape,
+    dtype, device and memory format (a channels-last batch stays channels-last).
+
+    Raises:
+        TypeError: ``leaf`` is neither a PIL image nor a tensor, or a tensor of another dtype.
+        ValueError: a tensor of fewer than three dimensions, or invalid pixels (the message names ``where``).
     """
     if isinstance(leaf, Image.Image):
         return _pil_to_canonical(leaf)
     if not isinstance(leaf, torch.Tensor):
         raise TypeError(f"{where} must be a PIL image or a tensor, got {type(leaf).__name__}")
-    if leaf.ndim == 3:
-        samples, batched = [leaf], False
-    elif leaf.ndim == 4:
-        samples, batched = list(leaf.unbind(0)), True
-    else:
-        raise ValueError(f"{where} must be a (C, H, W) or (B, C, H, W) tensor, got shape {tuple(leaf.shape)}")
+    if leaf.ndim < 3:
+        raise ValueError(f"{where} must be a (C, H, W) or (..., C, H, W) tensor, got shape {tuple(leaf.shape)}")
+    batched = leaf.ndim > 3
+    samples = list(leaf.reshape(-1, *leaf.shape[-3:]).unbind(0)) if batched else [leaf]
     arrays = [_tensor_chw_to_canonical(s, f"{where}[{i}]" if batched else where) for i, s in enumerate(samples)]
 
     def restore(outs):
         if all(o is None for o in outs):
             return leaf
         parts = [s if o is None else _restore_chw(s, o) for s, o in zip(samples, outs)]
-        new = torch.stack(parts) if batched else parts[0]
+        new = torch.stack(parts).reshape(leaf.shape) if batched else parts[0]
+        if not leaf.is_contiguous():  # empty_like keeps the strides: a channels-last batch stays channels-last
+            new = torch.empty_like(leaf.as_subclass(torch.Tensor)).copy_(new)
         return tv_tensors.wrap(new, like=leaf) if isinstance(leaf, tv_tensors.TVTensor) else new
 
     return arrays, restore

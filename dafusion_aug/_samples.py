@@ -4,11 +4,17 @@ One place for the rules that :class:`~dafusion_aug.DiffusionAugment`, :func:`~da
 :func:`~dafusion_aug.fit_tokens` share, so that a sample the transform augments is one precompute can fill
 and a label means the same class everywhere:
 
-- the label is found like ``v2.MixUp``'s ``labels_getter`` (second element of a tuple, a dict's
-  ``"labels"``/``"label"`` key, or a callable);
+- the label is found like torchvision's default ``labels_getter`` (``_find_labels_default_heuristic`` of
+  ``v2.MixUp`` and ``v2.SanitizeBoundingBoxes``): a dict's ``"labels"`` key (or ``"label"``, or a key
+  containing ``label``), or, in a tuple or list, the first item after the first that is not image-like
+  (tv_tensors such as a ``Mask`` or ``BoundingBoxes``, PIL images and pixel-shaped arrays are skipped), and
+  from a target dict (``(image, {"boxes": ..., "labels": ...})``) its ``"labels"``; or a callable;
 - the images are the PIL images and ``tv_tensors.Image`` leaves of the sample, or, when it holds none, its
-  first plain 3-D or 4-D tensor that is not the label (torchvision's rule);
-- a label is ``None``, an int class index or a class name (ints of any type, one-element tensors).
+  first plain tensor of three or more dimensions that is not the label (torchvision's rule); every leading
+  dimension of a tensor is a batch dimension, and picture ``j`` of every image leaf is sample ``j``;
+- a label is ``None``, an int class index or a class name (ints of any type, one-element tensors); an
+  image with several labels (a detection target's object labels) has a tuple of class indices, which only
+  prompts that do not need the image's class accept (:func:`check_one_class`).
 """
 
 from __future__ import annotations
@@ -20,31 +26,62 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_flatten
 
-from ._images import is_image_leaf
+from ._images import is_image_leaf, looks_like_picture, picture_count
 
 __all__ = [
+    "Label",
     "LabelsGetter",
     "default_labels_getter",
     "check_labels_getter",
     "check_class_names",
     "label_index",
     "labels_per_sample",
+    "check_one_class",
     "image_leaf_indices",
     "check_no_image",
     "first_image",
 ]
 
 LabelsGetter = Callable[[Any], Any]
+#: What one picture's label becomes: a class index, ``None`` (no label), or the class indices of an image
+#: with several labels (a detection target's objects).
+Label = int | tuple[int, ...] | None
+
+
+def _label_key(mapping: Mapping) -> Any:
+    """torchvision's label-like key: ``"labels"`` (any case), else ``"label"``, else the first key containing
+    ``label``; ``None`` when there is none."""
+    keys = [k for k in mapping if isinstance(k, str)]
+    for matches in (lambda k: k.lower() == "labels", lambda k: k.lower() == "label", lambda k: "label" in k.lower()):
+        for key in keys:
+            if matches(key):
+                return key
+    return None
 
 
 def default_labels_getter(sample: Any) -> Any:
-    """torchvision's contract: ``(image, label, ...)`` sequences, or a dict's ``"labels"``/``"label"`` key."""
-    if isinstance(sample, (tuple, list)) and len(sample) >= 2:
-        return sample[1]
+    """The labels of a sample, found the way torchvision's default ``labels_getter`` finds them.
+
+    Args:
+        sample: a dict (its label-like key), or a tuple or list whose first item is the image: the first
+            later item that is not image-like (a ``tv_tensors.Mask``, ``BoundingBoxes``, another image, a
+            pixel-shaped array) is the label, or, when it is a dict (a detection target), that dict's
+            label-like key. ``(image, Mask, label)`` and ``(image, {"boxes": b, "labels": l})`` both work.
+
+    Returns:
+        The labels as found (not yet checked), or ``None`` when the sample has none.
+    """
     if isinstance(sample, Mapping):
-        for key in sample:
-            if isinstance(key, str) and key.lower() in ("labels", "label"):
-                return sample[key]
+        key = _label_key(sample)
+        return sample[key] if key is not None else None
+    if isinstance(sample, (tuple, list)) and len(sample) >= 2:
+        for item in sample[1:]:
+            if looks_like_picture(item):
+                continue
+            if isinstance(item, Mapping):
+                key = _label_key(item)
+                return item[key] if key is not None else None
+            return item
     return None
 
 
@@ -136,19 +173,30 @@ def label_index(label: Any, class_names: Sequence[str] | None, where: str = "lab
     return label
 
 
-def labels_per_sample(labels: Any, n: int, class_names: Sequence[str] | None) -> list[int | None]:
-    """One class index (or ``None``) for each of the ``n`` pictures of a sample.
+def labels_per_sample(labels: Any, n: int, class_names: Sequence[str] | None) -> list[Label]:
+    """One label for each of the ``n`` pictures of a sample (a class index, ``None``, or a tuple of them).
+
+    Args:
+        labels: what the labels getter found: ``None``, one label, or a sequence / tensor of labels.
+        n: the number of pictures (1 for an unbatched sample).
+        class_names: the classes, index = label, or ``None``.
+
+    Returns:
+        ``n`` labels. One picture with no label (``None`` or an empty sequence, a detection target without
+        objects) gets ``None``; one picture with several (a detection target's ``labels``) gets their tuple.
 
     Raises:
-        ValueError: the number of labels does not match ``n``, or a label is invalid (see :func:`label_index`).
+        ValueError: the number of labels of a batch does not match ``n``, or a label is invalid (see
+            :func:`label_index`).
+        TypeError: a label is not an int or a class name.
     """
     if isinstance(labels, (torch.Tensor, np.ndarray)):
-        labels = [labels.item()] if int(np.prod(labels.shape)) == 1 else labels.tolist()
+        labels = labels.item() if labels.ndim == 0 else labels.reshape(-1).tolist()
     if n == 1:
         if isinstance(labels, (list, tuple)):
-            if len(labels) != 1:
-                raise ValueError(f"one image needs one label, got {labels!r}")
-            labels = labels[0]
+            if len(labels) > 1:
+                return [tuple(label_index(x, class_names, f"label[{i}]") for i, x in enumerate(labels))]
+            labels = labels[0] if labels else None
         return [label_index(labels, class_names)]
     if labels is None:
         return [None] * n
@@ -157,13 +205,33 @@ def labels_per_sample(labels: Any, n: int, class_names: Sequence[str] | None) ->
     return [label_index(x, class_names, f"label[{i}]") for i, x in enumerate(labels)]
 
 
+def check_one_class(labels: Sequence[Label], needs: str) -> None:
+    """Refuse an image with several labels when something needs the image's one class.
+
+    Args:
+        labels: one label per picture (:func:`labels_per_sample`).
+        needs: what needs the class, for the message (``"prompt='a photo of a {name}'"``, ``"class_erasures"``).
+
+    Raises:
+        ValueError: a picture has several labels; the message says how to choose the image's class.
+    """
+    for label in labels:
+        if isinstance(label, tuple):
+            raise ValueError(
+                f"one image needs one label, got {list(label)} (the object labels of a detection target?), and "
+                f"{needs} needs the image's class. Choose it with labels_getter= (a callable sample -> the image's "
+                "class, e.g. labels_getter=lambda s: s[1]['labels'][0]), or use a prompt callable, which receives "
+                "all of an image's labels: prompt=lambda names, labels: ... gets tuples for such an image"
+            )
+
+
 def image_leaf_indices(flat: list[Any], labels: Any) -> list[int]:
     """Positions of the images among a flattened sample's leaves (torchvision's rule, see the module)."""
     idx = [i for i, x in enumerate(flat) if is_image_leaf(x)]
     if idx:
         return idx
     for i, x in enumerate(flat):
-        if type(x) is torch.Tensor and x is not labels and x.ndim in (3, 4):
+        if type(x) is torch.Tensor and x is not labels and x.ndim >= 3:
             return [i]
     return []
 
@@ -172,22 +240,27 @@ def check_no_image(flat: list[Any], labels: Any) -> None:
     """Refuse an array that looks like a picture but is no image leaf: it would silently never be augmented.
 
     Raises:
-        ValueError: a plain tensor with two or more dimensions (its shape named).
+        ValueError: a plain tensor with two dimensions (its shape named).
         TypeError: a numpy array with two or more dimensions (its shape named, and how to convert it).
     """
     for x in flat:
         if x is labels:
             continue
         if type(x) is torch.Tensor and x.ndim >= 2:
-            raise ValueError(f"image must be a PIL image, a tv_tensors.Image or a (C, H, W) / (B, C, H, W) tensor, "
+            raise ValueError(f"image must be a PIL image, a tv_tensors.Image or a (C, H, W) / (..., C, H, W) tensor, "
                              f"got a tensor of shape {tuple(x.shape)}")
         if isinstance(x, np.ndarray) and x.ndim >= 2:
-            raise TypeError(f"image must be a PIL image, a tv_tensors.Image or a (C, H, W) / (B, C, H, W) tensor, got a "
+            raise TypeError(f"image must be a PIL image, a tv_tensors.Image or a (C, H, W) / (..., C, H, W) tensor, got a "
                             f"numpy array of shape {x.shape}; use Image.fromarray(a) or torch.from_numpy(a).permute(2, 0, 1)")
 
 
-def first_image(sample: Any, labels_getter: LabelsGetter | None) -> tuple[Any, Any]:
-    """The first image of ``sample`` and its labels, found as the transform finds them.
+def first_image(sample: Any, labels_getter: LabelsGetter | None) -> tuple[Any, Any, int]:
+    """The first image of ``sample``, its labels, and the sample's number of pictures, found as the transform
+    finds them.
+
+    Returns:
+        ``(image, labels, n)``: ``n`` is the largest picture count of the sample's image leaves (the batch
+        size); the first image's pictures are samples ``0 .. picture_count(image) - 1``.
 
     Raises:
         ValueError, TypeError: the sample holds no image (an array that is no image leaf is named).
@@ -198,4 +271,4 @@ def first_image(sample: Any, labels_getter: LabelsGetter | None) -> tuple[Any, A
     if not idx:
         check_no_image(flat, labels)
         raise ValueError(f"dataset items must hold an image (PIL or tensor), got {type(sample).__name__}")
-    return flat[idx[0]], labels
+    return flat[idx[0]], labels, max(picture_count(flat[i]) for i in idx)

@@ -157,6 +157,13 @@ def _run_local(augment, batches: Iterator[Batch], counts: dict, bar, encode_thre
             counts["batch_size"] = state["chunk"]
 
 
+def _class_name(names: list[str] | None, label: Any) -> str | list[str] | None:
+    """The manifest's ``class_name``: the label's name, the names of an image's several labels, or ``None``."""
+    if not names or label is None:
+        return None
+    return [names[x] for x in label] if isinstance(label, tuple) else names[label]
+
+
 def _export(augment: Augmenter, dataset: Any, out: Path, records: list) -> int:
     """Copy every cached variant into ``out/<label>-<slug>/<index>_v<v>.png`` and write ``manifest.jsonl``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -170,6 +177,8 @@ def _export(augment: Augmenter, dataset: Any, out: Path, records: list) -> int:
         src = augment.cache.path(var.key)
         if label is None:
             folder = "unlabelled"
+        elif isinstance(label, tuple):  # an image with several labels (a detection target) has no class folder
+            folder = "several-labels"
         else:
             slug = token_for_class(names[label], label).strip("<>") if names else "class"
             folder = f"{label:03d}-{slug}"
@@ -181,7 +190,7 @@ def _export(augment: Augmenter, dataset: Any, out: Path, records: list) -> int:
         written += 1
         lines.append(json.dumps({
             "file": rel.as_posix(), "source": source_of(dataset, index) or f"#{index}", "index": index, "label": label,
-            "class_name": names[label] if names and label is not None else None, "variant": v,
+            "class_name": _class_name(names, label), "variant": v,
             "strength": var.strength, "seed": var.seed, "prompt": var.prompt, "key": var.key,
         }))
     atomic_write_bytes(out / "manifest.jsonl", ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8"))

@@ -26,12 +26,14 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torchvision.transforms.v2 import Transform
 
-from ._images import to_canonical
+from ._images import picture_count, to_canonical
 from ._samples import (
+    Label,
     LabelsGetter,
     check_class_names,
     check_labels_getter,
     check_no_image,
+    check_one_class,
     first_image,
     image_leaf_indices,
     label_index,
@@ -53,6 +55,7 @@ from .variants import (
     check_prompt,
     check_strength_probs,
     generation_fingerprint,
+    prompt_needs_class,
     prompt_options,
     variant_prompt,
     variant_seed,
@@ -165,7 +168,10 @@ class DiffusionAugment(Transform):
         class_names: class names, index = label; default ``tokens.class_names``.
         prompt: a template with ``{name}`` (the class's token, or its name without tokens); a list of
             templates (one is picked per variant), a dict ``label or class name -> template(s)``, or a
-            callable ``(name, label) -> prompt``.
+            callable ``(name, label) -> prompt`` (``name`` is ``""`` when the class is not known; for an
+            image with several labels, a detection target's, ``name`` and ``label`` are tuples, one entry
+            per label). A template without ``{name}`` (``"a photo"``) needs no class: samples without a label
+            or with several (segmentation and detection samples) are augmented with it.
         strength: one strength or several (default DA-Fusion's 0.25, 0.5, 0.75, 1.0), each in (0, 1].
         strength_probs: probability of each strength (default uniform); must sum to 1.
         guidance_scale: classifier-free guidance scale.
@@ -178,13 +184,26 @@ class DiffusionAugment(Transform):
         seed: base seed of the variants' generators.
         device: where to load the model (not for an already-loaded pipeline).
         dtype: the model's dtype when dafusion-aug loads it (not for an already-loaded pipeline).
-        labels_getter: ``"default"`` (second element of a tuple, or a dict's ``"labels"`` key), a callable
-            ``sample -> labels``, or ``None`` when no label is needed.
+        labels_getter: ``"default"`` (torchvision's rule: a dict's ``"labels"``/``"label"`` key; in a tuple
+            or list the first item after the image that is not image-like, so ``(image, label)``,
+            ``(image, Mask, label)`` and ``(image, {"boxes": b, "labels": l})`` all work), a callable
+            ``sample -> labels`` (e.g. ``lambda s: s[1]["labels"][0]`` to make a detection target's first
+            object the image's class), or ``None`` when no label is needed.
         resolution: generation size; default the model's native resolution.
         batch_size: most images per pipeline call when generating.
         class_erasures: ``label or class name -> Erasure or erasure file``: class c is augmented by the model
             with c erased (DA-Fusion's leakage-free protocol). Generation is grouped by class and the small
             erasure deltas are swapped in place, with no model reload and no second UNet in memory.
+
+    Samples are torchvision v2 samples: any nesting of tuples, lists and dicts. Its images (PIL images,
+    ``tv_tensors.Image``, or else the first plain tensor) are augmented, every other leaf (labels, masks,
+    boxes, videos, strings) comes back as the same object. A tensor's leading dimensions are batch
+    dimensions (``(B, C, H, W)``, ``(B1, B2, C, H, W)``): each picture gets its own decision, and picture
+    ``j`` of every image leaf of the sample shares decision ``j`` and label ``j`` (an unbatched image is
+    picture 0).
+
+    Not scriptable with ``torch.jit.script``: like torchvision's v2-only transforms (``MixUp``,
+    ``SanitizeBoundingBoxes``), it exists only in eager mode.
 
     Raises:
         TypeError, ValueError: a bad argument (the message names it and the value received).
@@ -258,7 +277,7 @@ class DiffusionAugment(Transform):
             )
         return self._fingerprint
 
-    def variant(self, digest: str, label: int | None, v: int) -> Variant:
+    def variant(self, digest: str, label: Label, v: int) -> Variant:
         """The strength, prompt, seed and cache key of variant ``v`` of the image with ``digest``.
 
         Raises:
@@ -270,20 +289,37 @@ class DiffusionAugment(Transform):
         prompt = variant_prompt(self.seed, digest, label, v, prompt_options(self.prompt, label, self.class_names, self.tokens))
         return Variant(strength, prompt, variant_seed(self.seed, digest, label, v), self.cache_key(digest, label, v))
 
-    def cache_key(self, digest: str, label: int | None, v: int) -> str:
+    def cache_key(self, digest: str, label: Label, v: int) -> str:
         """The cache key of variant ``v`` (cheaper than :meth:`variant`: a cache hit needs nothing else)."""
         return cache_key(self._fingerprint or self.fingerprint(), digest, label, v)
 
-    def sample_images(self, sample: Any) -> tuple[list[np.ndarray], list[int | None]]:
-        """The pictures of a sample's first image leaf (RGB uint8) and one class index each, read as the
+    def sample_images(self, sample: Any) -> tuple[list[np.ndarray], list[Label]]:
+        """The pictures of a sample's first image leaf (RGB uint8) and one label each, read as the
         transform reads them (``labels_getter``, torchvision's image rule); what ``precompute`` fills.
 
         Raises:
             ValueError, TypeError: the sample holds no image, or its labels are invalid.
         """
-        image, labels = first_image(sample, self._labels_getter)
+        image, labels, n = first_image(sample, self._labels_getter)
         arrays, _ = to_canonical(image)
-        return arrays, labels_per_sample(labels, len(arrays), self.class_names)
+        return arrays, self.sample_labels(labels, n)[: len(arrays)]
+
+    def sample_labels(self, labels: Any, n: int) -> list[Label]:
+        """One label per picture of a sample whose labels getter found ``labels``, checked against the classes.
+
+        An image with several labels (a detection target's object labels) gets their tuple, which only a
+        prompt that needs no class (:func:`~dafusion_aug.variants.prompt_needs_class`) accepts.
+
+        Raises:
+            ValueError, TypeError: a bad label, the wrong number for a batch, or several labels for one image
+                while the prompt or ``class_erasures`` needs the image's class.
+        """
+        out = labels_per_sample(labels, n, self.class_names)
+        if self.class_erasures:
+            check_one_class(out, "class_erasures")
+        if prompt_needs_class(self.prompt):
+            check_one_class(out, f"prompt={self.prompt!r}"[:120])
+        return out
 
     # -- the model -----------------------------------------------------------------------------------
     def pipeline(self):
@@ -326,7 +362,7 @@ class DiffusionAugment(Transform):
                                                f"first {limit} (start and end tokens included), the rest is cut (warned once)")
                 return
 
-    def erasure_group(self, label: int | None):
+    def erasure_group(self, label: Label):
         """The erasure that generates images of ``label`` (``None``: the model as loaded)."""
         return self.class_erasures.get(label) if label is not None else None
 
@@ -415,12 +451,16 @@ class DiffusionAugment(Transform):
 
     # -- torchvision v2 --------------------------------------------------------------------------------
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
-        """Draw, from the global torch RNG, whether each sample is replaced and by which variant."""
-        n = 1
-        for leaf in flat_inputs:
-            if isinstance(leaf, torch.Tensor) and leaf.ndim == 4:
-                n = leaf.shape[0]
-                break
+        """Draw, from the global torch RNG, whether each sample is replaced and by which variant.
+
+        Args:
+            flat_inputs: the sample's image leaves; their largest picture count (every leading dimension
+                of a tensor is a batch dimension) is the number of samples.
+
+        Returns:
+            ``{"apply": [bool] * n, "variant": [int] * n}``.
+        """
+        n = max((picture_count(leaf) for leaf in flat_inputs), default=1)
         u = torch.rand(n, 2).tolist()  # one RNG call: [apply?, which variant] per sample
         apply = [row[0] < self.p for row in u]
         variants = [min(int(row[1] * self.num_variants), self.num_variants - 1) for row in u]
@@ -438,7 +478,7 @@ class DiffusionAugment(Transform):
             check_no_image(flat, labels)
             return sample
         params = self.make_params([flat[i] for i in image_idx])
-        params["labels"] = labels_per_sample(labels, len(params["apply"]), self.class_names)
+        params["labels"] = self.sample_labels(labels, len(params["apply"]))
         for i in image_idx:
             flat[i] = self.transform(flat[i], params)
         return tree_unflatten(flat, spec)
@@ -447,21 +487,26 @@ class DiffusionAugment(Transform):
         """Replace the pictures of one image leaf that ``params["apply"]`` selects by their variants.
 
         Args:
-            inpt: a PIL image, a ``(C, H, W)`` / ``(B, C, H, W)`` tensor or a ``tv_tensors.Image``.
-            params: :meth:`make_params`' result plus ``"labels"`` (one class index or ``None`` per picture).
+            inpt: a PIL image, a ``(C, H, W)`` / ``(..., C, H, W)`` tensor or a ``tv_tensors.Image``.
+            params: :meth:`make_params`' result plus ``"labels"`` (one label per picture, see
+                :meth:`sample_labels`); the input's picture ``j`` uses entry ``j``.
 
         Returns:
             An object of the input's type, mode, size, dtype and range (the input itself when nothing changed).
+
+        Raises:
+            ValueError: the input holds more pictures than ``params`` has entries.
         """
         arrays, restore = to_canonical(inpt)
         n = len(params["apply"])
-        if len(arrays) != n:
-            raise ValueError(f"all images of a sample must have the same batch size, got {len(arrays)} and {n}")
-        where = [j for j in range(n) if params["apply"][j]]
+        if len(arrays) > n:
+            raise ValueError(f"this image holds {len(arrays)} pictures, but the parameters were drawn for {n}; "
+                             "draw them with make_params over every image leaf of the sample")
+        where = [j for j in range(len(arrays)) if params["apply"][j]]
         if not where:
             return inpt
         jobs = [(arrays[j], image_digest(arrays[j]), params["labels"][j], params["variant"][j]) for j in where]
-        outs: list[Any] = [None] * n
+        outs: list[Any] = [None] * len(arrays)
         for j, arr in zip(where, self._resolve(jobs)):
             outs[j] = arr
         return restore(outs)

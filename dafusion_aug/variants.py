@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 
-from ._samples import label_index
+from ._samples import Label, check_one_class, label_index
 from .hashing import stable_digest, stable_hash
 
 if TYPE_CHECKING:
@@ -48,6 +48,7 @@ __all__ = [
     "PromptSpec",
     "check_strength_probs",
     "check_prompt",
+    "prompt_needs_class",
     "prompt_options",
     "generation_fingerprint",
     "cache_key",
@@ -86,16 +87,16 @@ class Augmenter(Protocol):
 
     def fingerprint(self) -> str: ...
 
-    def cache_key(self, digest: str, label: int | None, v: int) -> str: ...
+    def cache_key(self, digest: str, label: Label, v: int) -> str: ...
 
-    def variant(self, digest: str, label: int | None, v: int) -> Variant: ...
+    def variant(self, digest: str, label: Label, v: int) -> Variant: ...
 
-    def erasure_group(self, label: int | None) -> Any: ...
+    def erasure_group(self, label: Label) -> Any: ...
 
-    def sample_images(self, sample: Any) -> tuple[list[np.ndarray], list[int | None]]: ...
+    def sample_images(self, sample: Any) -> tuple[list[np.ndarray], list[Label]]: ...
 
     def generate(self, images: Sequence[np.ndarray], variants: Sequence[Variant],
-                 labels: Sequence[int | None] | None = None) -> list[np.ndarray | None]: ...
+                 labels: Sequence[Label] | None = None) -> list[np.ndarray | None]: ...
 
 
 # -- checks ----------------------------------------------------------------------------------------------
@@ -185,27 +186,62 @@ def check_prompt(prompt: PromptSpec, class_names: Sequence[str] | None) -> None:
 
 
 # -- prompts -----------------------------------------------------------------------------------------------
-def _class_word(label: int | None, class_names: Sequence[str] | None, tokens: ClassTokens | None) -> str:
-    """What ``{name}`` becomes: the class's token, or its name without tokens (Real Guidance)."""
+def prompt_needs_class(prompt: PromptSpec) -> bool:
+    """Whether a prompt needs the image's class: the one rule the transform and ``precompute`` follow.
+
+    A template that uses ``{name}`` (in a list of templates, any of them) and a per-class dict need it; a
+    template without ``{name}`` (``"a photo"``) does not. A callable does not either: it receives what the
+    sample has (one label, ``None``, or all of an image's labels, see :func:`prompt_options`).
+    """
+    if isinstance(prompt, str):
+        return _needs_names(prompt)
+    if callable(prompt):
+        return False
+    if isinstance(prompt, Mapping):
+        return True
+    return any(_needs_names(t) for t in prompt)
+
+
+def _class_word(label: Label, class_names: Sequence[str] | None, tokens: ClassTokens | None) -> str:
+    """What ``{name}`` becomes: the class's token, or its name without tokens (Real Guidance).
+
+    Raises:
+        ValueError: there is no label, or several (see :func:`~dafusion_aug._samples.check_one_class`).
+    """
     if label is None:
         raise ValueError("this prompt needs the class, but the sample has no label (labels_getter found none)")
+    if isinstance(label, tuple):
+        check_one_class([label], "this prompt")
     if tokens is not None:
         return tokens.token_for(label)
     assert class_names is not None
     return class_names[label]
 
 
-def prompt_options(prompt: PromptSpec, label: int | None, class_names: Sequence[str] | None,
+def _callable_names(label: Label, class_names: Sequence[str] | None, tokens: ClassTokens | None) -> str | tuple[str, ...]:
+    """The ``name`` a prompt callable receives: the class word, ``""`` when it is not known (no label, or
+    no class names or tokens), and a tuple of them for an image with several labels."""
+    if isinstance(label, tuple):
+        return tuple(_callable_names(x, class_names, tokens) for x in label)  # type: ignore[misc]
+    if label is None or (tokens is None and class_names is None):
+        return ""
+    return _class_word(label, class_names, tokens)
+
+
+def prompt_options(prompt: PromptSpec, label: Label, class_names: Sequence[str] | None,
                    tokens: ClassTokens | None) -> list[str]:
     """The prompts a variant of class ``label`` chooses from, with ``{name}`` filled in.
 
+    A callable is called as ``prompt(name, label)``: ``name`` is the class's token (or its name without
+    tokens), ``""`` when the class is not known; for an image with several labels (a detection target)
+    ``name`` and ``label`` are tuples, one entry per label.
+
     Raises:
-        ValueError: the prompt needs a label and there is none.
+        ValueError: the prompt needs one class and the image has no label, or several.
         TypeError: a prompt callable returned something other than a str or a non-empty list of str.
     """
     if callable(prompt) and not isinstance(prompt, str):
-        name = _class_word(label, class_names, tokens) if label is not None else ""
-        out = prompt(name, label)
+        out = prompt(_callable_names(label, class_names, tokens), label)
         options = [out] if isinstance(out, str) else list(out) if isinstance(out, (list, tuple)) else None
         if not options or not all(isinstance(t, str) for t in options):
             raise TypeError(f"the prompt callable must return a str or a non-empty list of str, got {out!r} for label {label!r}")
@@ -213,6 +249,8 @@ def prompt_options(prompt: PromptSpec, label: int | None, class_names: Sequence[
     if isinstance(prompt, Mapping):
         if label is None:
             raise ValueError("a per-class prompt dict needs a label, but the sample has none")
+        if isinstance(label, tuple):
+            check_one_class([label], "a per-class prompt dict")
         assert class_names is not None
         prompt = prompt[label] if label in prompt else prompt[class_names[label]]
     templates = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -326,13 +364,13 @@ def generation_fingerprint(
     )
 
 
-def cache_key(fingerprint: str, digest: str, label: int | None, v: int) -> str:
+def cache_key(fingerprint: str, digest: str, label: Label, v: int) -> str:
     """``sha256(format_version, image_digest, label, generation_fingerprint, v)``, as DESIGN.md specifies."""
     # a plain joined string (all parts are hex, ints or None) is cheaper than the JSON of stable_digest
     return hashlib.sha256(f"dafusion-aug/cache-key/{CACHE_FORMAT_VERSION}|{digest}|{label}|{fingerprint}|{int(v)}".encode()).hexdigest()
 
 
-def variant_strength(seed: int, digest: str, label: int | None, v: int, strengths: Sequence[float],
+def variant_strength(seed: int, digest: str, label: Label, v: int, strengths: Sequence[float],
                      strength_probs: Sequence[float]) -> float:
     """Variant ``v``'s strength: the inverse CDF of ``strength_probs`` at a uniform number from a stable hash."""
     u = stable_hash(seed, digest, label, v, "strength") / float(1 << 63)
@@ -344,11 +382,11 @@ def variant_strength(seed: int, digest: str, label: int | None, v: int, strength
     return strength
 
 
-def variant_prompt(seed: int, digest: str, label: int | None, v: int, options: Sequence[str]) -> str:
+def variant_prompt(seed: int, digest: str, label: Label, v: int, options: Sequence[str]) -> str:
     """Variant ``v``'s prompt among ``options`` (see :func:`prompt_options`)."""
     return options[stable_hash(seed, digest, label, v, "prompt") % len(options)]
 
 
-def variant_seed(seed: int, digest: str, label: int | None, v: int) -> int:
+def variant_seed(seed: int, digest: str, label: Label, v: int) -> int:
     """Variant ``v``'s generator seed: ``stable_hash(seed, digest, label, v)``."""
     return stable_hash(seed, digest, label, v)

@@ -4,11 +4,14 @@ the same for the transform and for ``precompute``.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from conftest import FAST, random_image
 from PIL import Image
+from torchvision import tv_tensors
 
 from dafusion_aug import precompute
 
@@ -75,3 +78,87 @@ def test_precompute_names_items_without_an_image(make_aug):
     assert res["failed"] == 2 and res["generated"] == 0
     (i0, why0), (i1, why1) = res["failures"]
     assert (i0, i1) == (0, 1) and "must hold an image" in why0 and "numpy array of shape (8, 8, 3)" in why1
+
+
+# -- issue 19: the class found the way torchvision finds it; masks, boxes and detection targets -------------
+H = W = 16
+
+
+def _mask():
+    return tv_tensors.Mask(torch.tensor([[4, 1, 7, 0] * 4] * 16, dtype=torch.uint8))
+
+
+def _boxes(n=2):
+    return tv_tensors.BoundingBoxes(torch.tensor([[0, 0, 8, 8], [4, 4, 12, 12]][:n]), format="XYXY", canvas_size=(H, W))
+
+
+@pytest.mark.parametrize(
+    "make_sample, expected",
+    [
+        (lambda img: (img, 2), [2]),
+        (lambda img: {"image": img, "label": 2}, [2]),
+        (lambda img: (img, _mask(), 2), [2]),
+        (lambda img: (img, _boxes(), "zebra"), [2]),
+        (lambda img: (img, {"boxes": _boxes(1), "labels": torch.tensor([2])}), [2]),
+        (lambda img: {"image": img, "mask": _mask(), "labels": torch.tensor(2)}, [2]),
+        (lambda img: {"image": img, "class_label": 1}, [1]),
+        (lambda img: (img, _mask()), [None]),
+        (lambda img: (img, tv_tensors.Image(torch.rand(3, H, W))), [None]),
+        (lambda img: (img, {"boxes": _boxes(0), "labels": torch.zeros(0, dtype=torch.int64)}), [None]),
+        (lambda img: (img, {"boxes": _boxes(), "labels": torch.tensor([1, 2])}), [(1, 2)]),
+    ],
+    ids=["pair", "dict", "image-mask-label", "image-boxes-name", "detection-one-object", "segmentation-dict",
+         "key-containing-label", "image-mask", "image-image", "detection-no-object", "detection-two-objects"],
+)
+def test_labels_are_found_the_way_torchvision_finds_them(make_aug, make_sample, expected):
+    """Issue 19: item [1] of a tuple was always the label, so (img, Mask) raised "one image needs one label, got
+    [[4, 1, 7, ..." and (img, target_dict) "label must be an int class index or a class name, got dict". Now
+    tv_tensors and image-like items are skipped and a target dict's "labels" is taken, as torchvision does."""
+    aug = make_aug(**FAST, prompt="a photo")
+    _, labels = aug.sample_images(make_sample(random_image(30, (W, H))))
+    assert labels == expected
+
+
+def test_several_labels_need_a_way_to_choose_the_class(make_aug):
+    """A detection target with several objects: a prompt naming the class says how to choose it; a labels_getter
+    that chooses it and a prompt callable that receives every label both work."""
+    img = random_image(31, (W, H))
+    target = {"boxes": _boxes(), "labels": torch.tensor([1, 2])}
+    with pytest.raises(ValueError, match=r"one image needs one label, got \[1, 2\].*labels_getter=.*prompt callable"):
+        make_aug(**FAST)(img, target)
+    first = make_aug(**FAST, labels_getter=lambda s: s[1]["labels"][0])
+    out, back = first(img, target)
+    assert back["labels"] is target["labels"] and back["boxes"] is target["boxes"]
+    assert np.array_equal(np.asarray(out), np.asarray(make_aug(**FAST)(img, 1)[0]))
+    seen = []
+
+    def both(names, labels):
+        seen.append((names, labels))
+        return "a photo of " + " and ".join(names) if isinstance(names, tuple) else f"a photo of {names}"
+
+    make_aug(**FAST, prompt=both)(img, target)
+    assert seen == [(("golden retriever", "zebra"), (1, 2))]
+
+
+def test_several_labels_are_refused_with_class_erasures(make_aug):
+    from dafusion_aug import Erasure
+
+    aug = make_aug(**FAST, prompt="a photo", class_erasures={0: Erasure({"x.weight": torch.zeros(2)}, concepts="cat")})
+    with pytest.raises(ValueError, match=r"got \[1, 2\].*class_erasures needs the image's class"):
+        aug(random_image(32, (W, H)), {"boxes": _boxes(), "labels": torch.tensor([1, 2])})
+
+
+def test_precompute_fills_detection_samples_the_transform_reads(make_aug, tmp_path):
+    """Detection samples with several objects and a class-free prompt: precompute fills exactly the entries the
+    transform reads (on_miss="error" never fires), and the export names no class folder for them."""
+    data = [(random_image(40 + i, (W, H)), {"boxes": _boxes(), "labels": torch.tensor([i % 3, 2])}) for i in range(3)]
+    aug = make_aug(**FAST, prompt="a photo")
+    res = precompute(aug, data, progress=False, out=tmp_path / "out")
+    assert res["generated"] == 3 and res["failed"] == 0
+    reader = make_aug(**FAST, prompt="a photo", on_miss="error")
+    for sample in data:
+        out, target = reader(sample)
+        assert target["labels"] is sample[1]["labels"] and not np.array_equal(np.asarray(out), np.asarray(sample[0]))
+    lines = [json.loads(x) for x in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert [x["label"] for x in lines] == [[0, 2], [1, 2], [2, 2]]
+    assert lines[0]["class_name"] == ["cat", "zebra"] and lines[0]["file"].startswith("several-labels/")

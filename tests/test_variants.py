@@ -24,6 +24,7 @@ from dafusion_aug.variants import (
     DEFAULT_STRENGTHS,
     cache_key,
     generation_fingerprint,
+    prompt_needs_class,
     variant_seed,
     variant_strength,
 )
@@ -72,6 +73,45 @@ def test_prompt_callable_returning_junk_is_named(make_aug, returned):
     aug = make_aug(**FAST, prompt=lambda name, label: returned)
     with pytest.raises(TypeError, match="prompt callable must return a str or a non-empty list of str"):
         aug(random_image(0), 0)
+
+
+@pytest.mark.parametrize(
+    "prompt, needs",
+    [
+        ("a photo of a {name}", True), ("a photo", False), ("a {{name}}", False), ("{name!r}", True),
+        (["a photo", "a {name}"], True), (["a photo", "a drawing"], False), ({0: "a photo"}, True),
+        (lambda name, label: "a photo", False),
+    ],
+)
+def test_whether_a_prompt_needs_the_class_is_one_rule(make_aug, prompt, needs):
+    """Issue 19: the one rule (variants.prompt_needs_class) that decides whether an image with no label or several
+    labels can be augmented; the transform applies it on every call and generation agrees with it."""
+    assert prompt_needs_class(prompt) is needs
+    aug = make_aug(**FAST, prompt=prompt, class_names=["cat"])
+    sample = (random_image(0, (8, 8)), {"labels": torch.tensor([0, 0])})
+    if needs:
+        with pytest.raises(ValueError, match="needs the image's class"):
+            aug(sample)
+    else:
+        assert aug(sample)[1]["labels"] is sample[1]["labels"]
+
+
+def test_prompt_callable_without_class_names_gets_an_empty_name(make_aug):
+    """A callable prompt with no class names or tokens raised a bare AssertionError for any labelled sample."""
+    aug = make_aug(**FAST, prompt=lambda name, label: f"a photo of {label}{name}", class_names=None)
+    digest = image_digest(np.zeros((8, 8, 3), np.uint8))
+    assert [aug.variant(digest, label, 0).prompt for label in (3, None, (1, 2))] == [
+        "a photo of 3", "a photo of None", "a photo of (1, 2)('', '')"]
+
+
+def test_an_image_with_several_labels_has_its_own_keys(make_aug):
+    """An image with several labels is planned under their tuple: keys and seeds differ from each single label and
+    from no label (the keys of (image, int) and unlabelled samples are the golden values below, unchanged)."""
+    aug = make_aug(**FAST, prompt="a photo")
+    digest = image_digest(np.zeros((8, 8, 3), np.uint8))
+    keys = {aug.cache_key(digest, label, 0) for label in ((1, 2), (2, 1), 1, 2, None)}
+    assert len(keys) == 5 and cache_key("f" * 64, digest, (1, 2), 0) == cache_key("f" * 64, digest, (1, 2), 0)
+    assert variant_seed(0, digest, (1, 2), 0) not in {variant_seed(0, digest, x, 0) for x in (1, 2, None)}
 
 
 # -- the variant plan: these values are cache keys and seeds on users' disks; they must never change ----
