@@ -143,45 +143,152 @@ def tiny_pipeline(seed: int = 0):
     return pipe
 
 
-def check_transform(transform: Any, image: Any, label: Any = 1) -> Any:
-    """Check the torchvision v2 sample contract of a transform, as torchvision's tests do.
+def _pictures(image: Any) -> tuple[int, tuple[int, ...], int, int]:
+    """``(picture count, leading batch dims, height, width)`` of a PIL image or a ``(..., C, H, W)`` tensor."""
+    if isinstance(image, torch.Tensor):
+        lead = tuple(image.shape[:-3])
+        return int(torch.Size(lead).numel()), lead, int(image.shape[-2]), int(image.shape[-1])
+    return 1, (), image.height, image.width
 
-    The transform is called on a tuple ``(image, label, junk)``, a list ``[image, label, junk]`` and a dict
-    ``{"image", "label", "meta": {"junk", "name"}}``: the image comes back as the same type, the label and
-    every other leaf as the very same objects, and the structure is rebuilt. Then the transform must be
-    picklable (what DataLoader workers started with ``spawn`` receive), and a copy rebuilt from its pickled
-    state must have the same :meth:`fingerprint` when it has one (so the copy reads the same cache entries).
 
-    Args:
-        transform: the transform to check (called with samples like the ones above).
-        image: a picture it accepts (PIL image, tensor, ``tv_tensors.Image``).
-        label: the sample's label.
+def _samples(image: Any, label: Any, needs_class: bool) -> dict[str, Any]:
+    """The sample structures :func:`check_transform` runs, by name (see there)."""
+    import pathlib
+
+    import numpy as np
+    from PIL import Image
+    from torchvision import tv_tensors
+
+    count, lead, h, w = _pictures(image)
+    mask = tv_tensors.Mask(torch.zeros(*lead, h, w, dtype=torch.uint8))
+    boxes = tv_tensors.BoundingBoxes(torch.tensor([[0, 0, w, h], [0, 0, max(1, w // 2), max(1, h // 2)]]),
+                                     format="XYXY", canvas_size=(h, w))
+    junk = {"int": 0, "float": 0.5, "bool": True, "none": None, "str": "str", "path": pathlib.Path("x.png"),
+            "object": object(), "tensor": torch.arange(5), "array": np.arange(5)}
+    # torchvision's big sample: the image under test next to unbatched images, a video, masks, boxes, junk
+    big = {"input": image, "image_pil": Image.new("RGB", (w, h), (90, 30, 200)),
+           "image_tv_tensor": tv_tensors.Image(torch.full((3, h, w), 77, dtype=torch.uint8)),
+           "video_tv_tensor": tv_tensors.Video(torch.rand(2, 3, h, w)), "mask": mask, "boxes": boxes, **junk}
+    samples: dict[str, Any] = {
+        "tuple": (image, label, junk["object"]),
+        "list": [image, label, junk["object"]],
+        "dict": {"image": image, "label": label, "meta": {"junk": junk["object"], "name": "x"}},
+        "segmentation tuple (image, Mask, label)": (image, mask, label),
+        "segmentation dict": {"image": image, "mask": mask, "label": label},
+    }
+    if count == 1 or type(image) is not torch.Tensor:  # next to images, a plain tensor is no image: its labels fit none
+        samples["torchvision sample with a label"] = {**big, "label": label}
+    if count == 1:
+        one = torch.tensor([label]) if isinstance(label, int) and not isinstance(label, bool) else [label]
+        samples["detection (image, target) with one object"] = (image, {"boxes": boxes[:1], "labels": one})
+    if needs_class:
+        return samples
+    samples.update({"bare image": image, "segmentation (image, Mask)": (image, mask), "torchvision sample": big})
+    if count == 1:
+        several = torch.tensor([label, label]) if isinstance(label, int) and not isinstance(label, bool) else [label, label]
+        samples["detection (image, target) with several objects"] = (image, {"boxes": boxes, "labels": several})
+        samples["detection dict with several objects"] = {"image": image, "boxes": boxes, "labels": several}
+    return samples
+
+
+def _image_leaves(flat: list[Any]) -> list[int]:
+    """torchvision's rule, stated independently of the package: PIL images and ``tv_tensors.Image`` leaves,
+    or else the first plain tensor of three or more dimensions."""
+    from PIL import Image
+    from torchvision import tv_tensors
+
+    idx = [i for i, x in enumerate(flat) if isinstance(x, (Image.Image, tv_tensors.Image))]
+    if idx:
+        return idx
+    return next(([i] for i, x in enumerate(flat) if type(x) is torch.Tensor and x.ndim >= 3), [])
+
+
+def _check_image(before: Any, after: Any, where: str) -> None:
+    """An image leaf keeps its type, mode, size, shape, dtype, device and value range."""
+    assert type(after) is type(before), f"{where}: the image came back as {type(after).__name__}, not {type(before).__name__}"
+    if isinstance(before, torch.Tensor):
+        assert after.shape == before.shape, f"{where}: shape {tuple(after.shape)} is not {tuple(before.shape)}"
+        assert after.dtype == before.dtype and after.device == before.device, f"{where}: dtype or device changed"
+        if before.is_floating_point() and before.numel() and 0 <= float(before.min()) and float(before.max()) <= 1:
+            assert 0 <= float(after.min()) and float(after.max()) <= 1, f"{where}: values left [0, 1]"
+    else:
+        assert (after.mode, after.size) == (before.mode, before.size), f"{where}: {after.mode} {after.size} is not {before.mode} {before.size}"
+
+
+def _check_sample(sample: Any, out: Any, where: str) -> list[Any]:
+    """``out`` has ``sample``'s structure, its images keep their kind, every other leaf is the same object.
 
     Returns:
-        The transformed dict sample.
+        The output's image leaves.
+    """
+    from torch.utils._pytree import tree_flatten
+
+    flat, spec = tree_flatten(sample)
+    flat_out, spec_out = tree_flatten(out)
+    assert spec_out == spec, f"{where}: the sample came back as {spec_out}, not {spec}"
+    images = _image_leaves(flat)
+    for i, (a, b) in enumerate(zip(flat, flat_out)):
+        if i in images:
+            _check_image(a, b, where)
+        else:
+            assert b is a, f"{where}: leaf {i} ({type(a).__name__}) came back as another object, not itself: {b!r}"[:300]
+    return [flat_out[i] for i in images]
+
+
+def _same_pictures(a: list[Any], b: list[Any]) -> bool:
+    import numpy as np
+
+    return all(torch.equal(x, y) if isinstance(x, torch.Tensor) else np.array_equal(np.asarray(x), np.asarray(y))
+               for x, y in zip(a, b))
+
+
+def check_transform(transform: Any, image: Any, label: Any = 1, *, needs_class: bool = True) -> dict[str, Any]:
+    """Check the torchvision v2 sample contract of a transform, as torchvision's own ``check_transform`` does.
+
+    The transform is called on every sample structure torchvision's tests and datasets use: a tuple
+    ``(image, label, junk)``, a list, a dict with a nested dict, segmentation samples ``(image, Mask,
+    label)`` and ``{"image", "mask", "label"}``, a detection pair ``(image, {"boxes", "labels"})`` with one
+    object (for an unbatched image), and torchvision's big sample (the image next to a PIL image, an
+    unbatched ``tv_tensors.Image``, a ``Video``, a ``Mask``, ``BoundingBoxes`` and junk: ints, floats, bools,
+    ``None``, a str, a path, an object, a 1-D tensor and array). With ``needs_class=False`` (a transform
+    whose prompt needs no class) also a bare image, ``(image, Mask)``, detection targets with several
+    object labels and torchvision's sample without a label. For each: the structure is rebuilt, every image
+    keeps its type, mode, size, shape, dtype, device and [0, 1] range, and every other leaf comes back as the
+    very same object. Then the transform must pickle (what spawned DataLoader workers receive), and a copy
+    rebuilt from its pickled state must give identical outputs for the same torch seed and, when it has
+    one, the same ``fingerprint()`` (so the copy reads the same cache entries).
+
+    Args:
+        transform: the transform to check.
+        image: a picture it accepts (PIL image, ``(C, H, W)`` or batched ``(..., C, H, W)`` tensor,
+            ``tv_tensors.Image``).
+        label: the sample's label (``B`` labels for a batch of ``B`` pictures).
+        needs_class: ``False`` adds the samples without a label or with several labels per image.
+
+    Returns:
+        The output of every sample, by structure name.
 
     Raises:
-        AssertionError: a part of the contract does not hold.
+        AssertionError: a part of the contract does not hold (the message names the structure).
 
     Example:
         >>> check_transform(DiffusionAugment(tiny_pipeline(), class_names=["a", "b"]), image)  # doctest: +SKIP
+        >>> check_transform(DiffusionAugment(tiny_pipeline(), prompt="a photo"), image, needs_class=False)  # doctest: +SKIP
     """
-    junk = object()
-    out = transform(image, label, junk)
-    assert isinstance(out, tuple) and len(out) == 3, f"a tuple sample must come back as a 3-tuple, got {type(out).__name__}"
-    assert out[1] is label and out[2] is junk, "non-image leaves of a tuple sample must come back as the same objects"
-    assert type(out[0]) is type(image), f"the image came back as {type(out[0]).__name__}, not {type(image).__name__}"
-    out = transform([image, label, junk])
-    assert isinstance(out, list) and out[1] is label and out[2] is junk, "a list sample must keep its other leaves"
-    assert type(out[0]) is type(image), f"the image of a list sample came back as {type(out[0]).__name__}"
-    sample = {"image": image, "label": label, "meta": {"junk": junk, "name": "x"}}
-    out = transform(sample)
-    assert out["label"] is label and out["meta"]["junk"] is junk and out["meta"]["name"] == "x", "dict leaves must be kept"
-    assert type(out["image"]) is type(image), f"the image of a dict sample came back as {type(out['image']).__name__}"
     pickle.dumps(transform)  # picklable: no lambdas, loaded pipelines or open files in its state
     # the package never calls pickle.loads (test_package.py::test_no_pickle_loads); deepcopy rebuilds the copy
     # from the same __getstate__ / __reduce_ex__ state that a spawned worker unpickles
     again = copy.deepcopy(transform)
     if hasattr(transform, "fingerprint"):
         assert again.fingerprint() == transform.fingerprint(), "a pickled copy must have the same fingerprint"
-    return out
+    outputs = {}
+    for name, sample in _samples(image, label, needs_class).items():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            outputs[name] = transform(sample)
+            torch.manual_seed(0)
+            copied = again(sample)
+        images = _check_sample(sample, outputs[name], name)
+        assert _same_pictures(images, _check_sample(sample, copied, f"{name} (copied transform)")), \
+            f"{name}: a pickled copy of the transform gave other pixels for the same seed"
+    return outputs

@@ -32,6 +32,95 @@ def test_check_transform_tensor(make_aug):
     check_transform(make_aug(), torch.rand(3, 32, 32))
 
 
+# -- issue 19: torchvision's sample conventions, as torchvision's own check_transform sees them -------------
+INPUTS = {
+    "pil-rgb": lambda: random_image(20, (24, 16)),
+    "pil-l": lambda: random_image(21, (16, 16), mode="L"),
+    "uint8": lambda: torch.randint(0, 256, (3, 16, 24), dtype=torch.uint8),
+    "float": lambda: torch.rand(3, 16, 16),
+    "tv-image": lambda: tv_tensors.Image(torch.rand(3, 16, 16)),
+    "tv-batch": lambda: tv_tensors.Image(torch.rand(2, 3, 16, 16)),
+    "tv-batch-channels-last": lambda: tv_tensors.Image(torch.rand(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)),
+    "tv-two-batch-dims": lambda: tv_tensors.Image(torch.randint(0, 256, (2, 1, 3, 16, 16), dtype=torch.uint8)),
+    "plain-batch": lambda: torch.rand(2, 3, 16, 16),
+}
+
+
+def _labels_for(x, label=1):
+    n = x.shape[:-3].numel() if isinstance(x, torch.Tensor) else 1
+    return label if n == 1 else torch.full(x.shape[:-3], label)
+
+
+@pytest.mark.parametrize("kind", list(INPUTS))
+def test_torchvision_samples_pass_through_with_a_prompt_that_needs_no_class(make_aug, kind):
+    """Issue 19: (image, Mask), (image, {"boxes", "labels"}) with several objects, torchvision's big sample with a
+    batched image next to unbatched ones, (2, 1, 3, H, W): before, 25 of torchvision's 75 checks failed ("one
+    image needs one label, got [[4, 1, 7, ...", "all images of a sample must have the same batch size")."""
+    x = INPUTS[kind]()
+    check_transform(make_aug(**FAST, prompt="a photo", class_names=None), x, _labels_for(x), needs_class=False)
+
+
+@pytest.mark.parametrize("kind", list(INPUTS))
+def test_torchvision_samples_with_a_label_pass_through_with_a_class_prompt(make_aug, kind):
+    """The same structures holding the image's class, with a prompt that names it: (image, Mask, label),
+    (image, {"boxes", "labels": [label]}), torchvision's big sample with a "label" key."""
+    x = INPUTS[kind]()
+    check_transform(make_aug(**FAST), x, _labels_for(x, 2))
+
+
+@pytest.mark.parametrize("wrap", [v2.Compose, lambda ts: v2.RandomApply(ts, p=1.0), v2.RandomChoice], ids=["Compose", "RandomApply", "RandomChoice"])
+def test_torchvision_containers_keep_the_contract(make_aug, wrap):
+    check_transform(wrap([make_aug(**FAST, prompt="a photo", class_names=None)]), random_image(22, (16, 16)), needs_class=False)
+
+
+class _CopiesLeaves(v2.Transform):
+    """Breaks the contract: every tensor leaf (masks, boxes, labels) comes back as a copy."""
+
+    def transform(self, inpt, params):
+        return inpt.clone() if isinstance(inpt, torch.Tensor) else inpt
+
+
+class _Untyped(v2.Transform):
+    """Breaks the contract: a tv_tensors.Image comes back as a plain tensor."""
+
+    _transformed_types = (tv_tensors.Image,)
+
+    def transform(self, inpt, params):
+        return inpt.as_subclass(torch.Tensor)
+
+
+def test_check_transform_catches_a_transform_that_breaks_the_contract():
+    """The helper itself can fail: a transform that copies a Mask, or drops the image's type."""
+    CopiesLeaves, Untyped = _CopiesLeaves, _Untyped
+    with pytest.raises(AssertionError, match="came back as another object"):
+        check_transform(CopiesLeaves(), tv_tensors.Image(torch.rand(3, 8, 8)))
+    with pytest.raises(AssertionError, match="came back as Tensor, not Image"):
+        check_transform(Untyped(), tv_tensors.Image(torch.rand(3, 8, 8)))
+
+
+def test_batched_pictures_share_decisions_and_labels_by_position(make_aug):
+    """Picture j of every image leaf is sample j: a batch (2, 3, H, W) next to an unbatched PIL image is augmented
+    (not refused), the PIL image is picture 0 with label 0, and a (2, 1, 3, H, W) batch is the same two pictures."""
+    aug = make_aug(**FAST)
+    batch = tv_tensors.Image(torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8))
+    pil = random_image(23, (16, 16))
+    out = aug({"batch": batch, "pil": pil, "labels": torch.tensor([0, 2])})
+    assert np.array_equal(np.asarray(out["pil"]), np.asarray(aug(pil, 0)[0]))
+    for j, label in enumerate([0, 2]):
+        assert torch.equal(out["batch"][j], aug(tv_tensors.Image(batch[j]), label)[0])
+    deep, _ = aug(tv_tensors.Image(batch.reshape(2, 1, 3, 16, 16)), torch.tensor([[0], [2]]))
+    assert isinstance(deep, tv_tensors.Image) and torch.equal(deep.reshape(2, 3, 16, 16), out["batch"])
+    channels_last = tv_tensors.Image(batch.contiguous(memory_format=torch.channels_last))
+    kept, _ = aug(channels_last, torch.tensor([0, 2]))
+    assert kept.is_contiguous(memory_format=torch.channels_last) and torch.equal(kept, out["batch"])
+
+
+def test_jit_script_is_not_supported_and_the_docstring_says_so(make_aug):
+    assert "torch.jit.script" in DiffusionAugment.__doc__
+    with pytest.raises(Exception):  # noqa: B017 - torch raises several types; v2-only transforms are not scriptable
+        torch.jit.script(make_aug(**FAST))
+
+
 def test_p0_returns_input_untouched(make_aug):
     aug = make_aug(p=0.0)
     img = random_image(1)
