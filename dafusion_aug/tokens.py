@@ -4,6 +4,12 @@ File format (see DESIGN.md): keys are tokens (``"<golden-retriever>"``), values 
 ``[num_vectors, dim]`` (diffusers' textual-inversion convention); metadata strings ``format=pt``,
 ``dafusion_aug_version``, ``class_names`` (JSON list, index = label), ``tokens`` (JSON list),
 ``base_model``, ``dim``, ``num_vectors`` and ``training`` (JSON of the hyper-parameters).
+
+The token files people have are read too: diffusers' one-token ``learned_embeds.safetensors``
+(:meth:`ClassTokens.load`), A1111 embeddings (``{"emb_params": tensor}`` safetensors, and the ``.pt``
+``{"string_to_param": {"*": tensor}, "name": ...}``: :meth:`ClassTokens.from_a1111`) and DA-Fusion's
+``.bin`` / aggregated ``.pt`` files (:meth:`ClassTokens.from_dafusion`); ``.pt`` and ``.bin`` files only
+through ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -18,14 +24,65 @@ from typing import Any
 import torch
 
 from . import __version__
-from ._io import read_safetensors, save_safetensors
+from ._io import looks_like_pickle, read_safetensors, save_safetensors
 from .errors import TokenFileError
 from .hashing import stable_digest
 
-__all__ = ["ClassTokens", "token_for_class"]
+__all__ = ["ClassTokens", "token_for_class", "DIFFUSERS_MULTI_CLASS"]
 
 _FORMAT = "dafusion-aug/class-tokens/1"
-_PICKLE_HINT = "Import DA-Fusion .pt files with ClassTokens.from_dafusion(path)."
+_PICKLE_HINT = ("Import DA-Fusion .bin / .pt files with ClassTokens.from_dafusion(path, class_names=[...]) and A1111 "
+                ".pt embeddings with ClassTokens.from_a1111(path); both read them with torch.load(weights_only=True).")
+#: The one line that loads a multi-class token file into a plain diffusers pipeline (``load_textual_inversion``
+#: takes one token per file, or lists of tensors and tokens); error messages and docs/tokens.md show it.
+DIFFUSERS_MULTI_CLASS = "pipe.load_textual_inversion(list(sd.values()), token=list(sd.keys()))"
+_MULTI_CLASS_HINT = (f"plain diffusers loads a multi-class file with {DIFFUSERS_MULTI_CLASS}, where "
+                     "sd = safetensors.torch.load_file(path) (or torch.load(path, weights_only=True) for a .pt / .bin file)")
+_A1111_KEYS = ("emb_params", "string_to_param")
+
+
+def _torch_load(path: str, what: str) -> Any:
+    """A ``.pt`` / ``.bin`` file's contents through ``torch.load(weights_only=True)``, which builds only tensors
+    and plain containers (never arbitrary objects).
+
+    Raises:
+        TokenFileError: the file is missing or holds anything else.
+    """
+    if not os.path.isfile(path):
+        raise TokenFileError(f"{what} not found: {path!r}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... for bad files
+        raise TokenFileError(f"{path!r} is not a {what} loadable with weights_only=True: {e}") from e
+
+
+def _a1111_embedding(data: Any, path: str) -> tuple[torch.Tensor, str | None] | None:
+    """``(embedding, name)`` of an A1111 embedding (``{"emb_params": t}``, or ``{"string_to_param": {"*": t},
+    "name": ...}``), ``None`` for anything else.
+
+    Raises:
+        TokenFileError: an A1111 key holding something other than one tensor (the keys found are named).
+    """
+    if not isinstance(data, Mapping) or not any(k in data for k in _A1111_KEYS):
+        return None
+    value = data.get("emb_params", data.get("string_to_param"))
+    if isinstance(value, Mapping):
+        if len(value) != 1:
+            raise TokenFileError(f"A1111 embedding {path!r} must hold one tensor under 'string_to_param', got keys {list(value)}")
+        value = next(iter(value.values()))
+    if not isinstance(value, torch.Tensor):
+        raise TokenFileError(f"A1111 embedding {path!r} must hold a tensor, got {type(value).__name__} (keys {list(data)})")
+    name = data.get("name")
+    return value, name if isinstance(name, str) and name.strip() else None
+
+
+def _dafusion_match(name: str, keys: Sequence[str]) -> str | None:
+    """The key of class ``name`` in a DA-Fusion file: its token ``<name>`` as DA-Fusion wrote it (spaces as
+    ``_``), the name as given, or either without the angle brackets."""
+    for key in (f"<{name}>", f"<{name.replace(' ', '_')}>", name, name.replace(" ", "_")):
+        if key in keys:
+            return key
+    return None
 
 
 def _check_metadata_list(path: str, key: str, value: Any) -> None:
@@ -208,17 +265,23 @@ class ClassTokens:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ClassTokens:
-        """Read a token file written by :meth:`save` (or a one-token diffusers ``learned_embeds.safetensors``).
+        """Read a token file written by :meth:`save`, a one-token diffusers ``learned_embeds.safetensors``
+        (the key is the token, its class the token without angle brackets) or an A1111 ``emb_params``
+        safetensors embedding (its class is named after the file, as A1111 does; see :meth:`from_a1111`).
 
         Raises:
-            TokenFileError: missing, corrupt, a pickle, or inconsistent contents.
+            TokenFileError: missing, corrupt, a pickle, inconsistent contents, or several tensors without
+                dafusion-aug's metadata (the order of their classes, the labels, is unknown; the keys found
+                are named).
         """
         path = os.fspath(path)
         tensors, meta = read_safetensors(path, "token file", pickle_hint=_PICKLE_HINT)
         if not tensors:
             raise TokenFileError(f"token file {path!r} holds no tensors")
+        if "tokens" not in meta:
+            return cls._load_without_metadata(path, tensors)
         try:
-            tokens = json.loads(meta["tokens"]) if "tokens" in meta else list(tensors)
+            tokens = json.loads(meta["tokens"])
             _check_metadata_list(path, "tokens", tokens)
             names = json.loads(meta["class_names"]) if "class_names" in meta else [t.strip("<>") for t in tokens]
             _check_metadata_list(path, "class_names", names)
@@ -240,31 +303,118 @@ class ClassTokens:
             raise TokenFileError(f"token file {path!r} is inconsistent: {e}") from e
 
     @classmethod
-    def from_dafusion(cls, path: str | os.PathLike, class_names: Sequence[str] | None = None) -> ClassTokens:
-        """Import an original DA-Fusion token file (a ``torch.save`` dict ``{"<class_name>": tensor}``).
+    def _load_without_metadata(cls, path: str, tensors: Mapping[str, torch.Tensor]) -> ClassTokens:
+        """A safetensors token file that dafusion-aug did not write: one diffusers token or an A1111 embedding.
 
-        Loaded with ``torch.load(weights_only=True)``, which refuses anything but tensors and plain
-        containers. DA-Fusion wrote class names with spaces as ``_``; they come back with spaces.
+        Raises:
+            TokenFileError: several tensors (their order, the labels, is unknown), named with the keys found.
+        """
+        a1111 = _a1111_embedding(tensors, path)
+        if a1111 is not None:
+            return cls([Path(path).stem], [a1111[0]], metadata={"imported_from": "a1111"})
+        if len(tensors) == 1:  # diffusers' learned_embeds.safetensors: the key is the token
+            token = next(iter(tensors))
+            try:
+                return cls([token.strip("<>") or token], [tensors[token]], tokens=[token])
+            except (ValueError, TypeError) as e:
+                raise TokenFileError(f"token file {path!r} is inconsistent: {e}") from e
+        raise TokenFileError(
+            f"token file {path!r} holds {len(tensors)} tensors {sorted(tensors)[:20]} but no dafusion-aug metadata, so "
+            "which class each one is (and its label) is unknown; build ClassTokens(class_names, [sd[k] for k in keys], "
+            f"tokens=keys) in label order. ({_MULTI_CLASS_HINT})"
+        )
+
+    @classmethod
+    def from_a1111(cls, path: str | os.PathLike, class_name: str | None = None) -> ClassTokens:
+        """Import an AUTOMATIC1111 (stable-diffusion-webui) textual-inversion embedding as one class.
+
+        Two formats: a safetensors file ``{"emb_params": tensor}`` and a ``torch.save`` file
+        ``{"string_to_param": {"*": tensor}, "name": ..., ...}`` (the one plain diffusers'
+        ``load_textual_inversion`` reads), the latter through ``torch.load(weights_only=True)``.
 
         Args:
-            path: the ``.pt`` file.
-            class_names: optional class order (index = label); default: the file's order.
+            path: the ``.safetensors`` or ``.pt`` file.
+            class_name: the class's name; default the file's ``name`` entry (``.pt``), else the file name
+                without its extension (A1111's trigger word).
+
+        Returns:
+            One class whose token is ``token_for_class(class_name)`` and whose embedding is the file's
+            ``[num_vectors, dim]`` tensor (stored as float32).
+
+        Raises:
+            TokenFileError: missing, unreadable, not loadable with ``weights_only=True``, or not an A1111
+                embedding (the keys found are named).
+            TypeError, ValueError: ``class_name`` is not a non-empty str.
         """
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise TokenFileError(f"DA-Fusion token file not found: {path!r}")
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... for bad files
-            raise TokenFileError(f"{path!r} is not a DA-Fusion token file loadable with weights_only=True: {e}") from e
+        if class_name is not None and (not isinstance(class_name, str) or not class_name.strip()):
+            raise TypeError(f"class_name must be a non-empty str or None, got {class_name!r}")
+        if os.path.isfile(path) and not looks_like_pickle(path):
+            data, _ = read_safetensors(path, "A1111 embedding")
+        else:
+            data = _torch_load(path, "A1111 embedding")
+        found = _a1111_embedding(data, path)
+        if found is None:
+            keys = list(data)[:20] if isinstance(data, Mapping) else type(data).__name__
+            hint = f"; {_MULTI_CLASS_HINT}" if isinstance(data, Mapping) and len(data) > 1 else ""
+            raise TokenFileError(f"{path!r} is not an A1111 embedding (no 'emb_params' or 'string_to_param' key): "
+                                 f"got {keys}{hint}")
+        embedding, name = found
+        return cls([class_name or name or Path(path).stem], [embedding], metadata={"imported_from": "a1111"})
+
+    @classmethod
+    def from_dafusion(cls, path: str | os.PathLike, class_names: Sequence[str] | None = None) -> ClassTokens:
+        """Import an original DA-Fusion token file: a ``learned_embeds.bin`` of one class or the aggregated
+        ``.pt`` of several (a ``torch.save`` dict ``{"<class_name>": tensor}``).
+
+        Loaded with ``torch.load(weights_only=True)``, which refuses anything but tensors and plain
+        containers; the values are DA-Fusion's own, bit for bit (stored as float32).
+
+        Args:
+            path: the ``.bin`` / ``.pt`` file.
+            class_names: the class names in label order (index = label). Required for a file of several
+                classes: DA-Fusion merged its per-class files in no label order, so the file's order says
+                nothing about the labels. Names are matched to DA-Fusion's tokens as DA-Fusion wrote them
+                (``<pickup_truck>`` is found for ``"pickup_truck"`` and for ``"pickup truck"``), and kept
+                as given. Default, for a one-class file: its token without the angle brackets.
+
+        Returns:
+            The classes named by ``class_names`` (a subset of the file's is fine), in that order.
+
+        Raises:
+            TokenFileError: missing, not loadable with ``weights_only=True``, not a dict of token -> tensor,
+                an A1111 embedding (see :meth:`from_a1111`), or a class of ``class_names`` it has no token for.
+            ValueError: ``class_names`` missing for a file of several classes.
+        """
+        path = os.fspath(path)
+        data = _torch_load(path, "DA-Fusion token file")
+        if _a1111_embedding(data, path) is not None:
+            raise TokenFileError(f"{path!r} is an A1111 embedding (keys {list(data)}), not a DA-Fusion token file; "
+                                 "import it with ClassTokens.from_a1111(path)")
         if not isinstance(data, dict) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
-            raise TokenFileError(f"{path!r} must hold a dict of token -> tensor, got {type(data).__name__}")
-        by_name = {str(k).strip("<>").replace("_", " "): v for k, v in data.items()}
-        names = list(class_names) if class_names is not None else list(by_name)
-        missing = [n for n in names if n not in by_name]
+            keys = list(data)[:20] if isinstance(data, dict) else None
+            raise TokenFileError(f"{path!r} must hold a dict of token -> tensor, got {type(data).__name__}"
+                                 + (f" with keys {keys}" if keys is not None else ""))
+        keys = [str(k) for k in data]
+        if class_names is None:
+            if len(keys) > 1:
+                raise ValueError(
+                    f"class_names is required for DA-Fusion file {path!r}: it holds the classes {keys} in the order "
+                    "their files were merged, which is not the label order; pass class_names=[...] with label i "
+                    f"at index i. ({_MULTI_CLASS_HINT})"
+                )
+            class_names = [keys[0].strip("<>") or keys[0]]
+        if isinstance(class_names, (str, bytes)):
+            raise TypeError(f"class_names must be a list of class names, got the str {class_names!r}; for one class pass [{class_names!r}]")
+        names = list(class_names)
+        bad = [n for n in names if not isinstance(n, str)]
+        if bad:
+            raise TypeError(f"class_names must hold str class names, got {type(bad[0]).__name__} {bad[0]!r} in {names!r}"[:300])
+        matched = {n: _dafusion_match(n, keys) for n in names}
+        missing = [n for n, k in matched.items() if k is None]
         if missing:
-            raise TokenFileError(f"{path!r} has no tokens for classes {missing}; it has {list(by_name)}")
-        return cls(names, by_name, metadata={"imported_from": "da-fusion"})
+            raise TokenFileError(f"{path!r} has no tokens for classes {missing}; it has the tokens {keys}")
+        return cls(names, [data[matched[n]] for n in names], metadata={"imported_from": "da-fusion"})
 
     def export_diffusers(self, folder: str | os.PathLike) -> list[Path]:
         """Write one ``<folder>/<slug>/learned_embeds.safetensors`` per class.

@@ -348,3 +348,164 @@ def test_any_token_file_round_trips(tmp_path_factory, toks):
     assert all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(back.embeddings, toks.embeddings))
     assert back.content_hash() == toks.content_hash()
     assert back.metadata == json.loads(json.dumps(toks.metadata))
+
+
+# -- issue 19: the token files people have (A1111, DA-Fusion), and multi-class files in plain diffusers -----
+def _prompt_embeds(pipe, prompt):
+    with torch.no_grad():
+        return pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
+
+
+def test_a1111_safetensors_embedding_is_a_class_named_after_the_file(tmp_path):
+    """Before, {"emb_params": tensor} was silently imported as the class "emb_params" with the token emb_params."""
+    from safetensors.torch import save_file
+
+    t = torch.randn(2, 32)
+    path = tmp_path / "pickup-truck.safetensors"
+    save_file({"emb_params": t}, str(path))
+    toks = ClassTokens.load(path)
+    assert toks.class_names == ["pickup-truck"] and toks.tokens == ["<pickup-truck>"]
+    assert torch.equal(toks.embeddings[0], t) and toks.metadata["imported_from"] == "a1111"
+    named = ClassTokens.from_a1111(path, class_name="truck")
+    assert named.class_names == ["truck"] and torch.equal(named.embeddings[0], t)
+    with pytest.raises(TypeError, match="class_name must be a non-empty str"):
+        ClassTokens.from_a1111(path, class_name="")
+
+
+def test_a1111_pt_embedding_loads_as_plain_diffusers_loads_it(tmp_path):
+    """The .pt A1111 format ({"string_to_param": {"*": t}, "name": ...}), read with weights_only=True: the same
+    values and prompt embeddings as diffusers' own load_textual_inversion of that file."""
+    t = torch.randn(2, 32)
+    path = tmp_path / "embedding.pt"
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": t}, "name": "pickup", "step": 500,
+                "sd_checkpoint": "a1b2c3", "sd_checkpoint_name": "v1-5"}, path)
+    toks = ClassTokens.from_a1111(path)
+    assert toks.class_names == ["pickup"] and torch.equal(toks.embeddings[0], t)
+    assert ClassTokens.from_a1111(path, class_name="truck").class_names == ["truck"]
+    theirs, ours = tiny_pipeline(), tiny_pipeline()
+    theirs.load_textual_inversion(str(path))
+    toks.apply(ours)
+    assert torch.equal(_prompt_embeds(theirs, "a photo of a pickup"), _prompt_embeds(ours, "a photo of a <pickup>"))
+    with pytest.raises(TokenFileError, match=r"ClassTokens\.from_a1111\(path\)"):
+        ClassTokens.load(path)  # never unpickled; the message says where to turn
+
+
+def test_a1111_pt_with_objects_is_refused_by_weights_only(tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"string_to_param": {"*": Evil()}, "name": "x"}, f)
+    with pytest.raises(TokenFileError, match="weights_only"):
+        ClassTokens.from_a1111(tmp_path / "evil.pt")
+
+
+@pytest.mark.parametrize(
+    "write, load, match",
+    [
+        (lambda p: _save_plain(p, {"<a>": torch.zeros(1, 32), "<b>": torch.ones(1, 32)}), "load",
+         r"holds 2 tensors \['<a>', '<b>'\] but no dafusion-aug metadata.*pipe\.load_textual_inversion\(list\(sd\.values\(\)\), token=list\(sd\.keys\(\)\)\)"),
+        (lambda p: _save_plain(p, {"clip_g": torch.zeros(1, 64), "clip_l": torch.zeros(1, 32)}), "load",
+         r"\['clip_g', 'clip_l'\]"),
+        (lambda p: _save_plain(p, {"<cat>": torch.zeros(1, 32)}), "from_a1111",
+         r"not an A1111 embedding \(no 'emb_params' or 'string_to_param' key\): got \['<cat>'\]"),
+        (lambda p: torch.save({"string_to_param": {"*": torch.zeros(1, 32)}, "name": "x"}, p), "from_dafusion",
+         r"is an A1111 embedding \(keys \['string_to_param', 'name'\]\).*from_a1111"),
+        (lambda p: torch.save({"emb_params": torch.zeros(1, 32)}, p), "from_dafusion", "is an A1111 embedding"),
+        (lambda p: torch.save({"<cat>": torch.zeros(1, 32), "step": 3}, p), "from_dafusion",
+         r"must hold a dict of token -> tensor, got dict with keys \['<cat>', 'step'\]"),
+    ],
+    ids=["several-tensors-no-metadata", "sdxl", "a1111-without-its-keys", "a1111-pt-to-dafusion", "emb-params-pt", "not-all-tensors"],
+)
+def test_ambiguous_token_files_are_refused_naming_their_keys(tmp_path, write, load, match):
+    """Before, {"emb_params": t} (as a .pt given to from_dafusion, like the safetensors given to load) became a class
+    named emb_params, and a file of several tensors without metadata loaded in file order."""
+    path = tmp_path / "file.bin"
+    write(path)
+    with pytest.raises(TokenFileError, match=match):
+        getattr(ClassTokens, load)(path)
+
+
+def _save_plain(path, tensors):
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path))
+
+
+def test_from_dafusion_needs_class_names_when_the_order_is_unknown(tmp_path):
+    """DA-Fusion's aggregated file holds its classes in merge order (['one', 'two', 'zero']), not label order:
+    before, from_dafusion without class_names took that order and every label named the wrong class."""
+    values = {"<one>": torch.randn(32), "<two>": torch.randn(32), "<zero>": torch.randn(32)}
+    torch.save(values, tmp_path / "tokens.pt")
+    with pytest.raises(ValueError, match=r"class_names is required .* \['<one>', '<two>', '<zero>'\].*load_textual_inversion"):
+        ClassTokens.from_dafusion(tmp_path / "tokens.pt")
+    toks = ClassTokens.from_dafusion(tmp_path / "tokens.pt", class_names=["zero", "one", "two"])
+    assert toks.class_names == ["zero", "one", "two"] and torch.equal(toks.embeddings[0][0], values["<zero>"])
+    torch.save({"<pickup_truck>": values["<one>"]}, tmp_path / "learned_embeds.bin")  # one class: the order is known
+    assert ClassTokens.from_dafusion(tmp_path / "learned_embeds.bin").class_names == ["pickup_truck"]
+
+
+@pytest.mark.parametrize("name", ["pickup_truck", "pickup truck", "<pickup_truck>"])
+def test_from_dafusion_accepts_names_as_dafusion_wrote_them(tmp_path, name):
+    """Before, '<pickup_truck>' came back as 'pickup truck', and class_names=['pickup_truck'] failed with
+    "has no tokens"."""
+    t = torch.randn(32)
+    torch.save({"<pickup_truck>": t, "<cat>": torch.randn(32)}, tmp_path / "tokens.pt")
+    toks = ClassTokens.from_dafusion(tmp_path / "tokens.pt", class_names=[name, "cat"])
+    assert toks.class_names == [name, "cat"] and torch.equal(toks.embeddings[0][0], t)
+    with pytest.raises(TokenFileError, match=r"no tokens for classes \['pickup-truck'\]; it has the tokens \['<pickup_truck>', '<cat>'\]"):
+        ClassTokens.from_dafusion(tmp_path / "tokens.pt", class_names=["pickup-truck"])
+
+
+def _dafusion_load_embeddings(embed_path, tokenizer, text_encoder):
+    """DA-Fusion's own loader (semantic_aug/augmentations/textual_inversion.py, load_embeddings), as published,
+    with weights_only=True added."""
+    for token, token_embedding in torch.load(embed_path, map_location="cpu", weights_only=True).items():
+        tokenizer.add_tokens(token)
+        text_encoder.resize_token_embeddings(len(tokenizer))
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        text_encoder.get_input_embeddings().weight.data[token_id] = token_embedding
+
+
+def test_dafusion_files_import_bit_identical_to_dafusion_own_loader(tmp_path):
+    values = {"<pickup_truck>": torch.randn(32), "<golden_retriever>": torch.randn(32)}
+    torch.save(values, tmp_path / "tokens.pt")
+    theirs, ours = tiny_pipeline(), tiny_pipeline()
+    _dafusion_load_embeddings(tmp_path / "tokens.pt", theirs.tokenizer, theirs.text_encoder)
+    toks = ClassTokens.from_dafusion(tmp_path / "tokens.pt", class_names=["golden retriever", "pickup truck"])
+    toks.apply(ours)
+    for token, name in [("<pickup_truck>", "pickup truck"), ("<golden_retriever>", "golden retriever")]:
+        row = theirs.text_encoder.get_input_embeddings().weight[theirs.tokenizer.convert_tokens_to_ids(token)]
+        assert torch.equal(row, toks.embeddings[toks.class_names.index(name)][0])
+        assert torch.equal(_prompt_embeds(theirs, f"a photo of a {token}"),
+                           _prompt_embeds(ours, f"a photo of a {toks.token_for(name)}"))
+
+
+def _documented_multi_class_snippet() -> str:
+    """The python block of docs/tokens.md that loads a multi-class file into plain diffusers."""
+    import re
+
+    from dafusion_aug.tokens import DIFFUSERS_MULTI_CLASS
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "tokens.md").read_text(encoding="utf-8")
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if DIFFUSERS_MULTI_CLASS in b]
+    assert len(blocks) == 1, "docs/tokens.md must show the one-line plain-diffusers way once"
+    return blocks[0]
+
+
+def test_multi_class_file_loads_in_plain_diffusers_with_the_documented_line(tmp_path, monkeypatch):
+    """pipe.load_textual_inversion("tokens.safetensors") fails inside diffusers on a multi-class file; the one line
+    docs/tokens.md shows (and our loaders' errors name) loads it with the same prompt embeddings as apply()."""
+    toks = make_tokens(num_vectors=2)
+    monkeypatch.chdir(tmp_path)
+    toks.save("tokens.safetensors")
+    with pytest.raises(ValueError, match="Loaded state dictionary is incorrect"):
+        tiny_pipeline().load_textual_inversion("tokens.safetensors")
+    theirs, ours = tiny_pipeline(), tiny_pipeline()
+    exec(_documented_multi_class_snippet(), {"pipe": theirs})
+    toks.apply(ours)
+    for token in toks.tokens:
+        assert torch.equal(_prompt_embeds(theirs, f"a photo of a {token}"), _prompt_embeds(ours, f"a photo of a {token}"))
