@@ -410,11 +410,13 @@ class DiffusionAugment(Transform):
         """The erasure that generates images of ``label`` (``None``: the model as loaded)."""
         return self.class_erasures.get(label) if label is not None else None
 
-    def generate(self, images: Sequence[np.ndarray], variants: Sequence[Variant], labels: Sequence[int | None] | None = None) -> list[np.ndarray | None]:
+    def generate(self, images: Sequence[np.ndarray], variants: Sequence[Variant], labels: Sequence[int | None] | None = None,
+                 *, batch_size: int | None = None, mixed_strengths: bool | None = None) -> list[np.ndarray | None]:
         """Generate the given variants (no cache involved); ``None`` where the output stayed NaN/black.
 
         With ``class_erasures``, pass ``labels``: images are generated in groups, one per erasure, each
-        inside ``erasure.applied(pipe)``.
+        inside ``erasure.applied(pipe)``. ``batch_size`` (default: the transform's) and ``mixed_strengths``
+        go to :func:`~dafusion_aug.diffuse`.
         """
         pipe = self.pipeline()
         self._check_prompt_lengths(pipe, variants)
@@ -423,7 +425,8 @@ class DiffusionAugment(Transform):
             num_inference_steps=self.num_inference_steps,
             negative_prompt=self.negative_prompt,
             resolution=self.resolution,
-            batch_size=self.batch_size,
+            batch_size=self.batch_size if batch_size is None else batch_size,
+            mixed_strengths=mixed_strengths,
         )
         if not self.class_erasures:
             return diffuse(pipe, images, [v.prompt for v in variants], [v.strength for v in variants], [v.seed for v in variants], **kwargs)

@@ -7,11 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import CLASS_NAMES
+from conftest import CLASS_NAMES, random_image
 
-from dafusion_aug import diffuse
-from dafusion_aug._denoise import decode, denoise, loop_unsupported
+from dafusion_aug import DiffusionAugment, PipelineSpec, diffuse, precompute
+from dafusion_aug._denoise import decode, denoise, loop_unsupported, spec_scheduler
+from dafusion_aug.data import ImageList
 from dafusion_aug.functional import _to_batch
+from dafusion_aug.precompute import MIX_FACTOR, mixes_strengths, plan_batches
 from dafusion_aug.transform import DEFAULT_STRENGTHS
 
 #: Documented tolerance between the mixed loop and per-strength calls (docs/design.md): batch composition
@@ -195,6 +197,41 @@ def test_nan_in_half_precision_is_redone_in_fp32_by_the_loop(fresh_pipe, monkeyp
     assert fresh_pipe.unet.dtype == torch.bfloat16  # back in half precision after the redo
     assert np.array_equal(out[0], fp32)  # redone alone, in float32
     assert all(o is not None for o in out)
+
+
+def test_precompute_plans_mixed_batches_for_ddim(tiny_folder, tiny_pipe, tmp_path):
+    from diffusers import PNDMScheduler
+
+    spec = PipelineSpec(str(tiny_folder), device="cpu")
+    assert spec_scheduler(spec) == "DDIMScheduler" and spec_scheduler(PipelineSpec(str(tiny_folder), scheduler="dpm++")) == "DPMSolverMultistepScheduler"
+    assert spec_scheduler(PipelineSpec("nobody/not-in-the-cache")) is None
+    common = dict(class_names=CLASS_NAMES, num_inference_steps=4, guidance_scale=2.0, num_variants=8, p=1.0)
+    aug = DiffusionAugment(spec, cache=tmp_path / "c", **common)
+    assert mixes_strengths(aug) and aug._pipe is None  # decided without loading the model
+    items = ImageList([(random_image(i), i % 3) for i in range(5)])
+    counts = {"skipped": 0, "failed": 0}
+    batches = list(plan_batches(aug, items, 2, counts, [], mixed=True))
+    assert [len(b) for b in batches] == [2 * MIX_FACTOR] * 5
+    assert all(len({v.strength for _, v, _ in b}) > 1 for b in batches)
+    pndm = DiffusionAugment(tiny_pipe, cache=None, **common)
+    tiny_pipe_scheduler = tiny_pipe.scheduler
+    try:
+        tiny_pipe.scheduler = PNDMScheduler.from_config(tiny_pipe.scheduler.config)
+        assert not mixes_strengths(pndm)
+    finally:
+        tiny_pipe.scheduler = tiny_pipe_scheduler
+
+
+def test_precompute_mixed_matches_the_per_strength_path(make_aug, tmp_path):
+    items = ImageList([(random_image(i), i % 3) for i in range(4)])
+    mixed = make_aug(num_variants=6, num_inference_steps=8, cache=tmp_path / "mixed")
+    per = make_aug(num_variants=6, num_inference_steps=8, cache=tmp_path / "per")
+    assert precompute(mixed, items, batch_size=3, progress=False)["generated"] == 24
+    assert precompute(per, items, batch_size=3, progress=False, mixed_strengths=False)["generated"] == 24
+    keys = sorted(mixed.cache.keys())
+    assert keys == sorted(per.cache.keys())
+    worst, mean = _diff([mixed.cache.get(k) for k in keys], [per.cache.get(k) for k in keys])
+    assert worst <= MAX_LEVELS and mean <= MEAN_LEVELS
 
 
 @pytest.mark.slow
