@@ -79,7 +79,8 @@ def loop_unsupported(pipe) -> str | None:
     """
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    if not isinstance(pipe, StableDiffusionImg2ImgPipeline) or type(pipe).__call__ is not StableDiffusionImg2ImgPipeline.__call__:
+    exact = isinstance(pipe, StableDiffusionImg2ImgPipeline) and type(pipe).__call__ is StableDiffusionImg2ImgPipeline.__call__
+    if not exact:
         return f"{type(pipe).__name__} is not diffusers' StableDiffusionImg2ImgPipeline"
     scheduler = type(pipe.scheduler).__name__
     if not scheduler_mixes(scheduler):
@@ -224,7 +225,8 @@ class EulerStep:
         if kind == "epsilon":
             pred_original = sample - _col(sigma, model_output) * model_output
         elif kind == "v_prediction":
-            pred_original = model_output * _col(-sigma / (sigma**2 + 1) ** 0.5, model_output) + (sample / _col(sigma**2 + 1, sample))
+            pred_original = (model_output * _col(-sigma / (sigma**2 + 1) ** 0.5, model_output)
+                             + (sample / _col(sigma**2 + 1, sample)))
         elif kind in ("sample", "original_sample"):
             pred_original = model_output
         else:
@@ -236,7 +238,8 @@ class EulerStep:
         sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
         prev = sample + derivative * _col(sigma_down - sigma, sample)
         shape = (1, *model_output.shape[1:])
-        noise = torch.cat([randn_tensor(shape, generator=g, device=model_output.device, dtype=model_output.dtype) for g in generators])
+        device, dtype = model_output.device, model_output.dtype
+        noise = torch.cat([randn_tensor(shape, generator=g, device=device, dtype=dtype) for g in generators])
         return (prev + noise * _col(sigma_up, noise)).to(model_output.dtype)
 
 

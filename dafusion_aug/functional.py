@@ -2,9 +2,10 @@
 
 :func:`diffuse` resizes each image to the model's native resolution, runs img2img (SDEdit) with one
 ``torch.Generator`` per sample (seeded on the CPU, so a sample's noise does not depend on its batch or
-device), and resizes the result back to the input's size. With a DDIM pipeline, samples of every
-strength share UNet batches (dafusion-aug's own loop, :mod:`dafusion_aug._denoise`); with schedulers that
-keep multistep state, the batch is grouped by strength, because a diffusers img2img call takes one strength.
+device), and resizes the result back to the input's size. With a one-step scheduler (DDIM, Euler,
+Euler-ancestral), samples of every strength share UNet batches (dafusion-aug's own loop,
+:mod:`dafusion_aug._denoise`); with schedulers that keep multistep state, the batch is grouped by
+strength, because a diffusers img2img call takes one strength.
 """
 
 from __future__ import annotations
@@ -89,10 +90,10 @@ def diffuse(
 ) -> list[np.ndarray | None]:
     """Run img2img on a batch, deterministically, with every strength in the same UNet batches.
 
-    With a DDIM pipeline (the pocket model's and the tiny pipeline's scheduler), samples of different
-    strengths share UNet calls: each runs from its own start step, and a finished sample makes room for
-    the next (see ``docs/design.md``). Other schedulers keep multistep state, and the batch is then split
-    into one diffusers call per strength, as before.
+    With a one-step scheduler (DDIM, the pocket model's and the tiny pipeline's, Euler, Euler-ancestral),
+    samples of different strengths share UNet calls: each runs from its own start step, and a finished
+    sample makes room for the next (see ``docs/design.md``). Other schedulers keep multistep state, and
+    the batch is then split into one diffusers call per strength, as before.
 
     Args:
         pipe: a diffusers ``StableDiffusionImg2ImgPipeline`` (or compatible).
@@ -150,10 +151,10 @@ def diffuse(
     if why_not is None:
         step = batch_size or n
         latents = _denoise_members(job, list(range(n)), step)
+        rerun = functools.partial(_run_mixed, job, batch_size=step)
         for a in range(0, n, step):
             chunk = list(range(a, min(a + step, n)))
-            out = decode(pipe, latents[a : a + step])
-            for i, arr in zip(chunk, _checked(job, chunk, out, functools.partial(_run_mixed, job, batch_size=step), fallback_fp32)):
+            for i, arr in zip(chunk, _checked(job, chunk, decode(pipe, latents[a : a + step]), rerun, fallback_fp32)):
                 results[i] = arr
         return results
     run = functools.partial(_run_pipeline, job)

@@ -208,10 +208,11 @@ def test_precompute_plans_mixed_batches_for_ddim(tiny_folder, tiny_pipe, tmp_pat
     common = dict(class_names=CLASS_NAMES, num_inference_steps=4, guidance_scale=2.0, num_variants=8, p=1.0)
     aug = DiffusionAugment(spec, cache=tmp_path / "c", **common)
     assert mixes_strengths(aug) and aug._pipe is None  # decided without loading the model
-    items = ImageList([(random_image(i), i % 3) for i in range(5)])
-    counts = {"skipped": 0, "failed": 0}
-    batches = list(plan_batches(aug, items, 2, counts, [], mixed=True))
-    assert [len(b) for b in batches] == [2 * MIX_FACTOR] * 5
+    items = ImageList([(random_image(i), i % 3) for i in range(5)])  # 40 variants
+    batches = list(plan_batches(aug, items, 2, {"skipped": 0, "failed": 0}, [], mixed=True))
+    sizes, limit = [len(b) for b in batches], 2 * MIX_FACTOR
+    assert sum(sizes) == 40 and len({v.key for b in batches for _, v, _ in b}) == 40
+    assert sizes[:-1] == [limit] * (len(sizes) - 1) and limit <= sizes[-1] < 2 * limit  # the leftover joins the last
     assert all(len({v.strength for _, v, _ in b}) > 1 for b in batches)
     pndm = DiffusionAugment(tiny_pipe, cache=None, **common)
     tiny_pipe_scheduler = tiny_pipe.scheduler
