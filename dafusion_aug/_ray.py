@@ -3,7 +3,7 @@
 The driver plans the batches exactly as the local backend does (same grouping, same order), and each
 planned batch becomes one row of a Ray dataset. ``map_batches`` runs :class:`RayBatchGenerator` actors
 (one per GPU, or ``concurrency`` CPU actors): each loads the pipeline once and turns a row into one
-pipeline call, writing into the shared cache folder. Same batches, same threads, same device and dtype:
+``generate`` call, writing into the shared cache folder. Same batches, same threads, same device and dtype:
 the same pixels as the local backend.
 """
 
@@ -36,12 +36,17 @@ class RayBatchGenerator:
         augment: the transform (pickled without its pipeline; it loads lazily in the actor).
         threads: torch CPU threads in the actor (Ray sets 1 by default; matching the driver's count keeps
             CPU results bit-identical to the local backend).
+        batch_size: most images per UNet call (the driver's ``batch_size``; a row may hold several).
+        mixed_strengths: passed to :func:`~dafusion_aug.diffuse` (``None``: mix strengths when possible).
     """
 
-    def __init__(self, augment: Augmenter, threads: int | None = None) -> None:
+    def __init__(self, augment: Augmenter, threads: int | None = None, batch_size: int | None = None,
+                 mixed_strengths: bool | None = None) -> None:
         if threads and not torch.cuda.is_available():
             torch.set_num_threads(threads)
         self.augment = augment
+        self.batch_size = batch_size
+        self.mixed_strengths = mixed_strengths
 
     def __call__(self, rows: dict[str, Any]) -> dict[str, np.ndarray]:
         written, bad = [], []
@@ -53,7 +58,7 @@ class RayBatchGenerator:
                 for s, p, seed, k in zip(rows["strengths"][i], rows["prompts"][i], rows["seeds"][i], rows["keys"][i])
             ]
             labels = [None if int(x) < 0 else int(x) for x in rows["labels"][i]]
-            outs = self.augment.generate(images, variants, labels)
+            outs = self.augment.generate(images, variants, labels, batch_size=self.batch_size, mixed_strengths=self.mixed_strengths)
             n_ok = 0
             for var, arr in zip(variants, outs):
                 if arr is not None:
@@ -65,8 +70,8 @@ class RayBatchGenerator:
 
 
 def run_ray(augment: Augmenter, batches, counts: dict, *, batch_size: int, concurrency: int | None,
-            num_gpus: float | None, progress: bool) -> None:
-    """Run the planned ``batches`` on Ray Data actors, one pipeline call per batch."""
+            num_gpus: float | None, progress: bool, mixed_strengths: bool | None = None) -> None:
+    """Run the planned ``batches`` on Ray Data actors, one ``generate`` call per batch."""
     ray = _import_ray()
     if augment.spec is None:
         raise PipelineError('backend="ray" needs a transform built from a model id or PipelineSpec, not a loaded pipeline')
@@ -94,7 +99,8 @@ def run_ray(augment: Augmenter, batches, counts: dict, *, batch_size: int, concu
     ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), 4 * concurrency))
     result = ds.map_batches(
         RayBatchGenerator,
-        fn_constructor_kwargs={"augment": augment, "threads": torch.get_num_threads()},
+        fn_constructor_kwargs={"augment": augment, "threads": torch.get_num_threads(), "batch_size": batch_size,
+                               "mixed_strengths": mixed_strengths},
         batch_size=1,
         concurrency=concurrency,
         num_gpus=gpus,

@@ -111,7 +111,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--steps", type=int, default=50, help="num_inference_steps")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--num-variants", type=int, default=10, help="M, variants per image")
-    p.add_argument("--batch-size", default="16", help="images per pipeline call, or 'auto' (back off on out-of-memory)")
+    p.add_argument("--batch-size", default="16", help="images per UNet call, or 'auto' (back off on out-of-memory)")
     p.add_argument("--backend", choices=["local", "ray"], default="local", help="ray needs pip install 'dafusion-aug[ray]'")
     p.add_argument("--concurrency", type=int, default=None, help="Ray actors (default: one per GPU, or 2 on CPU)")
     p.add_argument("--out", default=None, help="also write an ImageFolder copy with manifest.jsonl here")

@@ -2,18 +2,24 @@
 
 :func:`diffuse` resizes each image to the model's native resolution, runs img2img (SDEdit) with one
 ``torch.Generator`` per sample (seeded on the CPU, so a sample's noise does not depend on its batch or
-device), and resizes the result back to the input's size. Batches are grouped by strength, because a
-diffusers img2img call takes one strength.
+device), and resizes the result back to the input's size. With a one-step scheduler (DDIM, Euler,
+Euler-ancestral), samples of every strength share UNet batches (dafusion-aug's own loop,
+:mod:`dafusion_aug._denoise`); with schedulers that keep multistep state, the batch is grouped by
+strength, because a diffusers img2img call takes one strength.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ._denoise import decode, denoise, loop_unsupported
 
 __all__ = ["diffuse", "native_resolution", "check_strengths", "to_batch"]
 
@@ -84,8 +90,14 @@ def diffuse(
     resolution: int | None = None,
     batch_size: int | None = None,
     fallback_fp32: bool = True,
+    mixed_strengths: bool | None = None,
 ) -> list[np.ndarray | None]:
-    """Run img2img on a batch, deterministically, grouping calls by strength.
+    """Run img2img on a batch, deterministically, with every strength in the same UNet batches.
+
+    With a one-step scheduler (DDIM, the pocket model's and the tiny pipeline's, Euler, Euler-ancestral),
+    samples of different strengths share UNet calls: each runs from its own start step, and a finished
+    sample makes room for the next (see ``docs/design.md``). Other schedulers keep multistep state, and
+    the batch is then split into one diffusers call per strength, as before.
 
     Args:
         pipe: a diffusers ``StableDiffusionImg2ImgPipeline`` (or compatible).
@@ -97,16 +109,27 @@ def diffuse(
         num_inference_steps: scheduler steps for strength 1 (``int(steps * strength)`` run).
         negative_prompt: one for all, or one per image.
         resolution: generation size; default the model's native size.
-        batch_size: most images per pipeline call; default all of a strength group at once.
+        batch_size: most images per UNet call (per pipeline call on the per-strength path); default all.
         fallback_fp32: when a float16/bfloat16 pipeline returns NaN or all-black images, redo those
             samples in float32.
+        mixed_strengths: ``None`` (default): strengths share batches whenever the pipeline allows it;
+            ``False``: one diffusers pipeline call per strength group (the path of earlier versions, kept
+            for comparison); ``True``: require the shared batches.
 
     Returns:
         RGB uint8 arrays, one per input, each at its input's size, in input order; ``None`` for a sample
         whose output stayed NaN or black (never cache it).
 
     Raises:
-        ValueError: the lists differ in length (never silently truncated), or a strength is invalid.
+        ValueError: the lists differ in length (never silently truncated), a strength is invalid, or
+            ``mixed_strengths=True`` with a pipeline or scheduler that cannot mix strengths.
+
+    Example:
+        >>> from dafusion_aug.testing import tiny_pipeline
+        >>> img = np.zeros((32, 32, 3), np.uint8)
+        >>> out = diffuse(tiny_pipeline(), [img, img], ["a cat", "a dog"], [0.5, 1.0], [1, 2], num_inference_steps=4)
+        >>> [o.shape for o in out]
+        [(32, 32, 3), (32, 32, 3)]
     """
     n = len(images)
     if len(prompts) != n or len(seeds) != n:
@@ -120,45 +143,107 @@ def diffuse(
         if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
             raise ValueError(f"images[{i}] must be an (H, W, 3) uint8 array, got {getattr(img, 'dtype', type(img))} {getattr(img, 'shape', '')}")
     size = int(resolution) if resolution is not None else native_resolution(pipe)
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if mixed_strengths not in (None, True, False):
+        raise ValueError(f"mixed_strengths must be None, True or False, got {mixed_strengths!r}")
+    why_not = loop_unsupported(pipe) if mixed_strengths is not False else "mixed_strengths=False"
+    if mixed_strengths and why_not is not None:
+        raise ValueError(f"mixed_strengths=True cannot run on this pipeline: {why_not}")
+    job = _Job(pipe, images, list(prompts), negatives, strengths_l, list(seeds), size, guidance_scale, num_inference_steps)
+    results: list[np.ndarray | None] = [None] * n
+    if why_not is None:
+        step = batch_size or n
+        latents = _denoise_members(job, list(range(n)), step)
+        rerun = functools.partial(_run_mixed, job, batch_size=step)
+        for a in range(0, n, step):
+            chunk = list(range(a, min(a + step, n)))
+            for i, arr in zip(chunk, _checked(job, chunk, decode(pipe, latents[a : a + step]), rerun, fallback_fp32)):
+                results[i] = arr
+        return results
+    run = functools.partial(_run_pipeline, job)
     groups: dict[float, list[int]] = defaultdict(list)
     for i, s in enumerate(strengths_l):
         groups[s].append(i)
-    results: list[np.ndarray | None] = [None] * n
     for strength in sorted(groups):
         idx = groups[strength]
         step = batch_size or len(idx)
-        for start in range(0, len(idx), step):
-            chunk = idx[start : start + step]
-
-            def run(members: list[int], strength: float = strength) -> torch.Tensor:
-                negs = [negatives[i] for i in members]
-                return pipe(
-                    prompt=[prompts[i] for i in members],
-                    negative_prompt=None if all(x is None for x in negs) else [x or "" for x in negs],
-                    image=to_batch([images[i] for i in members], size),
-                    strength=strength,
-                    num_inference_steps=num_inference_steps,
-                    guidance_scale=guidance_scale,
-                    generator=[torch.Generator("cpu").manual_seed(int(seeds[i])) for i in members],
-                    output_type="pt",
-                ).images
-
-            out = run(chunk)
-            bad = [j for j in range(len(chunk)) if _is_bad(out[j])]
-            if bad and fallback_fp32 and _low_precision(pipe):
-                # fp16 VAEs can overflow into NaN or black images: redo just those samples in fp32
-                with _in_float32(pipe):
-                    redo = run([chunk[j] for j in bad])
-                out = out.clone().float()
-                for j, img in zip(bad, redo):
-                    out[j] = img.to(out.device, out.dtype)
-                bad = [j for j in bad if _is_bad(out[j])]
-            for j, (i, arr) in enumerate(zip(chunk, _from_output(out, [images[i].shape[:2] for i in chunk]))):
-                results[i] = None if j in bad else arr
+        for a in range(0, len(idx), step):
+            chunk = idx[a : a + step]
+            for i, arr in zip(chunk, _checked(job, chunk, run(chunk), run, fallback_fp32)):
+                results[i] = arr
     return results
+
+
+class _Job(NamedTuple):
+    """Everything one ``diffuse`` call generates from, indexed by sample."""
+
+    pipe: Any
+    images: Sequence[np.ndarray]
+    prompts: list[str]
+    negatives: list[str | None]
+    strengths: list[float]
+    seeds: list[int]
+    size: int
+    guidance_scale: float
+    num_inference_steps: int
+
+    def pixels(self, members: list[int]) -> torch.Tensor:
+        return to_batch([self.images[i] for i in members], self.size)
+
+
+def _run_pipeline(job: _Job, members: list[int]) -> torch.Tensor:
+    """One diffusers img2img call for ``members`` (all of one strength): images in [0, 1]."""
+    negs = [job.negatives[i] for i in members]
+    return job.pipe(
+        prompt=[job.prompts[i] for i in members],
+        negative_prompt=None if all(x is None for x in negs) else [x or "" for x in negs],
+        image=job.pixels(members),
+        strength=job.strengths[members[0]],
+        num_inference_steps=job.num_inference_steps,
+        guidance_scale=job.guidance_scale,
+        generator=[torch.Generator("cpu").manual_seed(int(job.seeds[i])) for i in members],
+        output_type="pt",
+    ).images
+
+
+def _denoise_members(job: _Job, members: list[int], batch_size: int) -> torch.Tensor:
+    """dafusion-aug's denoising loop over ``members`` (any strengths): their final latents."""
+    return denoise(
+        job.pipe,
+        lambda sub: job.pixels([members[j] for j in sub]),
+        [job.prompts[i] for i in members],
+        [job.negatives[i] for i in members],
+        [job.strengths[i] for i in members],
+        [job.seeds[i] for i in members],
+        guidance_scale=job.guidance_scale,
+        num_inference_steps=job.num_inference_steps,
+        batch_size=batch_size,
+        fixed_shape=hasattr(job.pipe.unet, "_orig_mod"),  # torch.compile'd: one shape, no recompiles in the tail
+    )
+
+
+def _run_mixed(job: _Job, members: list[int], batch_size: int) -> torch.Tensor:
+    """The loop over ``members``, decoded in batches: images in [0, 1]."""
+    latents = _denoise_members(job, members, batch_size)
+    return torch.cat([decode(job.pipe, latents[a : a + batch_size]) for a in range(0, len(members), batch_size)])
+
+
+def _checked(job: _Job, chunk: list[int], out: torch.Tensor, rerun: Callable[[list[int]], torch.Tensor],
+             fallback_fp32: bool) -> list[np.ndarray | None]:
+    """``out`` (images in [0, 1] of ``chunk``) as uint8 arrays at the inputs' sizes; NaN or black samples
+    of a half-precision pipeline are redone with ``rerun`` in float32, and ``None`` where still bad."""
+    bad = [j for j in range(len(chunk)) if _is_bad(out[j])]
+    if bad and fallback_fp32 and _low_precision(job.pipe):
+        # fp16 VAEs can overflow into NaN or black images: redo just those samples in fp32
+        with _in_float32(job.pipe):
+            redo = rerun([chunk[j] for j in bad])
+        out = out.clone().float()
+        for j, img in zip(bad, redo):
+            out[j] = img.to(out.device, out.dtype)
+        bad = [j for j in bad if _is_bad(out[j])]
+    arrays = _from_output(out, [job.images[i].shape[:2] for i in chunk])
+    return [None if j in bad else arr for j, arr in enumerate(arrays)]
 
 
 def _is_bad(image: torch.Tensor) -> bool:

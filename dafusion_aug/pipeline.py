@@ -12,6 +12,7 @@ workers started with ``spawn`` each load their own copy only when they must gene
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import threading
 import weakref
@@ -200,6 +201,32 @@ class PipelineSpec:
         if p.exists() or self.model.startswith((".", "/", "~")) or self.model.count("/") != 1:
             raise PipelineError(f"model {self.model!r} is neither a model folder nor a Hub id of the form 'owner/name'")
         return None
+
+    def scheduler_class(self) -> str | None:
+        """The scheduler class this spec loads (e.g. ``"DDIMScheduler"``), read without loading the model.
+
+        The ``scheduler`` choice, else the ``_class_name`` in ``scheduler/scheduler_config.json`` of a local
+        folder (``"pocket"`` included) or of the Hugging Face cache (never the network); ``None`` when it
+        cannot tell. :func:`~dafusion_aug.precompute` plans its batches with it before (or without, on the
+        Ray driver) loading the model.
+        """
+        if self.scheduler is not None:
+            return _SCHEDULERS[self.scheduler]
+        try:
+            local = self.local_path()
+            if local is not None:
+                path = local / "scheduler" / "scheduler_config.json"
+            else:
+                from huggingface_hub import try_to_load_from_cache
+
+                found = try_to_load_from_cache(self.model, "scheduler/scheduler_config.json", revision=self.revision)
+                if not isinstance(found, str):
+                    return None
+                path = Path(found)
+            name = json.loads(path.read_text(encoding="utf-8")).get("_class_name")
+        except (OSError, ValueError, AttributeError, ImportError, PipelineError):
+            return None
+        return name if isinstance(name, str) else None
 
     def fingerprint(self) -> str:
         """A digest that changes whenever the loaded weights would (stable across processes and machines).

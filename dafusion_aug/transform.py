@@ -26,6 +26,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torchvision.transforms.v2 import Transform
 
+from ._denoise import loop_unsupported, scheduler_mixes
 from ._images import picture_count, to_canonical
 from ._samples import (
     Label,
@@ -190,7 +191,7 @@ class DiffusionAugment(Transform):
             ``sample -> labels`` (e.g. ``lambda s: s[1]["labels"][0]`` to make a detection target's first
             object the image's class), or ``None`` when no label is needed.
         resolution: generation size; default the model's native resolution.
-        batch_size: most images per pipeline call when generating.
+        batch_size: most images per UNet call when generating (per pipeline call on the per-strength path).
         class_erasures: ``label or class name -> Erasure or erasure file``: class c is augmented by the model
             with c erased (DA-Fusion's leakage-free protocol). Generation is grouped by class and the small
             erasure deltas are swapped in place, with no model reload and no second UNet in memory.
@@ -349,6 +350,16 @@ class DiffusionAugment(Transform):
                     pipe._dafusion_active_tokens = wanted
         return pipe
 
+    def mixes_strengths(self) -> bool:
+        """Whether generation runs every strength in shared UNet batches (a one-step scheduler: DDIM, Euler,
+        Euler-ancestral; see :func:`~dafusion_aug.diffuse`), so :func:`~dafusion_aug.precompute` plans
+        batches of mixed strengths. A transform built from a model id or spec answers from the spec alone
+        (:meth:`~dafusion_aug.PipelineSpec.scheduler_class`), loaded or not, so the Ray driver, which never
+        loads the model, plans the same batches as the local backend."""
+        if self.spec is not None:
+            return scheduler_mixes(self.spec.scheduler_class())
+        return self._pipe is not None and loop_unsupported(self._pipe) is None
+
     def _check_prompt_lengths(self, pipe, variants: Sequence[Variant]) -> None:
         tokenizer = getattr(pipe, "tokenizer", None)
         limit = getattr(tokenizer, "model_max_length", None)
@@ -366,20 +377,23 @@ class DiffusionAugment(Transform):
         """The erasure that generates images of ``label`` (``None``: the model as loaded)."""
         return self.class_erasures.get(label) if label is not None else None
 
-    def generate(self, images: Sequence[np.ndarray], variants: Sequence[Variant], labels: Sequence[int | None] | None = None) -> list[np.ndarray | None]:
+    def generate(self, images: Sequence[np.ndarray], variants: Sequence[Variant], labels: Sequence[int | None] | None = None,
+                 *, batch_size: int | None = None, mixed_strengths: bool | None = None) -> list[np.ndarray | None]:
         """Generate the given variants (no cache involved); ``None`` where the output stayed NaN/black.
 
         With ``class_erasures``, pass ``labels``: images are generated in groups, one per erasure, each
-        inside ``erasure.applied(pipe)``. Thread-safe: the pipeline's lock (:func:`~dafusion_aug.pipeline.pipeline_lock`)
-        is held from applying this transform's tokens to restoring the last erasure, so threads sharing a
-        pipeline take turns.
+        inside ``erasure.applied(pipe)``. ``batch_size`` (most images per UNet call; default: the
+        transform's) and ``mixed_strengths`` go to :func:`~dafusion_aug.diffuse`. Thread-safe: the pipeline's
+        lock (:func:`~dafusion_aug.pipeline.pipeline_lock`) is held from applying this transform's tokens to
+        restoring the last erasure, so threads sharing a pipeline take turns.
         """
         if self._pipe is None:
             self.pipeline()  # load outside the lock: load_pipeline has its own
         with pipeline_lock(self._pipe):
-            return self._generate(images, variants, labels)
+            return self._generate(images, variants, labels, batch_size, mixed_strengths)
 
-    def _generate(self, images: Sequence[np.ndarray], variants: Sequence[Variant], labels: Sequence[int | None] | None) -> list[np.ndarray | None]:
+    def _generate(self, images: Sequence[np.ndarray], variants: Sequence[Variant], labels: Sequence[int | None] | None,
+                  batch_size: int | None, mixed_strengths: bool | None) -> list[np.ndarray | None]:
         pipe = self.pipeline()
         self._check_prompt_lengths(pipe, variants)
         kwargs = dict(
@@ -387,7 +401,8 @@ class DiffusionAugment(Transform):
             num_inference_steps=self.num_inference_steps,
             negative_prompt=self.negative_prompt,
             resolution=self.resolution,
-            batch_size=self.batch_size,
+            batch_size=self.batch_size if batch_size is None else batch_size,
+            mixed_strengths=mixed_strengths,
         )
         if not self.class_erasures:
             return diffuse(pipe, images, [v.prompt for v in variants], [v.strength for v in variants], [v.seed for v in variants], **kwargs)

@@ -84,6 +84,7 @@ class Augmenter(Protocol):
     cache: AugmentationCache | None
     class_names: list[str] | None
     num_variants: int
+    batch_size: int | None
 
     def fingerprint(self) -> str: ...
 
@@ -95,8 +96,10 @@ class Augmenter(Protocol):
 
     def sample_images(self, sample: Any) -> tuple[list[np.ndarray], list[Label]]: ...
 
-    def generate(self, images: Sequence[np.ndarray], variants: Sequence[Variant],
-                 labels: Sequence[Label] | None = None) -> list[np.ndarray | None]: ...
+    def mixes_strengths(self) -> bool: ...
+
+    def generate(self, images: Sequence[np.ndarray], variants: Sequence[Variant], labels: Sequence[Label] | None = None,
+                 *, batch_size: int | None = None, mixed_strengths: bool | None = None) -> list[np.ndarray | None]: ...
 
 
 # -- checks ----------------------------------------------------------------------------------------------

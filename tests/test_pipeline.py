@@ -116,6 +116,17 @@ def test_scheduler_swap(tiny_folder):
 
 
 # -- bad model folders and the Hub (issue 8) -------------------------------------------------------------
+def test_scheduler_class_is_read_without_loading(tiny_folder, tmp_path):
+    assert PipelineSpec(str(tiny_folder)).scheduler_class() == "DDIMScheduler"  # the folder's scheduler_config.json
+    assert PipelineSpec(str(tiny_folder), scheduler="dpm++").scheduler_class() == "DPMSolverMultistepScheduler"
+    assert PipelineSpec("pocket").scheduler_class() == "DDIMScheduler"
+    assert PipelineSpec("nobody/not-in-the-cache").scheduler_class() is None  # the HF cache only, never the network
+    (tmp_path / "bare" / "scheduler").mkdir(parents=True)
+    (tmp_path / "bare" / "scheduler" / "scheduler_config.json").write_text("[1, 2]")  # not a config
+    assert PipelineSpec(str(tmp_path / "bare")).scheduler_class() is None
+    assert PipelineSpec(str(tmp_path)).scheduler_class() is None  # no scheduler folder
+
+
 def test_corrupt_model_folder_is_a_pipeline_error(tiny_folder, tmp_path):
     """A folder of .bin pickles: test_pipeline.py::test_only_safetensors_are_loaded."""
     import shutil

@@ -162,7 +162,10 @@ def test_seed_is_part_of_the_cache_key(make_aug, tmp_path):
         var = b.variant(image_digest(rgb), label, r["variant"])
         assert (r["seed"], r["strength"], r["prompt"], r["key"]) == (var.seed, var.strength, var.prompt, var.key)
         (made,) = b.generate([rgb], [var], [label])
-        assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / r["file"]).convert("RGB")), made)
+        # alone vs in precompute's mixed batch: within 3 grey levels (docs/design.md); another seed, strength
+        # or prompt would differ everywhere
+        written = np.asarray(Image.open(tmp_path / "out" / r["file"]).convert("RGB")).astype(int)
+        assert np.abs(written - made.astype(int)).max() <= 3
 
 
 def _styled(style):
