@@ -50,6 +50,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=160)
     p.add_argument("--work", default="runs/eval_erasure", help="folder for erasure files and the report (git-ignored)")
     p.add_argument("--quick", action="store_true", help="3 digits, 8 samples, 10 sampler steps, 30 ESD steps")
+    p.add_argument("--preserve-others", action="store_true",
+                   help="each erasure keeps the other digits' prompts (erase_concept(preserve=...))")
+    p.add_argument("--preserve-attributes", action="store_true",
+                   help="each erasure also keeps the attribute-only prompts (pocket v2)")
+    p.add_argument("--preserve-weight", type=float, default=1.0)
     p.add_argument("--attributes", type=int, default=0, metavar="N",
                    help="also check every attribute word without a digit, N samples each, before and under each "
                         "erasure (pocket v2; 0: skip)")
@@ -60,9 +65,27 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def training_settings(args: argparse.Namespace) -> dict:
-    """The ``erase_concept`` keyword arguments of ``args`` (they name the erasure files)."""
-    return dict(method=args.method, steps=args.steps, learning_rate=args.lr, negative_guidance=args.negative_guidance,
-                start_guidance=args.start_guidance, ddim_steps=args.ddim_steps, seed=args.seed)
+    """The ``erase_concept`` keyword arguments of ``args`` (they name the erasure files), without ``preserve``."""
+    out = dict(method=args.method, steps=args.steps, learning_rate=args.lr, negative_guidance=args.negative_guidance,
+               start_guidance=args.start_guidance, ddim_steps=args.ddim_steps, seed=args.seed)
+    if getattr(args, "preserve_others", False) or getattr(args, "preserve_attributes", False):
+        out["preserve_weight"] = args.preserve_weight
+    return out
+
+
+def preserved_prompts(digit: int, args: argparse.Namespace) -> list[str]:
+    """The prompts the erasure of ``digit`` keeps: the other digits' (``--preserve-others``) and the
+    attribute-only check prompts (``--preserve-attributes``)."""
+    from dafusion_aug.pocket import CLASS_NAMES, attributes, prompt
+    from dafusion_aug.pocket.evaluate import attribute_prompts
+
+    kept = []
+    if getattr(args, "preserve_others", False):
+        kept += [p for d in range(10) if d != digit for p in (prompt(d), CLASS_NAMES[d])]
+    if getattr(args, "preserve_attributes", False):
+        kept += [attribute_prompts(name, level, None) for name in attributes.ATTRIBUTES
+                 for level, word in enumerate(attributes.WORDS[name]) if word is not None]
+    return kept
 
 
 def erasure_for(digit: int, args: argparse.Namespace | None = None) -> tuple[Erasure, Path, float | None]:
@@ -79,8 +102,10 @@ def erasure_for(digit: int, args: argparse.Namespace | None = None) -> tuple[Era
     train = training_settings(args)
     word = CLASS_NAMES[digit]
     concepts = {word: [prompt(digit), word] if args.word_prompt else [prompt(digit)]}
-    path = Path(args.work) / f"erase-{word}-{stable_digest(spec.fingerprint(), concepts, train)[:10]}.safetensors"
-    seconds = ensure_erasure(path, spec, concepts, progress=False, **train)
+    kept = preserved_prompts(digit, args)
+    named = (spec.fingerprint(), concepts, train) + ((kept,) if kept else ())
+    path = Path(args.work) / f"erase-{word}-{stable_digest(*named)[:10]}.safetensors"
+    seconds = ensure_erasure(path, spec, concepts, progress=False, preserve=kept or None, **train)
     return Erasure.load(path), path, None if seconds is None else round(seconds, 1)
 
 

@@ -308,3 +308,41 @@ def test_cli_erase(tmp_path, folder):
     e = Erasure.load(out)
     assert e.concepts == {"zebra": ["a photo of a zebra"], "cat": ["cat"]} and e.method == "esd-x-strict"
     assert main(["erase", "--model", str(folder), "--prompt", "x", "--concept", "y", "--out", str(out), "--quiet"]) == 2
+
+
+# -- preservation ------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_preserve_keeps_what_the_preserved_prompts_draw():
+    """On the pocket model, erasing "three" with the nine's prompts preserved keeps nines nines (plain ESD
+    took them to 50% on pocket v2) and still erases threes as much as plain ESD does."""
+    pytest.importorskip("sklearn")
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from dafusion_aug import pocket
+
+    pipe = PipelineSpec("pocket").load()
+    txt2img = StableDiffusionPipeline(**pipe.components)
+    txt2img.scheduler = DDIMScheduler.from_config(txt2img.scheduler.config)
+    txt2img.set_progress_bar_config(disable=True)
+    concept = {"three": [pocket.prompt(3), "three"]}
+    settings = dict(steps=50, ddim_steps=10, learning_rate=2e-3, progress=False)
+    rates = {}
+    for name, kw in (("plain", {}), ("kept", {"preserve": [pocket.prompt(9), "nine"]})):
+        erasure = erase_concept(pipe, concept, **settings, **kw)
+        with erasure.applied(pipe):
+            rates[name] = pocket.judged_rates(txt2img, {3: pocket.prompt(3), 9: pocket.prompt(9)}, 16, steps=10).rates
+    assert rates["kept"][9] >= max(rates["plain"][9], 0.875), rates
+    assert rates["kept"][3] <= rates["plain"][3] + 0.25, rates
+    assert erasure.metadata["preserve"] == [pocket.prompt(9), "nine"] and erasure.metadata["preserve_weight"] == 1.0
+
+
+def test_preserve_arguments(pipe):
+    with pytest.raises(TypeError, match="preserve must be"):
+        erase_concept(pipe, "zebra", preserve=[3], **FAST)
+    with pytest.raises(ValueError, match="preserve_weight must be"):
+        erase_concept(pipe, "zebra", preserve="horse", preserve_weight=0.0, **FAST)
+    with pytest.raises(ValueError, match="being erased"):
+        erase_concept(pipe, "zebra", preserve=["zebra"], **FAST)
+    plain, kept = erase_concept(pipe, "zebra", **FAST), erase_concept(pipe, "zebra", preserve="horse", **FAST)
+    assert "preserve" not in plain.metadata  # plain ESD files and checkpoints keep their names
+    assert kept.metadata["preserve"] == ["horse"] and not torch.equal(*(e.tensors[n] for e in (plain, kept) for n in [next(iter(plain.tensors))]))

@@ -46,6 +46,9 @@ def build_erasures(
     learning_rate: float = 1e-3,
     ddim_steps: int = 10,
     seed: int = 0,
+    preserve_others: bool = False,
+    preserve: Sequence[str] = (),
+    preserve_weight: float = 1.0,
     progress: bool = True,
 ) -> dict[str, Path]:
     """Erase each class from the model, one :func:`~dafusion_aug.erase_concept` run (and file) per class.
@@ -61,6 +64,10 @@ def build_erasures(
             prompts the augmentation uses.
         method, steps, learning_rate, ddim_steps, seed: passed to :func:`~dafusion_aug.erase_concept`
             (the defaults are those measured on the pocket model; SD 1.5 wants steps=1000, lr=1e-5).
+        preserve_others: class c's erasure keeps the other classes' prompts (``prompts`` filled with their
+            names) as they were: ``erase_concept(..., preserve=...)``, so erasing one class leaves the rest.
+        preserve: more prompts every erasure keeps (e.g. class-agnostic or attribute prompts).
+        preserve_weight: weight of the preservation term.
         progress: show progress bars.
 
     Returns:
@@ -72,14 +79,19 @@ def build_erasures(
     pipe = resolve_pipeline(pipeline).load()
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    settings = dict(prompts=list(prompts), method=method, steps=steps, learning_rate=learning_rate, ddim_steps=ddim_steps, seed=seed)
+    settings: dict[str, Any] = dict(prompts=list(prompts), method=method, steps=steps, learning_rate=learning_rate,
+                                    ddim_steps=ddim_steps, seed=seed)
+    if preserve_others or preserve:  # only then, so files of plain ESD keep their names
+        settings.update(preserve_others=bool(preserve_others), preserve=list(preserve), preserve_weight=float(preserve_weight))
     base = pipeline_fingerprint(pipe)
     files: dict[str, Path] = {}
     for c, name in enumerate(class_names):
         path = folder / f"erase-{c:03d}-{stable_digest('fewshot-erasure', base, name, settings)[:12]}.safetensors"
         concept = {name: [t.format(name=name) for t in prompts]}
+        others = [t.format(name=other) for other in class_names if other != name for t in prompts] if preserve_others else []
+        kept = others + list(preserve)
         ensure_erasure(path, pipe, concept, method=method, steps=steps, learning_rate=learning_rate, ddim_steps=ddim_steps,
-                       seed=seed, progress=progress)
+                       seed=seed, progress=progress, preserve=kept or None, preserve_weight=preserve_weight)
         files[name] = path
     return files
 
