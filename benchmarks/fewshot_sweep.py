@@ -51,7 +51,7 @@ def main(argv=None) -> None:
     p.add_argument("--guidance-scale", type=float)
     p.add_argument("--fit-steps", type=int)
     p.add_argument("--fit-lr", type=float)
-    p.add_argument("--num-vectors", type=int, default=1, help="vectors per class token")
+    p.add_argument("--num-vectors", type=int, help="vectors per class token (default: the demo's recipe for the protocol)")
     p.add_argument("--classifier-steps", type=int)
     p.add_argument("--prompt", default="a photo of a {name}")
     p.add_argument("--agnostic-prompt", default="a photo")
@@ -69,6 +69,7 @@ def main(argv=None) -> None:
     if a.erase:
         folder = Path(a.erasures) if a.erasures else out / "erasures"
         erasures = build_erasures("pocket", data.class_names, folder, prompts=ERASURE_PROMPTS, **ERASURE_SETTINGS)
+    recipe = cfg.token_recipe(a.erase)  # the demo's token recipe for this protocol, unless overridden
     settings = dict(
         methods=a.methods,
         shots=tuple(a.shots or cfg.shots),
@@ -80,9 +81,9 @@ def main(argv=None) -> None:
         strength=tuple(a.strength or cfg.strength),
         num_inference_steps=a.steps or cfg.num_inference_steps,
         guidance_scale=cfg.guidance_scale if a.guidance_scale is None else a.guidance_scale,
-        fit_steps=a.fit_steps or cfg.fit_steps,
-        fit_learning_rate=a.fit_lr or cfg.fit_learning_rate,
-        num_vectors=a.num_vectors,
+        fit_steps=a.fit_steps or recipe["fit_steps"],
+        fit_learning_rate=a.fit_lr or recipe["fit_learning_rate"],
+        num_vectors=a.num_vectors or recipe["num_vectors"],
         prompt=a.prompt,
         agnostic_prompt=a.agnostic_prompt,
     )

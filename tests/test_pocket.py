@@ -282,3 +282,62 @@ def test_attribute_words_are_whole_tokens():
         for piece in word.replace("-", " - ").split():
             assert len(tok.tokenize(piece)) == 1, piece
     assert tok.model_max_length == arch.MAX_LENGTH
+
+
+def test_shipped_model_is_v2(pipes):
+    """The shipped weights are the v2 architecture, and its tokenizer knows every attribute word."""
+    from dafusion_aug.pocket import arch, attributes
+
+    img2img, _ = pipes
+    cfg = img2img.text_encoder.config
+    assert (cfg.hidden_size, cfg.num_hidden_layers) == (arch.TEXT_WIDTH, arch.TEXT_LAYERS)
+    assert img2img.unet.config.cross_attention_dim == arch.TEXT_WIDTH
+    assert img2img.tokenizer.model_max_length == arch.MAX_LENGTH
+    assert json.loads((model_path().parent / "training.json").read_text())["pocket_version"] == 2
+    for word in attributes.attribute_words():
+        for piece in word.replace("-", " - ").split():
+            assert len(img2img.tokenizer.tokenize(piece)) == 1, piece
+
+
+def test_v1_tokens_and_caches_are_refused_or_missed(tmp_path):
+    """A token file made for pocket v1 (64-wide text encoder) is refused with "another model"; a cache
+    entry made with other weights is never served, because the model's fingerprint is in every key."""
+    import shutil
+
+    from dafusion_aug import ClassTokens, DiffusionAugment, PipelineSpec, TokenFileError
+
+    v1 = ClassTokens(list(CLASS_NAMES), [torch.full((1, 64), float(c)) for c in range(10)], metadata={"base_model": "pocket-v1"})
+    v1.save(tmp_path / "v1.safetensors")
+    image, label = digits("B")[0]
+    with pytest.raises(TokenFileError, match="another model"):
+        DiffusionAugment("pocket", tokens=tmp_path / "v1.safetensors", p=1.0, cache=tmp_path / "cache")(image, label)
+
+    # pocket v1's fingerprint, recorded before v2 replaced it: the shipped model must not be v1
+    assert PipelineSpec("pocket").fingerprint() != "3b6cb95cd90a1695a5507e9c432160a14ed6a2a35a530a87c8fcbd0f67a15cdf"
+    other = tmp_path / "other-model"
+    shutil.copytree(model_path(), other)
+    weights = next((other / "unet").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight: another model
+    weights.write_bytes(bytes(data))
+    kwargs = dict(class_names=list(CLASS_NAMES), p=1.0, cache=tmp_path / "cache")
+    ours, theirs = DiffusionAugment("pocket", **kwargs), DiffusionAugment(PipelineSpec(str(other)), **kwargs)
+    digest = "0" * 64
+    key_ours, key_theirs = ours.cache_key(digest, label, 0), theirs.cache_key(digest, label, 0)
+    assert key_ours != key_theirs
+    theirs.cache.put(key_theirs, np.asarray(image))
+    assert theirs.cache.get(key_theirs) is not None and ours.cache.get(key_ours) is None
+
+
+def test_demo_erasures_preserve_every_attribute_word():
+    """The demo's erasure recipe keeps exactly the prompts the attribute check uses, one per word."""
+    from dafusion_aug.fewshot import ERASURE_SETTINGS
+    from dafusion_aug.pocket import attributes
+    from dafusion_aug.pocket.evaluate import attribute_prompts
+
+    expected = [attribute_prompts(name, level, None) for name in attributes.ATTRIBUTES
+                for level, word in enumerate(attributes.WORDS[name]) if word is not None]
+    assert list(ERASURE_SETTINGS["preserve"]) == expected
+    assert ERASURE_SETTINGS["preserve_others"] is True
+    for word in attributes.attribute_words():
+        assert any(word in p for p in expected), word

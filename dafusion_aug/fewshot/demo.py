@@ -17,12 +17,18 @@ from .classifier import small_cnn
 from .erasures import build_erasures
 from .protocol import run_fewshot
 
-__all__ = ["DemoSettings", "QUICK", "FULL", "ERASURE_PROMPTS", "ERASURE_SETTINGS", "run_demo", "demo_folder"]
+__all__ = ["DemoSettings", "QUICK", "FULL", "ERASURE_PROMPTS", "ERASURE_PRESERVE", "ERASURE_SETTINGS", "run_demo", "demo_folder"]
 
 
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
-    """One mode of the demo. Every field is passed to :func:`~dafusion_aug.fewshot.run_fewshot`."""
+    """One mode of the demo. Every field is passed to :func:`~dafusion_aug.fewshot.run_fewshot`.
+
+    The ``fit_*`` fields are the token recipe of the ordinary protocol (one joint run on the k-shot subset);
+    the ``erase_fit_*`` fields, when set, replace them in the leakage-free protocol (``erase=True``), where
+    each class's token is fitted alone on the model with that class erased and has to bring the class
+    back from nothing (docs/tokens.md measures what that takes).
+    """
 
     shots: tuple[int, ...]
     seeds: tuple[int, ...]
@@ -39,20 +45,49 @@ class DemoSettings:
     classifier_width: int = 16
     classifier_image_size: int = 16
     fit_initializer: str | None = None
+    fit_num_vectors: int = 1
+    erase_fit_steps: int | None = None
+    erase_fit_learning_rate: float | None = None
+    erase_fit_num_vectors: int | None = None
     grid_classes: tuple[int, ...] = (0, 2, 4, 7)
+
+    def token_recipe(self, erase: bool) -> dict[str, Any]:
+        """``run_fewshot``'s token arguments for one protocol: ``fit_steps``, ``fit_learning_rate``, ``num_vectors``."""
+        recipe = dict(fit_steps=self.fit_steps, fit_learning_rate=self.fit_learning_rate, num_vectors=self.fit_num_vectors)
+        if erase:
+            for key, value in (("fit_steps", self.erase_fit_steps), ("fit_learning_rate", self.erase_fit_learning_rate),
+                               ("num_vectors", self.erase_fit_num_vectors)):
+                if value is not None:
+                    recipe[key] = value
+        return recipe
 
 
 #: The default, ``dafusion-aug demo``: k in {1, 2, 4}, 3 seeds.
-QUICK = DemoSettings(shots=(1, 2, 4), seeds=(0, 1, 2), num_inference_steps=15, num_variants=5, fit_steps=200, classifier_steps=200)
+#: With ``erase``, each class's token is fitted alone with four vectors, lr 2e-3, 1000 steps: the recipe that
+#: brings erased digits back in docs/tokens.md (one vector, 200 steps cannot).
+QUICK = DemoSettings(shots=(1, 2, 4), seeds=(0, 1, 2), num_inference_steps=15, num_variants=5, fit_steps=200, classifier_steps=200,
+                     erase_fit_steps=1000, erase_fit_learning_rate=2e-3, erase_fit_num_vectors=4)
 #: ``--full``: the paper's grid of k and 5 seeds, with the same per-run settings as QUICK (so both share
 #: cached variants and tokens, and QUICK's rows are a subset of FULL's).
 FULL = dataclasses.replace(QUICK, shots=(1, 2, 4, 8, 16), seeds=(0, 1, 2, 3, 4))
 
 #: Prompts each class's erasure is trained on (the augmentation's prompt among them).
 ERASURE_PROMPTS = ("a photo of a {name}", "a photo of a handwritten digit {name}", "{name}")
-#: erase_concept settings for the pocket model: esd-x, 100 steps, lr 1e-3, 10 DDIM steps took "seven" from
-#: 100% to 6% judge-read txt2img samples while every other digit stayed at 100% (docs/erasure.md).
-ERASURE_SETTINGS = dict(method="esd-x", steps=100, learning_rate=2e-3, ddim_steps=10)
+#: Class-free prompts every erasure keeps: one per attribute word of the pocket model ("a photo of a bold
+#: handwritten digit"), so that erasing "six" leaves "loop" and "bold" (pocket.attributes).
+ERASURE_PRESERVE = (
+    "a photo of a thin handwritten digit", "a photo of a regular handwritten digit", "a photo of a bold handwritten digit",
+    "a photo of a left-leaning handwritten digit", "a photo of an upright handwritten digit",
+    "a photo of a right-leaning handwritten digit", "a photo of a narrow handwritten digit",
+    "a photo of a wide handwritten digit", "a photo of a top-heavy handwritten digit",
+    "a photo of a bottom-heavy handwritten digit", "a photo of an open handwritten digit",
+    "a photo of a handwritten digit with a loop", "a photo of a handwritten digit with two loops",
+)
+#: erase_concept settings for the pocket model v2 (docs/erasure.md): esd-x, 200 steps at lr 2e-3 with a
+#: 10-step DDIM schedule, and a preservation term of weight 4 over the other classes' prompts and the
+#: attribute prompts. Plain ESD (v1's 100 steps, no preservation) erased neighbours too on v2.
+ERASURE_SETTINGS = dict(method="esd-x", steps=200, learning_rate=2e-3, ddim_steps=10, preserve_others=True,
+                        preserve=ERASURE_PRESERVE, preserve_weight=4.0)
 
 
 def demo_folder(out: str | os.PathLike, full: bool, erase: bool) -> Path:
@@ -112,7 +147,8 @@ def run_demo(
     t0 = time.perf_counter()
     erasures = None
     if erase or build_erasures_only:
-        log(f"building/finding the per-class erasures in {out / 'erasures'} (esd-x, {ERASURE_SETTINGS['steps']} steps per class)")
+        log(f"building/finding the per-class erasures in {out / 'erasures'} (esd-x, {ERASURE_SETTINGS['steps']} steps per class, "
+            "the other classes and the attribute words preserved)")
         erasures = build_erasures(spec, data.class_names, out / "erasures", prompts=ERASURE_PROMPTS, progress=progress, **ERASURE_SETTINGS)
         if build_erasures_only:
             for name, path in erasures.items():
@@ -136,10 +172,9 @@ def run_demo(
         strength=cfg.strength,
         num_inference_steps=cfg.num_inference_steps,
         guidance_scale=cfg.guidance_scale,
-        fit_steps=cfg.fit_steps,
         fit_batch_size=cfg.fit_batch_size,
-        fit_learning_rate=cfg.fit_learning_rate,
         fit_initializer=cfg.fit_initializer,
+        **cfg.token_recipe(erase),
         erase=erase,
         erasures=erasures,
         grid_classes=cfg.grid_classes,
