@@ -58,3 +58,39 @@ def test_import_paths_users_have_keep_working(module, names):
     mod = importlib.import_module(module)
     for name in names:
         assert hasattr(mod, name), f"{module}.{name}"
+
+
+HEAVY = ("torch", "torchvision", "diffusers", "transformers", "numpy", "PIL")
+
+
+def _heavy_modules_after(code: str) -> list[str]:
+    """The heavy modules a fresh interpreter has imported after running ``code``."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    probe = f"{code}\nimport json, sys\nprint(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PACKAGE.parent), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_import_and_cli_help_import_no_heavy_module():
+    assert _heavy_modules_after("import dafusion_aug") == []
+    help_run = "import contextlib, io\nfrom dafusion_aug.cli import main\nwith contextlib.redirect_stdout(io.StringIO()):\n    try:\n        main(['--help'])\n    except SystemExit:\n        pass"
+    assert _heavy_modules_after(help_run) == []
+    for command in ("generate", "fit-tokens", "erase", "demo", "info"):
+        assert _heavy_modules_after(help_run.replace("'--help'", f"'{command}', '--help'")) == [], command
+    assert "torch" in _heavy_modules_after("from dafusion_aug import DiffusionAugment")  # the name still loads what it needs
+
+
+def test_public_names_are_the_defining_modules_objects():
+    for name in dafusion_aug.__all__:
+        if name == "__version__":
+            continue
+        module = importlib.import_module(f"dafusion_aug.{dafusion_aug._WHERE[name]}")
+        assert getattr(dafusion_aug, name) is getattr(module, name), name
+    assert set(dafusion_aug.__all__) <= set(dir(dafusion_aug))
+    with pytest.raises(AttributeError, match="no attribute 'DiffusionAugmnet'"):
+        dafusion_aug.DiffusionAugmnet  # noqa: B018
