@@ -410,7 +410,7 @@ def fit_tokens(
     checkpoint_every: int = 100,
     resume: bool = True,
     progress: bool = True,
-    device: str | torch.device | None = None,
+    device: str | torch.device | None = "auto",
     dtype: str | torch.dtype | None = None,
     _on_step: Callable[[int, float], None] | None = None,
 ) -> ClassTokens:
@@ -454,7 +454,8 @@ def fit_tokens(
         checkpoint_every: steps between checkpoints (the last step is always saved).
         resume: continue from the newest checkpoint in ``checkpoint_dir`` (``False`` starts over).
         progress: show a tqdm bar with the running loss.
-        device, dtype: where and how to load a model id / folder / spec (not for a loaded pipeline).
+        device, dtype: where and how to load a model id / folder / spec (not for a loaded pipeline);
+            ``device="auto"`` (default) is CUDA when available, else the CPU, or a spec's own device.
 
     Returns:
         :class:`ClassTokens` with ``metadata["base_model"]`` (the base fingerprint), the hyper-parameters

@@ -158,7 +158,7 @@ def run_fewshot(
     tokens_dir: str | os.PathLike | None = None,
     grid_classes: Sequence[int] | None = None,
     confidence: float = 0.95,
-    device: str | None = None,
+    device: str | None = "auto",
     progress: bool = True,
     _on_run: Callable[[dict[str, Any]], None] | None = None,
 ) -> FewShotResult:
@@ -200,7 +200,8 @@ def run_fewshot(
         grid_classes: also write ``augmentations.png``: for these labels, an image of the first (k, seed)
             subset beside its variant at each strength, one row per generative method.
         confidence: coverage of the confidence intervals.
-        device: where to load a model id / folder and train the classifier (default: CUDA if available).
+        device: where to load a model id / folder and train the classifier (default ``"auto"``: CUDA if
+            available, else the CPU).
         progress: show a progress bar over the (method, k, seed) grid.
 
     Returns:
