@@ -40,7 +40,29 @@ _WHERE = {
     "DiffusionAugment": "transform",
 }
 
-__all__ = sorted([*_WHERE, "__version__"])
+__all__ = [
+    "AugmentationCache",
+    "AugmentedDataset",
+    "CacheError",
+    "ClassTokens",
+    "DafusionError",
+    "DiffusionAugment",
+    "Erasure",
+    "ErasureFileError",
+    "FitError",
+    "PipelineError",
+    "PipelineSpec",
+    "TokenFileError",
+    "__version__",
+    "diffuse",
+    "erase_concept",
+    "few_shot_indices",
+    "fit_tokens",
+    "image_folder",
+    "load_pipeline",
+    "precompute",
+    "run_fewshot",
+]
 
 if TYPE_CHECKING:  # what type checkers and IDEs read; at run time __getattr__ imports on first use
     from .cache import AugmentationCache

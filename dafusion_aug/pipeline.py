@@ -11,6 +11,7 @@ workers started with ``spawn`` each load their own copy only when they must gene
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -298,6 +299,44 @@ def _speed_up(pipe, spec: PipelineSpec, device: torch.device) -> None:
         pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead" if device.type == "cuda" else "default")
 
 
+@contextlib.contextmanager
+def _quiet_loading():
+    """diffusers' and transformers' loading bars off while a model loads; their switches are restored after.
+
+    Both print a bar per load ("Loading pipeline components...", "Loading weights") through a global switch;
+    a training script that augments on the fly would show them in its log on every worker.
+    """
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    saved = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in saved:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, enabled in saved:
+            if enabled:
+                lib.enable_progress_bar()
+
+
+def _load_kwargs(dtype: torch.dtype) -> dict[str, Any]:
+    """``from_pretrained`` arguments that load safetensors only, without a safety checker, and without warnings."""
+    from diffusers.utils import deprecation_utils, is_accelerate_available
+
+    # diffusers renamed torch_dtype to dtype (the old name warns); older releases know only torch_dtype
+    dtype_name = "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
+    return {
+        dtype_name: dtype,
+        "safety_checker": None,
+        "feature_extractor": None,
+        "requires_safety_checker": False,
+        "use_safetensors": True,
+        # accelerate only makes big models load faster; without it diffusers warns on every load unless told
+        "low_cpu_mem_usage": is_accelerate_available(),
+    }
+
+
 def _load_uncached(spec: PipelineSpec):
     from diffusers import StableDiffusionImg2ImgPipeline
 
@@ -305,20 +344,10 @@ def _load_uncached(spec: PipelineSpec):
     device = resolve_device(spec.device, require_available=True)
     check_dtype_on_device(spec.dtype, device, given_device=spec.device, error=PipelineError)
     local = spec.local_path()
-    kwargs: dict[str, Any] = dict(
-        torch_dtype=dtype,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-        use_safetensors=True,
-    )
+    kwargs = _load_kwargs(dtype)
     try:
-        if local is not None:
-            pipe = StableDiffusionImg2ImgPipeline.from_pretrained(str(local), local_files_only=True, **kwargs)
-        else:
-            pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
-                spec.model, revision=spec.revision, local_files_only=spec.local_files_only, **kwargs
-            )
+        with _quiet_loading():
+            pipe = _from_pretrained(StableDiffusionImg2ImgPipeline, spec, local, kwargs)
     except (OSError, ValueError) as e:
         where = f"folder {str(local)!r}" if local is not None else f"Hub id {spec.model!r} (revision {spec.revision or 'main'})"
         reason = _load_failure(e, spec.local_files_only) if local is None else str(e)
@@ -337,6 +366,12 @@ def _load_uncached(spec: PipelineSpec):
         Erasure.load(spec.erasure).apply(pipe)
     pipe._dafusion_fingerprint = spec.fingerprint()
     return pipe
+
+
+def _from_pretrained(cls, spec: PipelineSpec, local: Path | None, kwargs: dict[str, Any]):
+    if local is not None:
+        return cls.from_pretrained(str(local), local_files_only=True, **kwargs)
+    return cls.from_pretrained(spec.model, revision=spec.revision, local_files_only=spec.local_files_only, **kwargs)
 
 
 def _load_failure(e: BaseException, local_files_only: bool = False) -> str:

@@ -7,15 +7,15 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
 from dafusion_aug import PipelineSpec, load_pipeline
-from dafusion_aug.pipeline import resolve_device
 from dafusion_aug.errors import PipelineError
-from dafusion_aug.pipeline import pipeline_fingerprint
+from dafusion_aug.pipeline import pipeline_fingerprint, resolve_device
 from dafusion_aug.testing import tiny_pipeline
 
 
@@ -272,3 +272,32 @@ def test_float16_on_the_cpu_is_refused_naming_both_arguments(tiny_folder, no_cud
     with pytest.raises(PipelineError, match=r"dtype='float16' needs a GPU, but device='auto' and this machine has no CUDA device"):
         load_pipeline(spec)
     assert PipelineSpec(str(tiny_folder), device="cpu", dtype="bfloat16").dtype == "bfloat16"  # bfloat16 works on CPUs
+
+
+QUIET_RUN = """
+import numpy as np, torch
+from PIL import Image
+from dafusion_aug import ClassTokens, DiffusionAugment
+from diffusers.utils import logging as d_logging
+from transformers.utils import logging as t_logging
+
+tokens = ClassTokens(["zero", "one"], [torch.randn(2, 64), torch.randn(2, 64)])  # two vectors: four new rows
+aug = DiffusionAugment("pocket", tokens=tokens, p=1.0, num_variants=2, num_inference_steps=4, device="cpu")
+image, label = aug(Image.fromarray(np.zeros((32, 32, 3), np.uint8)), 1)
+assert image.size == (32, 32) and label == 1
+assert d_logging.is_progress_bar_enabled() and t_logging.is_progress_bar_enabled()  # the user's switches restored
+print("done")
+"""
+
+
+def test_a_normal_run_prints_no_third_party_noise():
+    """Loading, applying tokens and generating printed diffusers' torch_dtype deprecation, its accelerate
+    notice, two loading bars and transformers' mean-resizing warning (issue 16); a fresh process shows all."""
+    import os
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+               PYTHONWARNINGS="default")  # every warning shown, as in a user's script
+    run = subprocess.run([sys.executable, "-c", QUIET_RUN], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "done"
+    assert run.stderr.strip() == "", run.stderr

@@ -359,12 +359,12 @@ class _Experiment:
 
     def run(self, progress: bool, on_run: Callable[[dict[str, Any]], None] | None) -> list[dict[str, Any]]:
         """Every (k, seed) subset, then every method on it; rows of the same settings already written are kept."""
-        from tqdm.auto import tqdm
+        from .._progress import progress_bar
 
         done = self.done_rows()
         rows: list[dict[str, Any]] = []
         grid = [(k, s) for k in self.shots for s in self.seeds]
-        bar = tqdm(total=len(grid) * len(self.methods), desc="few-shot", unit="run", disable=not progress, dynamic_ncols=True)
+        bar = progress_bar(total=len(grid) * len(self.methods), desc="few-shot", unit="run", progress=progress)
         try:
             for k, seed in grid:
                 idx, subset = self.subset(k, seed)
