@@ -16,6 +16,7 @@ from ..pipeline import PipelineSpec
 from .classifier import small_cnn
 from .erasures import build_erasures
 from .protocol import run_fewshot
+from .report import require_modules
 
 __all__ = ["DemoSettings", "QUICK", "FULL", "ERASURE_PROMPTS", "ERASURE_SETTINGS", "run_demo", "demo_folder"]
 
@@ -41,6 +42,9 @@ class DemoSettings:
     fit_initializer: str | None = None
     grid_classes: tuple[int, ...] = (0, 2, 4, 7)
 
+
+#: What the demo needs beyond the core dependencies (import name -> distribution): the extra ``[demo]``.
+DEMO_REQUIRES = {"sklearn": "scikit-learn", "matplotlib": "matplotlib"}
 
 #: The default, ``dafusion-aug demo``: k in {1, 2, 4}, 3 seeds.
 QUICK = DemoSettings(shots=(1, 2, 4), seeds=(0, 1, 2), num_inference_steps=15, num_variants=5, fit_steps=200, classifier_steps=200)
@@ -96,8 +100,11 @@ def run_demo(
         A :class:`~dafusion_aug.fewshot.FewShotResult` (or the erasure files with ``build_erasures_only``).
 
     Raises:
+        ImportError: scikit-learn (the digits) or matplotlib (the plots) is missing; checked before any work,
+            the message names the extra: ``pip install "dafusion-aug[demo]"``.
         FileNotFoundError: the pocket model is missing (``python -m dafusion_aug.pocket.train`` rebuilds it).
     """
+    require_modules(DEMO_REQUIRES, "dafusion-aug demo", "demo")
     from ..pocket import digits, model_path
 
     model_path()  # a clear error first when the weights are missing

@@ -31,7 +31,15 @@ from ..variants import DEFAULT_STRENGTHS
 from .classifier import ClassifierSpec, Inputs, evaluate, resolve_classifier, train_classifier
 from .erasures import resolve_erasures
 from .methods import GENERATIVE, METHODS, fit_subset_tokens, method_transform
-from .report import augmentation_grid, format_table, paired_differences, plot_summary, summarize, write_rows
+from .report import (
+    augmentation_grid,
+    format_table,
+    paired_differences,
+    plot_summary,
+    require_modules,
+    summarize,
+    write_rows,
+)
 
 __all__ = ["METHODS", "FewShotResult", "run_fewshot", "check_grid", "Counter"]
 
@@ -210,6 +218,7 @@ def run_fewshot(
     Raises:
         ValueError: an unknown method, a k larger than a class's pool, missing erasures, bad arguments.
         PipelineError: ``device`` names a device this machine does not have (``"cuda"`` without a GPU).
+        ImportError: matplotlib (the plots) is not installed: ``pip install "dafusion-aug[demo]"``.
         CacheError: variants are missing from the cache after precomputing (generation failed).
 
     Example:
@@ -217,6 +226,7 @@ def run_fewshot(
         >>> res = run_fewshot("pocket", digits("B"), out="demo/", classifier="small-cnn", shots=(1, 2))  # doctest: +SKIP
         >>> print(res.table())  # doctest: +SKIP
     """
+    require_modules({"matplotlib": "matplotlib"}, "run_fewshot (its plots)", "demo")  # before any work, not after the first run
     if erase and fit_initializer is None:
         fit_initializer = "the"  # a class-name start would carry class knowledge into the token
     generation = dict(num_variants=num_variants, p=p, strength=list(strength), num_inference_steps=num_inference_steps,
