@@ -343,18 +343,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from .errors import DafusionError
 
-    with warnings.catch_warnings():
-        warnings.showwarning = _show_warning
-        try:
-            return int(args.func(args) or 0)
-        except (DafusionError, ValueError, TypeError, FileNotFoundError, NotADirectoryError, ImportError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print("interrupted; rerun the same command to resume", file=sys.stderr)
-            return 130
+    saved_format, warnings.formatwarning = warnings.formatwarning, _format_warning  # (recorders still record)
+    try:
+        return int(args.func(args) or 0)
+    except (DafusionError, ValueError, TypeError, FileNotFoundError, NotADirectoryError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    finally:
+        warnings.formatwarning = saved_format
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+def _format_warning(message, category, filename, lineno, line=None) -> str:
     """A warning as one line, ``warning: ...``: the command's user has no use for the line of source that raised it."""
-    print(f"warning: {message}", file=file or sys.stderr)
+    return f"warning: {message}\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import random_image
 
@@ -119,16 +120,23 @@ def test_a_file_as_data_says_it_is_a_file(tmp_path, tiny_folder, capsys):
     assert f"error: data must be a folder with one sub-folder of images per class, but {str(f)!r} is a file" in capsys.readouterr().err
 
 
-def test_the_parent_of_the_class_folders_warns_naming_them(tmp_path, tiny_folder, capsys):
+def test_the_parent_of_the_class_folders_warns_naming_them(tmp_path, tiny_folder):
+    """Run as a user runs it (a fresh process, Python's own warning display, not pytest's recorder)."""
+    import os
+
     root = tmp_path / "my_data"
     make_data(root / "train")
+    (root / "train" / "dog" / "broken.png").write_bytes(b"not an image")
     args = ["generate", "--model", str(tiny_folder), "--data", str(root), "--cache", str(tmp_path / "c"),
             "--inference-steps", "4", "--num-variants", "1", "--quiet", "--device", "cpu"]
-    assert main(args) == 0
-    err = capsys.readouterr().err
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-m", "dafusion_aug", *args], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 1, run.stderr  # the broken image failed; the others were generated
+    err = run.stderr
     assert "warning: data folder" in err and "has one sub-folder, 'train'" in err
     assert f"{str(root / 'train')!r} has the sub-folders ['cat', 'dog']: if those are the classes, pass that folder" in err
-    assert "cli.py" not in err and "warnings.warn" not in err  # one line, no source echoed
+    assert "warning: precompute skipped 1 unreadable item(s), first: OSError: cannot read image" in err
+    assert all(line.startswith("warning: ") for line in err.splitlines()), err  # one line each, no source echoed
 
 
 def test_demo_checks_its_extra_before_any_work(tmp_path, monkeypatch, capsys):
