@@ -107,7 +107,7 @@ def resolve_device(device: str | torch.device | None = AUTO, *, require_availabl
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from e
+        raise ValueError(f"device must be 'auto' or a torch device such as 'cpu' or 'cuda:0', got {device!r}") from e
     if require_available:
         _check_available(resolved, device)
     return resolved
