@@ -148,3 +148,18 @@ def test_demo_checks_its_extra_before_any_work(tmp_path, monkeypatch, capsys):
     assert main(["demo", "--out", str(out), "--quiet"]) == 2
     assert 'error: dafusion-aug demo needs matplotlib, which is not installed: pip install "dafusion-aug[demo]"' in capsys.readouterr().err
     assert not out.exists()  # nothing was done
+
+
+def test_a_gpu_setting_on_a_cpu_machine_is_one_error_line(tmp_path, tiny_folder, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    base = ["generate", "--model", str(tiny_folder), "--data", str(make_data(tmp_path / "d")), "--cache", str(tmp_path / "c"), "--quiet"]
+    assert main([*base, "--device", "cuda"]) == 2
+    assert "error: device='cuda', but no CUDA device is available on this machine" in capsys.readouterr().err
+    assert main([*base, "--device", "cpu", "--dtype", "float16"]) == 2
+    assert "error: dtype='float16' needs a GPU, but device='cpu'; float16 runs on CUDA only" in capsys.readouterr().err
+    assert main([*base, "--dtype", "float16"]) == 2  # --device auto: no GPU here
+    assert "error: dtype='float16' needs a GPU, but device='auto' and this machine has no CUDA device" in capsys.readouterr().err
+    assert list(AugmentationCache(tmp_path / "c").keys()) == []
