@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -112,20 +113,64 @@ class ImageList:
             raise OSError(f"cannot read image {os.fspath(src)!r}: {e}") from e
 
 
+#: Folder names that are data splits, not classes: ``my_data`` given for ``my_data/train``.
+SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing", "eval"})
+
+
 def image_folder(root: str | os.PathLike) -> ImageList:
-    """Read a folder with one sub-folder per class (sorted names = labels), like ``ImageFolder``."""
+    """Read a folder with one sub-folder per class (sorted names = labels), like ``ImageFolder``.
+
+    Args:
+        root: the folder; each sub-folder is a class and holds its images (at any depth).
+
+    Returns:
+        An :class:`ImageList` of ``(path, label)`` with ``class_names``.
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist.
+        NotADirectoryError: ``root`` is a file.
+        ValueError: ``root`` has no sub-folder.
+
+    Warns:
+        UserWarning: one class only, or classes named like data splits (``train``, ``val``, ...): usually
+            the parent of the class folders was given; the message names the sub-folders found.
+
+    Example:
+        >>> data = image_folder("my_data/train")  # doctest: +SKIP
+        >>> data.class_names  # doctest: +SKIP
+        ['cat', 'dog']
+    """
     root = Path(root)
+    if root.is_file():
+        raise NotADirectoryError(f"data must be a folder with one sub-folder of images per class, but {str(root)!r} is a file")
     if not root.is_dir():
         raise FileNotFoundError(f"data folder not found: {str(root)!r}")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise ValueError(f"data folder {str(root)!r} has no class sub-folders")
+    _warn_if_not_classes(root, classes)
     items = []
     for label, name in enumerate(classes):
         for f in sorted((root / name).rglob("*")):
             if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
                 items.append((f, label))
     return ImageList(items, classes)
+
+
+def _warn_if_not_classes(root: Path, classes: list[str]) -> None:
+    """Warn when ``root``'s sub-folders look like splits or a single folder, not classes (see :func:`image_folder`)."""
+    splits = [c for c in classes if c.lower() in SPLIT_NAMES]
+    if len(classes) > 1 and not splits:
+        return
+    inner = sorted(d.name for d in (root / classes[0]).iterdir() if d.is_dir() and not d.name.startswith("."))
+    hint = (f"; {str(root / classes[0])!r} has the sub-folders {inner[:10]}: if those are the classes, pass that folder"
+            if inner else "")
+    if len(classes) > 1:
+        warnings.warn(f"data folder {str(root)!r} has the sub-folders {classes}, read as classes, but {splits} are names "
+                      f"of data splits: pass the folder of one split (its sub-folders are the classes){hint}", stacklevel=3)
+    else:
+        warnings.warn(f"data folder {str(root)!r} has one sub-folder, {classes[0]!r}, so every image is of one class "
+                      f"{classes[0]!r}{hint}", stacklevel=3)
 
 
 def few_shot_indices(targets: Sequence[int], k: int, seed: int, num_classes: int | None = None) -> list[int]:

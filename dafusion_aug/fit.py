@@ -366,14 +366,13 @@ class _Trainer:
     def run(self, steps: int, batch_size: int, train: LabelledImages, latents: _Latents, noise_sched, *, progress: bool,
             checkpoint_every: int, on_step: Callable[[int, float], None] | None) -> None:
         """Steps ``start .. steps - 1`` inside :meth:`spliced`, saving every ``checkpoint_every`` steps and at the end."""
-        from tqdm.auto import tqdm
+        from ._progress import progress_bar
 
-        with self.spliced(), tqdm(total=steps, initial=self.start, disable=not progress, desc="fit_tokens", unit="step",
-                                  dynamic_ncols=True) as bar:
+        with self.spliced(), progress_bar(total=steps, initial=self.start, progress=progress, desc="fit_tokens", unit="step") as bar:
             for step in range(self.start, steps):
                 loss = self.step(step, batch_size, train, latents, noise_sched)
-                bar.update(1)
                 bar.set_postfix(loss=f"{sum(self.losses[-20:]) / len(self.losses[-20:]):.4f}", refresh=False)
+                bar.update(1)  # after the postfix, so the last drawn line is the final one
                 if self.checkpoint_dir is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
                     self.save(step + 1, loss)
                 if on_step is not None:
@@ -410,7 +409,7 @@ def fit_tokens(
     checkpoint_every: int = 100,
     resume: bool = True,
     progress: bool = True,
-    device: str | torch.device | None = None,
+    device: str | torch.device | None = "auto",
     dtype: str | torch.dtype | None = None,
     _on_step: Callable[[int, float], None] | None = None,
 ) -> ClassTokens:
@@ -454,7 +453,8 @@ def fit_tokens(
         checkpoint_every: steps between checkpoints (the last step is always saved).
         resume: continue from the newest checkpoint in ``checkpoint_dir`` (``False`` starts over).
         progress: show a tqdm bar with the running loss.
-        device, dtype: where and how to load a model id / folder / spec (not for a loaded pipeline).
+        device, dtype: where and how to load a model id / folder / spec (not for a loaded pipeline);
+            ``device="auto"`` (default) is CUDA when available, else the CPU, or a spec's own device.
 
     Returns:
         :class:`ClassTokens` with ``metadata["base_model"]`` (the base fingerprint), the hyper-parameters

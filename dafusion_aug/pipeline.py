@@ -11,6 +11,7 @@ workers started with ``spawn`` each load their own copy only when they must gene
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -33,6 +34,7 @@ __all__ = [
     "pipeline_fingerprint",
     "resolve_dtype",
     "resolve_device",
+    "check_dtype_on_device",
     "pipeline_lock",
 ]
 
@@ -74,12 +76,16 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     raise ValueError(f"dtype must be one of {sorted(set(_DTYPES))} or a torch.dtype, got {dtype!r}")
 
 
-def resolve_device(device: str | torch.device | None, *, require_available: bool = False) -> torch.device:
+#: The ``device`` default of every public function: CUDA when this machine has it, else the CPU.
+AUTO = "auto"
+
+
+def resolve_device(device: str | torch.device | None = AUTO, *, require_available: bool = False) -> torch.device:
     """The ``torch.device`` a ``device`` argument names; the one place device arguments are interpreted.
 
     Args:
-        device: ``None`` (CUDA when available, else CPU), a name (``"cpu"``, ``"cuda"``, ``"cuda:1"``,
-            ``"mps"``) or a ``torch.device``.
+        device: ``"auto"`` (the default everywhere: CUDA when available, else CPU; ``None`` means the same),
+            a name (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``) or a ``torch.device``.
         require_available: also check that this machine has that device (done when a model is loaded or a
             classifier trained, not when a spec is built: a spec made on a CPU-only machine may be sent to
             GPU workers).
@@ -91,13 +97,17 @@ def resolve_device(device: str | torch.device | None, *, require_available: bool
         ValueError: ``device`` names no torch device.
         PipelineError: ``require_available`` and the machine has no such device (no CUDA device, fewer
             CUDA devices than the index, no MPS); before, torch's raw driver error surfaced at ``.to()``.
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
     """
-    if device is None:
+    if device is None or device == AUTO:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from e
+        raise ValueError(f"device must be 'auto' or a torch device such as 'cpu' or 'cuda:0', got {device!r}") from e
     if require_available:
         _check_available(resolved, device)
     return resolved
@@ -109,13 +119,35 @@ def _check_available(device: torch.device, given: Any) -> None:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
             raise PipelineError(f"device={given!r}, but no CUDA device is available on this machine "
-                                "(torch.cuda.is_available() is False); pass device='cpu', or None to use CUDA when there is one")
+                                "(torch.cuda.is_available() is False); pass device='cpu', or 'auto' to use CUDA when there is one")
         if device.index is not None and device.index >= count:
             raise PipelineError(f"device={given!r}, but this machine has {count} CUDA device(s) (cuda:0 to cuda:{count - 1})")
     elif device.type == "mps":
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():
             raise PipelineError(f"device={given!r}, but MPS is not available on this machine; pass device='cpu'")
+
+
+def check_dtype_on_device(dtype: str | torch.dtype | None, device: torch.device, *, given_device: Any = AUTO,
+                          error: type[Exception] = ValueError) -> None:
+    """Refuse float16 on the CPU, naming both arguments: half precision is a GPU setting.
+
+    PyTorch's CPU kernels for float16 are slow or missing, so a float16 pipeline on the CPU is a mistake
+    (typically a GPU script run on a laptop); float32 is the CPU's precision (bfloat16 also works there).
+
+    Args:
+        dtype: the ``dtype`` argument as given.
+        device: the device it would run on (resolved).
+        given_device: the ``device`` argument as given, for the message.
+        error: the exception class (``ValueError`` for arguments, ``PipelineError`` when ``"auto"`` found no GPU).
+
+    Raises:
+        ValueError (or ``error``): ``dtype`` is float16 and ``device`` is the CPU.
+    """
+    if device.type == "cpu" and resolve_dtype(dtype) == torch.float16:
+        where = " and this machine has no CUDA device" if given_device is None or given_device == AUTO else ""
+        raise error(f"dtype={dtype!r} needs a GPU, but device={given_device!r}{where}; float16 runs on CUDA only. "
+                    "Pass dtype='float32' on the CPU (or dtype='float16' with device='cuda' on a GPU machine)")
 
 
 def _pocket_path() -> Path:
@@ -144,8 +176,9 @@ class PipelineSpec:
         model: a Hugging Face Hub id (``"stable-diffusion-v1-5/stable-diffusion-v1-5"``), a local folder
             written by ``save_pretrained``, or ``"pocket"`` for the digits model shipped in the package.
         revision: Hub revision (branch, tag or commit); ignored for local folders.
-        dtype: ``"float32"`` (default), ``"float16"`` or ``"bfloat16"``, or a ``torch.dtype``.
-        device: ``"cpu"``, ``"cuda"``, ...; ``None`` picks CUDA when available.
+        dtype: ``"float32"`` (default), ``"float16"`` (CUDA only) or ``"bfloat16"``, or a ``torch.dtype``.
+        device: ``"auto"`` (default: CUDA when the loading machine has it, else the CPU; ``None`` means the
+            same), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
         erasure: optional path of an erasure file (see :func:`dafusion_aug.erase_concept`) applied at load time.
         scheduler: ``None`` keeps the model's scheduler; or one of ``"ddim"``, ``"pndm"``, ``"euler"``,
             ``"euler-a"``, ``"dpm++"``, ``"unipc"``.
@@ -166,7 +199,7 @@ class PipelineSpec:
     model: str
     revision: str | None = None
     dtype: str = "float32"
-    device: str | None = None
+    device: str = AUTO
     erasure: str | None = None
     scheduler: str | None = None
     local_files_only: bool = False
@@ -178,10 +211,13 @@ class PipelineSpec:
         if not isinstance(self.model, (str, os.PathLike)) or not str(self.model):
             raise TypeError(f"model must be a Hub id, a local folder or 'pocket', got {self.model!r}")
         object.__setattr__(self, "model", os.fspath(self.model))
-        dt = resolve_dtype(self.dtype)
+        given_dtype, dt = self.dtype, resolve_dtype(self.dtype)
         object.__setattr__(self, "dtype", str(dt).removeprefix("torch."))
-        if self.device is not None:
+        if self.device is None or self.device == AUTO:
+            object.__setattr__(self, "device", AUTO)  # resolved where the model loads, which may be a GPU worker
+        else:
             object.__setattr__(self, "device", str(resolve_device(self.device)))
+            check_dtype_on_device(given_dtype, resolve_device(self.device), given_device=self.device)
         if self.scheduler is not None and self.scheduler not in _SCHEDULERS:
             raise ValueError(f"scheduler must be None or one of {sorted(_SCHEDULERS)}, got {self.scheduler!r}")
         if self.erasure is not None:
@@ -263,26 +299,55 @@ def _speed_up(pipe, spec: PipelineSpec, device: torch.device) -> None:
         pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead" if device.type == "cuda" else "default")
 
 
+@contextlib.contextmanager
+def _quiet_loading():
+    """diffusers' and transformers' loading bars off while a model loads; their switches are restored after.
+
+    Both print a bar per load ("Loading pipeline components...", "Loading weights") through a global switch;
+    a training script that augments on the fly would show them in its log on every worker.
+    """
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    saved = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in saved:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, enabled in saved:
+            if enabled:
+                lib.enable_progress_bar()
+
+
+def _load_kwargs(dtype: torch.dtype) -> dict[str, Any]:
+    """``from_pretrained`` arguments that load safetensors only, without a safety checker, and without warnings."""
+    from diffusers.utils import deprecation_utils, is_accelerate_available
+
+    # diffusers renamed torch_dtype to dtype (the old name warns); older releases know only torch_dtype
+    dtype_name = "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
+    return {
+        dtype_name: dtype,
+        "safety_checker": None,
+        "feature_extractor": None,
+        "requires_safety_checker": False,
+        "use_safetensors": True,
+        # accelerate only makes big models load faster; without it diffusers warns on every load unless told
+        "low_cpu_mem_usage": is_accelerate_available(),
+    }
+
+
 def _load_uncached(spec: PipelineSpec):
     from diffusers import StableDiffusionImg2ImgPipeline
 
     dtype = resolve_dtype(spec.dtype)
     device = resolve_device(spec.device, require_available=True)
+    check_dtype_on_device(spec.dtype, device, given_device=spec.device, error=PipelineError)
     local = spec.local_path()
-    kwargs: dict[str, Any] = dict(
-        torch_dtype=dtype,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-        use_safetensors=True,
-    )
+    kwargs = _load_kwargs(dtype)
     try:
-        if local is not None:
-            pipe = StableDiffusionImg2ImgPipeline.from_pretrained(str(local), local_files_only=True, **kwargs)
-        else:
-            pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
-                spec.model, revision=spec.revision, local_files_only=spec.local_files_only, **kwargs
-            )
+        with _quiet_loading():
+            pipe = _from_pretrained(StableDiffusionImg2ImgPipeline, spec, local, kwargs)
     except (OSError, ValueError) as e:
         where = f"folder {str(local)!r}" if local is not None else f"Hub id {spec.model!r} (revision {spec.revision or 'main'})"
         reason = _load_failure(e, spec.local_files_only) if local is None else str(e)
@@ -301,6 +366,12 @@ def _load_uncached(spec: PipelineSpec):
         Erasure.load(spec.erasure).apply(pipe)
     pipe._dafusion_fingerprint = spec.fingerprint()
     return pipe
+
+
+def _from_pretrained(cls, spec: PipelineSpec, local: Path | None, kwargs: dict[str, Any]):
+    if local is not None:
+        return cls.from_pretrained(str(local), local_files_only=True, **kwargs)
+    return cls.from_pretrained(spec.model, revision=spec.revision, local_files_only=spec.local_files_only, **kwargs)
 
 
 def _load_failure(e: BaseException, local_files_only: bool = False) -> str:
@@ -399,7 +470,7 @@ class PipelineSource:
 def resolve_pipeline(
     pipeline: Any,
     *,
-    device: str | torch.device | None = None,
+    device: str | torch.device | None = AUTO,
     dtype: str | torch.dtype | None = None,
     loaded_overrides: str = "refuse",
     caller: str = "dafusion-aug",
@@ -410,7 +481,8 @@ def resolve_pipeline(
         pipeline: a Hub id, a local folder or ``"pocket"`` (a spec with ``device`` and ``dtype``), a
             :class:`PipelineSpec` (``device`` and ``dtype`` override its fields when given), or a loaded
             pipeline (see :func:`is_loaded_pipeline`).
-        device, dtype: where and in what precision a spec loads.
+        device, dtype: where and in what precision a spec loads; ``device="auto"`` (or ``None``) and
+            ``dtype=None`` leave a spec's own fields (and a loaded pipeline) as they are.
         loaded_overrides: what ``device`` / ``dtype`` mean for a loaded pipeline: ``"refuse"`` (any value is
             an error: move the pipeline instead) or ``"must-match"`` (allowed when they name the pipeline's
             own device and dtype).
@@ -429,6 +501,7 @@ def resolve_pipeline(
     """
     if loaded_overrides not in ("refuse", "must-match"):
         raise ValueError(f"loaded_overrides must be 'refuse' or 'must-match', got {loaded_overrides!r}")
+    device = None if device is None or (isinstance(device, str) and device == AUTO) else device
     overrides = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
     if isinstance(pipeline, (str, os.PathLike)):
         return PipelineSource(spec=PipelineSpec(os.fspath(pipeline), **overrides))

@@ -294,9 +294,9 @@ def precompute(
         run_ray(augment, batches, counts, batch_size=batch_size, concurrency=concurrency, num_gpus=num_gpus,
                 progress=progress, mixed_strengths=mixed_strengths)
     else:
-        from tqdm.auto import tqdm
+        from ._progress import progress_bar
 
-        with tqdm(total=total, unit="img", desc="precompute", disable=not progress, smoothing=0.1) as bar:
+        with progress_bar(total=total, unit="img", desc="precompute", progress=progress, smoothing=0.1) as bar:
             _run_local(augment, _counted(batches, counts, bar), counts, bar, encode_threads, auto, batch_size, mixed_strengths)
     if out is not None:
         counts["exported"] = _export(augment, dataset, Path(out), records or [])

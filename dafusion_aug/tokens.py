@@ -494,8 +494,25 @@ class ClassTokens:
                 "with other values; use other token names, or a fresh pipeline"
             )
         if new_tokens:
+            rows = sum(len(self.expanded_tokens(i)) for i, t in enumerate(self.tokens) if t in new_tokens)
+            _grow_embeddings(encoder, len(tokenizer) + rows)
             pipe.load_textual_inversion(new_embs, token=new_tokens)
             for i, t in enumerate(self.tokens):
                 if t in new_tokens:
                     ours.update(self.expanded_tokens(i))
         pipe._dafusion_tokens = ours
+
+
+def _grow_embeddings(encoder, size: int) -> None:
+    """Give the text encoder ``size`` embedding rows before ``load_textual_inversion`` asks for the same number.
+
+    diffusers resizes with transformers' default ``mean_resizing=True``, which draws the new rows from a
+    normal fitted to the whole vocabulary (a covariance of the full table) and warns about it, for rows that
+    the token values overwrite at once; resized here first, its own resize has nothing left to do.
+    """
+    import inspect
+
+    if encoder.get_input_embeddings().weight.shape[0] >= size:
+        return
+    if "mean_resizing" in inspect.signature(encoder.resize_token_embeddings).parameters:
+        encoder.resize_token_embeddings(size, mean_resizing=False)

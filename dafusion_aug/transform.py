@@ -45,7 +45,7 @@ from .erasure import Erasure
 from .errors import CacheError, PipelineError
 from .functional import check_strengths, diffuse, native_resolution
 from .hashing import image_digest
-from .pipeline import PipelineSpec, pipeline_fingerprint, pipeline_lock, resolve_pipeline
+from .pipeline import PipelineSpec, pipeline_fingerprint, pipeline_lock, resolve_device, resolve_pipeline
 from .tokens import ClassTokens
 from .variants import (
     CACHE_FORMAT_VERSION,
@@ -183,8 +183,11 @@ class DiffusionAugment(Transform):
         cache: a folder or :class:`~dafusion_aug.AugmentationCache`; ``None`` generates every time.
         on_miss: ``"generate"`` (default), ``"real"`` (keep the real image; never loads a model) or ``"error"``.
         seed: base seed of the variants' generators.
-        device: where to load the model (not for an already-loaded pipeline).
-        dtype: the model's dtype when dafusion-aug loads it (not for an already-loaded pipeline).
+        device: where to load the model: ``"auto"`` (default: CUDA when the machine that loads it has it,
+            else the CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... (not for an already-loaded pipeline).
+        dtype: the model's dtype when dafusion-aug loads it: ``"float32"`` by default, ``"float16"`` on CUDA
+            only (on the CPU it is refused with a ``ValueError``), ``"bfloat16"`` (not for an already-loaded
+            pipeline).
         labels_getter: ``"default"`` (torchvision's rule: a dict's ``"labels"``/``"label"`` key; in a tuple
             or list the first item after the image that is not image-like, so ``(image, label)``,
             ``(image, Mask, label)`` and ``(image, {"boxes": b, "labels": l})`` all work), a callable
@@ -234,7 +237,7 @@ class DiffusionAugment(Transform):
         cache: AugmentationCache | str | os.PathLike | None = None,
         on_miss: str = "generate",
         seed: int = 0,
-        device: str | torch.device | None = None,
+        device: str | torch.device | None = "auto",
         dtype: str | torch.dtype | None = None,
         labels_getter: str | Callable[[Any], Any] | None = "default",
         resolution: int | None = None,
@@ -332,7 +335,7 @@ class DiffusionAugment(Transform):
                     "pass a model id or PipelineSpec instead, or fill the cache first and use on_miss='real'"
                 )
             info = torch.utils.data.get_worker_info()
-            if info is not None and str(self.spec.device or "").startswith("cuda") and multiprocessing.get_start_method() == "fork":
+            if info is not None and resolve_device(self.spec.device).type == "cuda" and multiprocessing.get_start_method() == "fork":
                 raise PipelineError(
                     "CUDA cannot be used in a forked DataLoader worker; use multiprocessing_context='spawn', "
                     "num_workers=0, or precompute the cache and use on_miss='real'"

@@ -30,6 +30,7 @@ from torch import nn
 from torchvision.transforms import v2
 
 from dafusion_aug import AugmentedDataset, DiffusionAugment, PipelineSpec, fit_tokens, image_folder
+from dafusion_aug.pipeline import resolve_device
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--test", default=None, help="optional ImageFolder to report accuracy on (same class folders)")
     p.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5", help="Hub id or local model folder")
     p.add_argument("--out", default="runs/sd15", help="folder for tokens, cache and the classifier")
-    p.add_argument("--device", default=None, help="default: cuda when available")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available, else the CPU), cpu, cuda, ...")
     p.add_argument("--dtype", default=None, help="default: float16 on CUDA, float32 on CPU")
     p.add_argument("--fit-steps", type=int, default=1000, help="textual-inversion steps (all classes together)")
     p.add_argument("--num-variants", type=int, default=10, help="M, variants per image")
@@ -90,7 +91,7 @@ def main(argv=None) -> dict:
     if args.tiny:
         torch.set_num_threads(1)  # tiny models run fastest on one thread
         args.model, args.data = make_tiny_inputs(out)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(args.device))  # the library's rule: "auto" is CUDA when present, else the CPU
     dtype = args.dtype or ("float16" if device.startswith("cuda") else "float32")
     spec = PipelineSpec(args.model, device=device, dtype=dtype)
     data = image_folder(args.data)

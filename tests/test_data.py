@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import random_image
+from PIL import Image
 from torchvision.transforms import v2
 
 from dafusion_aug import AugmentedDataset
-from dafusion_aug.data import few_shot_indices
+from dafusion_aug.data import few_shot_indices, image_folder
 
 Pair = namedtuple("Pair", "image label")
 
@@ -60,3 +61,34 @@ def test_few_shot_k_must_be_a_positive_int(k, error, match):
 def test_few_shot_accepts_numpy_ints():
     targets = [0, 0, 0, 1, 1, 1]
     assert few_shot_indices(targets, np.int64(2), seed=np.int64(3)) == few_shot_indices(targets, 2, seed=3)
+
+
+# -- issue 16: folders that are not class folders ------------------------------------------------------------
+def _images_in(folder, n=1):
+    folder.mkdir(parents=True)
+    for i in range(n):
+        Image.new("RGB", (4, 4)).save(folder / f"{i}.png")
+
+
+def test_image_folder_warns_for_split_folders_and_one_class(tmp_path):
+    import warnings
+
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            _images_in(tmp_path / "splits" / split / c)
+    with pytest.warns(UserWarning, match=r"has the sub-folders \['train', 'val'\], read as classes, but \['train', 'val'\] are names of data splits"):
+        image_folder(tmp_path / "splits")
+    _images_in(tmp_path / "one" / "cat")
+    with pytest.warns(UserWarning, match=r"has one sub-folder, 'cat', so every image is of one class 'cat'$"):
+        image_folder(tmp_path / "one")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert image_folder(tmp_path / "splits" / "train").class_names == ["cat", "dog"]  # the right folder: silent
+
+
+def test_image_folder_names_a_file_and_a_missing_folder(tmp_path):
+    (tmp_path / "f.png").write_bytes(b"x")
+    with pytest.raises(NotADirectoryError, match=r"data must be a folder with one sub-folder of images per class, but '.*f.png' is a file"):
+        image_folder(tmp_path / "f.png")
+    with pytest.raises(FileNotFoundError, match="data folder not found"):
+        image_folder(tmp_path / "nothing")

@@ -61,3 +61,35 @@ def test_quickstart_notebook_runs(tmp_path):
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "class-balanced accuracy: baseline" in text
     assert (tmp_path / "quickstart-output" / "tokens.safetensors").is_file()
+
+
+README = EXAMPLES.parent / "README.md"
+
+
+def readme_python_block(heading: str) -> str:
+    """The first ```python block after ``heading`` in README.md."""
+    text = README.read_text(encoding="utf-8")
+    start = text.index("```python\n", text.index(heading)) + len("```python\n")
+    return text[start : text.index("```", start)]
+
+
+@pytest.mark.skipif(_pocket_missing() is not None, reason=_pocket_missing() or "")
+def test_readme_quickstart_runs_on_a_cpu_with_the_pocket_model(tmp_path):
+    """The README's quickstart as a user copies it, with "pocket" for the Stable Diffusion id, on a machine
+    without CUDA (device="auto" picks the CPU; the dtype line picks float32)."""
+    from PIL import Image
+
+    code = readme_python_block("## Quickstart")
+    assert code.count('"stable-diffusion-v1-5/stable-diffusion-v1-5"') == 1 and "device=" not in code.split("#")[0]
+    code = code.replace('"stable-diffusion-v1-5/stable-diffusion-v1-5"', '"pocket"')
+    for c, shade in (("zero", 40), ("seven", 200)):
+        (tmp_path / "my_data" / "train" / c).mkdir(parents=True)
+        Image.new("RGB", (32, 32), (shade, shade, shade)).save(tmp_path / "my_data" / "train" / c / "0.png")
+    check = ("\nimages, labels = next(iter(loader))\n"
+             "assert images.shape == (2, 3, 32, 32) and sorted(labels.tolist()) == [0, 1]\n"
+             "assert aug.spec.device == 'auto' and str(aug.pipeline().device) == 'cpu'\n"
+             "print('quickstart ok', len(list(aug.cache.keys())))\n")
+    env = dict(_env(), CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-c", code + check], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "quickstart ok 20" in proc.stdout  # 2 images x 10 variants cached

@@ -58,3 +58,94 @@ def test_import_paths_users_have_keep_working(module, names):
     mod = importlib.import_module(module)
     for name in names:
         assert hasattr(mod, name), f"{module}.{name}"
+
+
+HEAVY = ("torch", "torchvision", "diffusers", "transformers", "numpy", "PIL")
+
+
+def _heavy_modules_after(code: str) -> list[str]:
+    """The heavy modules a fresh interpreter has imported after running ``code``."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    probe = f"{code}\nimport json, sys\nprint(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PACKAGE.parent), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_import_and_cli_help_import_no_heavy_module():
+    assert _heavy_modules_after("import dafusion_aug") == []
+    help_run = "import contextlib, io\nfrom dafusion_aug.cli import main\nwith contextlib.redirect_stdout(io.StringIO()):\n    try:\n        main(['--help'])\n    except SystemExit:\n        pass"
+    assert _heavy_modules_after(help_run) == []
+    for command in ("generate", "fit-tokens", "erase", "demo", "info"):
+        assert _heavy_modules_after(help_run.replace("'--help'", f"'{command}', '--help'")) == [], command
+    assert "torch" in _heavy_modules_after("from dafusion_aug import DiffusionAugment")  # the name still loads what it needs
+
+
+def test_public_names_are_the_defining_modules_objects():
+    for name in dafusion_aug.__all__:
+        if name == "__version__":
+            continue
+        module = importlib.import_module(f"dafusion_aug.{dafusion_aug._WHERE[name]}")
+        assert getattr(dafusion_aug, name) is getattr(module, name), name
+    assert set(dafusion_aug.__all__) <= set(dir(dafusion_aug))
+    with pytest.raises(AttributeError, match="no attribute 'DiffusionAugmnet'"):
+        dafusion_aug.DiffusionAugmnet  # noqa: B018
+
+
+# -- issue 16: the wheel, as a user installs it -----------------------------------------------------------------
+def _wheel_tools_missing() -> str | None:
+    import importlib.util
+
+    missing = [m for m in ("build", "hatchling") if importlib.util.find_spec(m) is None]
+    if missing:
+        return (f"building the wheel offline needs {' and '.join(missing)} installed (both are in the [dev] extra): "
+                "the test builds without build isolation, so nothing is downloaded")
+    return None
+
+
+@pytest.mark.skipif(_wheel_tools_missing() is not None, reason=_wheel_tools_missing() or "")
+def test_the_wheel_installs_and_runs_in_a_fresh_environment(tmp_path):
+    """Build the wheel, install it (no dependencies: they come from the system's site-packages, so torch is not
+    downloaded again) into a fresh virtual environment, and use it from there as a user would."""
+    import os
+    import subprocess
+    import sys
+    import zipfile
+
+    root = PACKAGE.parent
+    dist, venv = tmp_path / "dist", tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(root)],
+                   check=True, capture_output=True, timeout=300)
+    (wheel,) = dist.glob("dafusion_aug-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for inside in ("dafusion_aug/py.typed", "dafusion_aug/pocket/model/model_index.json", "dafusion_aug/pocket/judge.safetensors",
+                   "dafusion_aug/pocket/model/unet/diffusion_pytorch_model.safetensors"):
+        assert inside in names, inside
+    assert not any(n.startswith(("tests/", "examples/", "benchmarks/")) or "__pycache__" in n for n in names)
+
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True, timeout=300)
+    python = venv / "bin" / "python"
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "--quiet", str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}  # nothing but the venv's copy
+    env.update(PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}", HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+
+    demo = subprocess.run([str(venv / "bin" / "dafusion-aug"), "demo", "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert demo.returncode == 0, demo.stderr
+    assert "--full" in demo.stdout and "(default: dafusion-demo)" in " ".join(demo.stdout.split()).replace("- ", "-")
+    probe = (
+        "import os, dafusion_aug\n"
+        f"assert dafusion_aug.__file__.startswith({str(venv)!r}), dafusion_aug.__file__\n"
+        "missing = [n for n in dafusion_aug.__all__ if getattr(dafusion_aug, n, None) is None]\n"
+        "assert not missing, missing\n"
+        "from dafusion_aug.pocket import model_path\n"
+        "assert (model_path() / 'model_index.json').is_file()\n"
+        "print('ok', dafusion_aug.__version__)\n"
+    )
+    run = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert run.stdout.strip() == f"ok {dafusion_aug.__version__}"

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from PIL import Image
 
 from dafusion_aug import PipelineSpec, load_pipeline
 from dafusion_aug.errors import PipelineError
-from dafusion_aug.pipeline import pipeline_fingerprint
+from dafusion_aug.pipeline import pipeline_fingerprint, resolve_device
 from dafusion_aug.testing import tiny_pipeline
 
 
@@ -184,8 +185,6 @@ def test_cuda_without_a_gpu_is_named_at_load(tiny_folder, no_cuda, tmp_path):
 
 
 def test_cuda_index_beyond_the_devices_is_named(monkeypatch):
-    from dafusion_aug.pipeline import resolve_device
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(PipelineError, match=r"device='cuda:3', but this machine has 1 CUDA device\(s\) \(cuda:0 to cuda:0\)"):
@@ -229,3 +228,76 @@ def test_offline_and_local_files_only_are_named(unreachable_hub, monkeypatch):
     with pytest.raises(PipelineError, match="HF_HUB_OFFLINE is set, so the Hub was not asked") as info:
         load_pipeline(PipelineSpec("nobody/other", device="cpu"))
     assert "stacktrace" not in str(info.value)
+
+
+# -- issue 16: device="auto" everywhere, float16 only on CUDA ------------------------------------------------
+def test_auto_is_the_default_device_everywhere():
+    import inspect
+
+    from dafusion_aug import DiffusionAugment, fit_tokens
+    from dafusion_aug.fewshot import run_fewshot
+    from dafusion_aug.pipeline import resolve_pipeline
+
+    for fn in (DiffusionAugment.__init__, fit_tokens, run_fewshot, resolve_pipeline, resolve_device):
+        assert inspect.signature(fn).parameters["device"].default == "auto", fn.__qualname__
+    assert PipelineSpec("pocket").device == "auto" and PipelineSpec("pocket", device=None) == PipelineSpec("pocket")
+    assert PipelineSpec("pocket", device="cuda").device == "cuda"  # a GPU spec can still be built on a CPU machine
+
+
+def test_auto_resolves_to_cuda_when_present_else_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == resolve_device(None) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+
+
+def test_auto_keeps_a_specs_own_device_and_a_loaded_pipeline():
+    from dafusion_aug.pipeline import resolve_pipeline
+
+    assert resolve_pipeline(PipelineSpec("pocket", device="cuda:1")).spec.device == "cuda:1"
+    assert resolve_pipeline(PipelineSpec("pocket", device="cuda:1"), device="auto").spec.device == "cuda:1"
+    assert resolve_pipeline(PipelineSpec("pocket"), device="cpu").spec.device == "cpu"
+    pipe = tiny_pipeline(seed=0)
+    assert resolve_pipeline(pipe, device="auto").pipe is pipe  # "auto" is no request to move it
+    with pytest.raises(ValueError, match="move a loaded pipeline"):
+        resolve_pipeline(pipe, device="cpu")
+
+
+def test_float16_on_the_cpu_is_refused_naming_both_arguments(tiny_folder, no_cuda):
+    with pytest.raises(ValueError, match=r"dtype='float16' needs a GPU, but device='cpu'"):
+        PipelineSpec(str(tiny_folder), device="cpu", dtype="float16")
+    with pytest.raises(ValueError, match=r"dtype='fp16' needs a GPU"):
+        PipelineSpec(str(tiny_folder), device="cpu", dtype="fp16")
+    spec = PipelineSpec(str(tiny_folder), dtype="float16")  # "auto": decided where the model loads
+    with pytest.raises(PipelineError, match=r"dtype='float16' needs a GPU, but device='auto' and this machine has no CUDA device"):
+        load_pipeline(spec)
+    assert PipelineSpec(str(tiny_folder), device="cpu", dtype="bfloat16").dtype == "bfloat16"  # bfloat16 works on CPUs
+
+
+QUIET_RUN = """
+import numpy as np, torch
+from PIL import Image
+from dafusion_aug import ClassTokens, DiffusionAugment
+from diffusers.utils import logging as d_logging
+from transformers.utils import logging as t_logging
+
+tokens = ClassTokens(["zero", "one"], [torch.randn(2, 64), torch.randn(2, 64)])  # two vectors: four new rows
+aug = DiffusionAugment("pocket", tokens=tokens, p=1.0, num_variants=2, num_inference_steps=4, device="cpu")
+image, label = aug(Image.fromarray(np.zeros((32, 32, 3), np.uint8)), 1)
+assert image.size == (32, 32) and label == 1
+assert d_logging.is_progress_bar_enabled() and t_logging.is_progress_bar_enabled()  # the user's switches restored
+print("done")
+"""
+
+
+def test_a_normal_run_prints_no_third_party_noise():
+    """Loading, applying tokens and generating printed diffusers' torch_dtype deprecation, its accelerate
+    notice, two loading bars and transformers' mean-resizing warning (issue 16); a fresh process shows all."""
+    import os
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+               PYTHONWARNINGS="default")  # every warning shown, as in a user's script
+    run = subprocess.run([sys.executable, "-c", QUIET_RUN], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "done"
+    assert run.stderr.strip() == "", run.stderr

@@ -333,7 +333,8 @@ def test_every_variant_field_changes_the_key_and_nothing_else_does(setting, fiel
     other = data.draw(st.sampled_from(sorted(OTHER_FIELDS)))
     value = data.draw(OTHER_FIELDS[other])
     if other in ("device", "dtype"):
-        same = dict(kw, pipeline=PipelineSpec(**{**dataclasses.asdict(kw["pipeline"]), other: value}))
+        gpu = {"device": "cuda"} if value == "float16" else {}  # float16 is refused on the CPU (issue 16); device is not in the key either
+        same = dict(kw, pipeline=PipelineSpec(**{**dataclasses.asdict(kw["pipeline"]), other: value, **gpu}))
     else:
         same = dict(kw, **{other: value}, cache=CACHE_DIR if other == "on_miss" else None)
     assert _key(same, where) == before, other

@@ -16,6 +16,7 @@ from ..pipeline import PipelineSpec
 from .classifier import small_cnn
 from .erasures import build_erasures
 from .protocol import run_fewshot
+from .report import require_modules
 
 __all__ = ["DemoSettings", "QUICK", "FULL", "ERASURE_PROMPTS", "ERASURE_PRESERVE", "ERASURE_SETTINGS", "run_demo", "demo_folder"]
 
@@ -61,6 +62,9 @@ class DemoSettings:
                     recipe[key] = value
         return recipe
 
+
+#: What the demo needs beyond the core dependencies (import name -> distribution): the extra ``[demo]``.
+DEMO_REQUIRES = {"sklearn": "scikit-learn", "matplotlib": "matplotlib"}
 
 #: The default, ``dafusion-aug demo``: k in {1, 2, 4}, 3 seeds.
 #: With ``erase``, each class's token is fitted alone with four vectors, lr 2e-3, 1000 steps: the recipe that
@@ -131,8 +135,11 @@ def run_demo(
         A :class:`~dafusion_aug.fewshot.FewShotResult` (or the erasure files with ``build_erasures_only``).
 
     Raises:
+        ImportError: scikit-learn (the digits) or matplotlib (the plots) is missing; checked before any work,
+            the message names the extra: ``pip install "dafusion-aug[demo]"``.
         FileNotFoundError: the pocket model is missing (``python -m dafusion_aug.pocket.train`` rebuilds it).
     """
+    require_modules(DEMO_REQUIRES, "dafusion-aug demo", "demo")
     from ..pocket import digits, model_path
 
     model_path()  # a clear error first when the weights are missing

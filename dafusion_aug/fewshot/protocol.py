@@ -31,7 +31,15 @@ from ..variants import DEFAULT_STRENGTHS
 from .classifier import ClassifierSpec, Inputs, evaluate, resolve_classifier, train_classifier
 from .erasures import resolve_erasures
 from .methods import GENERATIVE, METHODS, fit_subset_tokens, method_transform
-from .report import augmentation_grid, format_table, paired_differences, plot_summary, summarize, write_rows
+from .report import (
+    augmentation_grid,
+    format_table,
+    paired_differences,
+    plot_summary,
+    require_modules,
+    summarize,
+    write_rows,
+)
 
 __all__ = ["METHODS", "FewShotResult", "run_fewshot", "check_grid", "Counter"]
 
@@ -158,7 +166,7 @@ def run_fewshot(
     tokens_dir: str | os.PathLike | None = None,
     grid_classes: Sequence[int] | None = None,
     confidence: float = 0.95,
-    device: str | None = None,
+    device: str | None = "auto",
     progress: bool = True,
     _on_run: Callable[[dict[str, Any]], None] | None = None,
 ) -> FewShotResult:
@@ -200,7 +208,8 @@ def run_fewshot(
         grid_classes: also write ``augmentations.png``: for these labels, an image of the first (k, seed)
             subset beside its variant at each strength, one row per generative method.
         confidence: coverage of the confidence intervals.
-        device: where to load a model id / folder and train the classifier (default: CUDA if available).
+        device: where to load a model id / folder and train the classifier (default ``"auto"``: CUDA if
+            available, else the CPU).
         progress: show a progress bar over the (method, k, seed) grid.
 
     Returns:
@@ -209,6 +218,7 @@ def run_fewshot(
     Raises:
         ValueError: an unknown method, a k larger than a class's pool, missing erasures, bad arguments.
         PipelineError: ``device`` names a device this machine does not have (``"cuda"`` without a GPU).
+        ImportError: matplotlib (the plots) is not installed: ``pip install "dafusion-aug[demo]"``.
         CacheError: variants are missing from the cache after precomputing (generation failed).
 
     Example:
@@ -216,6 +226,7 @@ def run_fewshot(
         >>> res = run_fewshot("pocket", digits("B"), out="demo/", classifier="small-cnn", shots=(1, 2))  # doctest: +SKIP
         >>> print(res.table())  # doctest: +SKIP
     """
+    require_modules({"matplotlib": "matplotlib"}, "run_fewshot (its plots)", "demo")  # before any work, not after the first run
     if erase and fit_initializer is None:
         fit_initializer = "the"  # a class-name start would carry class knowledge into the token
     generation = dict(num_variants=num_variants, p=p, strength=list(strength), num_inference_steps=num_inference_steps,
@@ -358,12 +369,12 @@ class _Experiment:
 
     def run(self, progress: bool, on_run: Callable[[dict[str, Any]], None] | None) -> list[dict[str, Any]]:
         """Every (k, seed) subset, then every method on it; rows of the same settings already written are kept."""
-        from tqdm.auto import tqdm
+        from .._progress import progress_bar
 
         done = self.done_rows()
         rows: list[dict[str, Any]] = []
         grid = [(k, s) for k in self.shots for s in self.seeds]
-        bar = tqdm(total=len(grid) * len(self.methods), desc="few-shot", unit="run", disable=not progress, dynamic_ncols=True)
+        bar = progress_bar(total=len(grid) * len(self.methods), desc="few-shot", unit="run", progress=progress)
         try:
             for k, seed in grid:
                 idx, subset = self.subset(k, seed)

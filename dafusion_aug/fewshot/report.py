@@ -243,6 +243,25 @@ def write_rows(rows: Sequence[Mapping[str, Any]], csv_path: str | os.PathLike, j
     _atomic_write(Path(json_path), json.dumps(payload, indent=1, default=str, allow_nan=True).encode("utf-8"))
 
 
+def require_modules(modules: Mapping[str, str], needed_by: str, extra: str) -> None:
+    """Fail before any work when optional dependencies are missing, naming them and the extra that installs them.
+
+    Args:
+        modules: import name -> distribution name (``{"sklearn": "scikit-learn"}``).
+        needed_by: what needs them, for the message.
+        extra: the dafusion-aug extra that installs them all.
+
+    Raises:
+        ImportError: one or more are not installed.
+    """
+    import importlib.util
+
+    missing = [dist for module, dist in modules.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ImportError(f"{needed_by} needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed: "
+                          f'pip install "dafusion-aug[{extra}]"')
+
+
 def plot_summary(summary: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str | None = None) -> Path:
     """Plot accuracy (%) against k per method, with confidence-interval error bars, as a PNG.
 
