@@ -53,9 +53,11 @@ class RayBatchGenerator:
         for i in range(len(rows["keys"])):
             shapes = [tuple(int(x) for x in s) for s in rows["shapes"][i]]
             images = [np.frombuffer(b, dtype=np.uint8).reshape(shape) for b, shape in zip(rows["pixels"][i], shapes)]
+            edits = [None if not b else np.unpackbits(np.frombuffer(b, np.uint8), count=shape[0] * shape[1]).astype(bool).reshape(shape[:2])
+                     for b, shape in zip(rows["edits"][i], shapes)]
             variants = [
-                Variant(float(s), str(p), int(seed), str(k))
-                for s, p, seed, k in zip(rows["strengths"][i], rows["prompts"][i], rows["seeds"][i], rows["keys"][i])
+                Variant(float(s), str(p), int(seed), str(k), e)
+                for s, p, seed, k, e in zip(rows["strengths"][i], rows["prompts"][i], rows["seeds"][i], rows["keys"][i], edits)
             ]
             labels = [None if int(x) < 0 else int(x) for x in rows["labels"][i]]
             outs = self.augment.generate(images, variants, labels, batch_size=self.batch_size, mixed_strengths=self.mixed_strengths)
@@ -86,6 +88,7 @@ def run_ray(augment: Augmenter, batches, counts: dict, *, batch_size: int, concu
             "seeds": [str(v.seed) for _, v, _ in batch],  # 63-bit seeds overflow some Arrow paths as ints
             "keys": [v.key for _, v, _ in batch],
             "labels": [-1 if lab is None else lab for _, _, lab in batch],
+            "edits": [b"" if v.edit is None else np.packbits(v.edit, axis=None).tobytes() for _, v, _ in batch],
         })
     if not rows:
         return

@@ -64,7 +64,8 @@ def plan_batches(augment: Augmenter, dataset: Any, batch_size: int, counts: dict
     """Yield the batches still to generate, in a fixed order (the same for every backend).
 
     Updates ``counts`` (skipped, failed) and ``failures`` as it goes; appends one manifest record per
-    (image, variant) to ``records`` when given. ``mixed``: batches of ``MIX_FACTOR * batch_size`` variants
+    (image, variant) to ``records`` when given. A region edit's variants carry their edit masks (a sample
+    without the mask the transform needs is a failure, like an unreadable one). ``mixed``: batches of ``MIX_FACTOR * batch_size`` variants
     of any strength (per erasure group; the last one also takes the leftover, so no batch is small); else
     batches of ``batch_size`` of one strength.
     """
@@ -76,22 +77,24 @@ def plan_batches(augment: Augmenter, dataset: Any, batch_size: int, counts: dict
     limit = MIX_FACTOR * batch_size if mixed else batch_size
     for index in range(len(dataset)):
         try:
-            arrays, label_list = augment.sample_images(dataset[index])
+            sample = dataset[index]
+            arrays, label_list = augment.sample_images(sample)
+            edits = augment.edit_masks(sample)
         except (OSError, ValueError, TypeError) as e:
             failures.append((index, f"{type(e).__name__}: {e}"))
             counts["failed"] += m
             continue
-        for arr, label in zip(arrays, label_list):
+        for arr, label, edit in zip(arrays, label_list, edits):
             digest = image_digest(arr)
             for v in range(m):
-                key = augment.cache_key(digest, label, v)
+                key = augment.cache_key(digest, label, v, edit)
                 if records is not None:
-                    records.append((index, label, v, digest))
+                    records.append((index, label, v, digest, edit))
                 if key in queued or key in cache:
                     counts["skipped"] += 1
                     continue
                 queued.add(key)
-                var = augment.variant(digest, label, v)
+                var = augment.variant(digest, label, v, edit)
                 group = (label if augment.erasure_group(label) is not None else -1, 0.0 if mixed else var.strength)
                 buckets[group].append((arr, var, label))
                 if len(buckets[group]) < limit:
@@ -189,8 +192,8 @@ def _export(augment: Augmenter, dataset: Any, out: Path, records: list) -> int:
     names = augment.class_names
     lines = []
     written = 0
-    for index, label, v, digest in records:
-        var = augment.variant(digest, label, v)
+    for index, label, v, digest, edit in records:
+        var = augment.variant(digest, label, v, edit)
         if var.key not in augment.cache:  # a regular file in real shard folders; never a link or a FIFO
             continue
         src = augment.cache.path(var.key)
