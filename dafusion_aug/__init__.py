@@ -10,8 +10,9 @@ __version__ = "0.1.0.dev0"
 from .cache import AugmentationCache
 from .data import AugmentedDataset, few_shot_indices, image_folder
 from .erase import Erasure, erase_concept
-from .errors import CacheError, DafusionError, ErasureFileError, FitError, PipelineError, TokenFileError
+from .errors import CacheError, DafusionError, ErasureFileError, FilterError, FitError, PipelineError, TokenFileError
 from .fewshot import run_fewshot
+from .filters import ClassifierFilter, CLIPFilter
 from .fit import fit_tokens
 from .functional import diffuse
 from .pipeline import PipelineSpec, load_pipeline
@@ -24,10 +25,13 @@ __all__ = [
     "AugmentedDataset",
     "CacheError",
     "ClassTokens",
+    "ClassifierFilter",
+    "CLIPFilter",
     "DafusionError",
     "DiffusionAugment",
     "Erasure",
     "ErasureFileError",
+    "FilterError",
     "FitError",
     "PipelineError",
     "PipelineSpec",

@@ -19,6 +19,8 @@ from .variants import Augmenter, Variant
 
 __all__ = ["RayBatchGenerator", "run_ray"]
 
+_FILTER_COUNTS = ("accepted", "retried", "fallen_back")
+
 
 def _import_ray():
     try:
@@ -50,6 +52,7 @@ class RayBatchGenerator:
 
     def __call__(self, rows: dict[str, Any]) -> dict[str, np.ndarray]:
         written, bad = [], []
+        extra: dict[str, list[int]] = {k: [] for k in _FILTER_COUNTS}
         for i in range(len(rows["keys"])):
             shapes = [tuple(int(x) for x in s) for s in rows["shapes"][i]]
             images = [np.frombuffer(b, dtype=np.uint8).reshape(shape) for b, shape in zip(rows["pixels"][i], shapes)]
@@ -60,7 +63,11 @@ class RayBatchGenerator:
                 for s, p, seed, k, e in zip(rows["strengths"][i], rows["prompts"][i], rows["seeds"][i], rows["keys"][i], edits)
             ]
             labels = [None if int(x) < 0 else int(x) for x in rows["labels"][i]]
-            outs = self.augment.generate(images, variants, labels, batch_size=self.batch_size, mixed_strengths=self.mixed_strengths)
+            filtered: dict[str, int] = {}
+            outs = self.augment.generate(images, variants, labels, batch_size=self.batch_size, mixed_strengths=self.mixed_strengths,
+                                         counts=filtered)
+            for k in _FILTER_COUNTS:
+                extra[k].append(filtered.get(k, 0))
             n_ok = 0
             for var, arr in zip(variants, outs):
                 if arr is not None:
@@ -68,7 +75,8 @@ class RayBatchGenerator:
                     n_ok += 1
             written.append(n_ok)
             bad.append(len(variants) - n_ok)
-        return {"written": np.asarray(written, dtype=np.int64), "bad": np.asarray(bad, dtype=np.int64)}
+        return {"written": np.asarray(written, dtype=np.int64), "bad": np.asarray(bad, dtype=np.int64),
+                **{k: np.asarray(v, dtype=np.int64) for k, v in extra.items()}}
 
 
 def run_ray(augment: Augmenter, batches, counts: dict, *, batch_size: int, concurrency: int | None,
@@ -114,6 +122,9 @@ def run_ray(augment: Augmenter, batches, counts: dict, *, batch_size: int, concu
     for out in result.iter_batches(batch_size=None, batch_format="numpy"):
         written += int(out["written"].sum())
         bad += int(out["bad"].sum())
+        for k in _FILTER_COUNTS:
+            if k in counts:
+                counts[k] += int(out[k].sum())
     counts["generated"] += written
     counts["bad_outputs"] += bad
     counts["ray_actors"] = concurrency

@@ -113,17 +113,17 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
 
 
-def _generate(augment: Augmenter, batch: Batch, batch_size: int, mixed: bool | None) -> list[np.ndarray | None]:
+def _generate(augment: Augmenter, batch: Batch, batch_size: int, mixed: bool | None, counts: dict) -> list[np.ndarray | None]:
     return augment.generate([a for a, _, _ in batch], [v for _, v, _ in batch], [lab for _, _, lab in batch],
-                            batch_size=batch_size, mixed_strengths=mixed)
+                            batch_size=batch_size, mixed_strengths=mixed, counts=counts)
 
 
 def _generate_backing_off(augment: Augmenter, batch: Batch, state: dict,
-                          mixed: bool | None) -> list[np.ndarray | None]:
+                          mixed: bool | None, counts: dict) -> list[np.ndarray | None]:
     """Generate ``batch`` in UNet batches of ``state['chunk']``, halving the chunk on CUDA out-of-memory."""
     while True:
         try:
-            return _generate(augment, batch, state["chunk"], mixed)
+            return _generate(augment, batch, state["chunk"], mixed, counts)
         except Exception as e:
             if not _is_oom(e) or state["chunk"] == 1:
                 raise
@@ -157,9 +157,11 @@ def _run_local(augment, batches: Iterator[Batch], counts: dict, bar, encode_thre
     try:
         for batch in batches:
             if auto:
-                outs = _generate_backing_off(augment, batch, state, mixed)
+                outs = _generate_backing_off(augment, batch, state, mixed, counts)
             else:
-                outs = _generate(augment, batch, batch_size, mixed)
+                outs = _generate(augment, batch, batch_size, mixed, counts)
+            if "fallen_back" in counts:  # a filtered transform: show what the filter did
+                bar.set_postfix(accepted=counts["accepted"], retried=counts["retried"], fallen_back=counts["fallen_back"])
             for (_, var, _), arr in zip(batch, outs):
                 if arr is None:  # NaN or black even in fp32: never cached
                     counts["bad_outputs"] += 1
@@ -256,7 +258,10 @@ def precompute(
     Returns:
         Counts: ``total``, ``generated``, ``skipped`` (already cached), ``failed`` (variants of items that
         could not be read), ``bad_outputs`` (NaN/black even in fp32, not cached), ``failures``
-        (``[(index, reason), ...]``; the run goes on without them), ``seconds`` and ``images_per_second``.
+        (``[(index, reason), ...]``; the run goes on without them), ``seconds`` and ``images_per_second``;
+        with a filtered transform also ``accepted`` (variants a filter kept), ``retried`` (extra generations
+        of rejected variants) and ``fallen_back`` (variants rejected ``max_tries`` times, cached as their
+        fallback), shown with the progress bar too.
 
     Raises:
         ValueError: bad arguments, or a dataset whose class names differ from the transform's (with a
@@ -287,6 +292,8 @@ def precompute(
     augment.cache.clean_temporaries()
     total = len(dataset) * augment.num_variants
     counts: dict[str, Any] = {"total": total, "generated": 0, "skipped": 0, "failed": 0, "bad_outputs": 0}
+    if getattr(augment, "filter", None) is not None:
+        counts.update(accepted=0, retried=0, fallen_back=0)
     failures: list[tuple[int, str]] = []
     records: list | None = [] if out is not None else None
     t0 = time.perf_counter()

@@ -47,6 +47,7 @@ from .errors import CacheError, PipelineError
 from .functional import check_strengths, diffuse, native_resolution
 from .hashing import image_digest
 from .pipeline import PipelineSpec, pipeline_fingerprint, pipeline_lock, resolve_pipeline
+from .filters import check_filter, filter_fingerprint, filter_variants
 from .regions import check_region, edit_digest, edit_mask
 from .tokens import ClassTokens
 from .variants import (
@@ -208,6 +209,16 @@ class DiffusionAugment(Transform):
             input's size; the official code's ``mask_grow_radius=16`` was a 16 px window at 512 px).
         on_missing_mask: with a region edit, a sample without a mask or boxes is an error (``"error"``,
             default) or edited whole (``"all"``, with the keys of ``region="all"``'s plan).
+        filter: keep only variants that still show their class: a callable ``(images, labels) -> keep mask
+            or scores`` (images: the variants as RGB uint8 ``(H, W, 3)`` arrays; see
+            :mod:`dafusion_aug.filters`), e.g. :class:`~dafusion_aug.ClassifierFilter` or
+            :class:`~dafusion_aug.CLIPFilter`. A rejected variant is generated again with a seed derived
+            from its own, up to ``max_tries`` generations; same inputs, same accepted picture. The filter is
+            part of the cache key.
+        filter_threshold: scores ``>= filter_threshold`` are kept (default: the filter's ``.threshold``).
+        max_tries: most generations per variant when a filter rejects it (>= 1).
+        filter_fallback: a variant rejected ``max_tries`` times becomes the real image (``"real"``, default:
+            no label noise, and the entry caches the real pixels) or its best-scoring try (``"best"``).
 
     Samples are torchvision v2 samples: any nesting of tuples, lists and dicts. Its images (PIL images,
     ``tv_tensors.Image``, or else the first plain tensor) are augmented, every other leaf (labels, masks,
@@ -256,6 +267,10 @@ class DiffusionAugment(Transform):
         region: str = "all",
         mask_grow: int = 16,
         on_missing_mask: str = "error",
+        filter: Callable[[list[np.ndarray], list[Label]], Any] | None = None,
+        filter_threshold: float | None = None,
+        max_tries: int = 4,
+        filter_fallback: str = "real",
     ) -> None:
         super().__init__()
         source = resolve_pipeline(pipeline, device=device, dtype=dtype)  # nothing is loaded here
@@ -279,6 +294,8 @@ class DiffusionAugment(Transform):
         if self.class_erasures and self.spec is not None and self.spec.erasure is not None:
             raise ValueError("class_erasures cannot be combined with a PipelineSpec that already has an erasure")
         self.region, self.mask_grow, self.on_missing_mask = check_region(region, mask_grow, on_missing_mask)
+        self.filter_threshold, self.max_tries, self.filter_fallback = check_filter(filter, filter_threshold, max_tries, filter_fallback)
+        self.filter = filter
         self._fingerprint: str | None = None
         self._warned: set[str] = set()
 
@@ -293,6 +310,8 @@ class DiffusionAugment(Transform):
                 num_inference_steps=self.num_inference_steps, negative_prompt=self.negative_prompt,
                 resolution=self.resolution, class_erasures=self.class_erasures, seed=self.seed,
                 region=None if self.region == "all" else (self.region, self.mask_grow),
+                filter=None if self.filter is None else filter_fingerprint(
+                    self.filter, self.filter_threshold, self.max_tries, self.filter_fallback),
             )
         return self._fingerprint
 
@@ -422,19 +441,35 @@ class DiffusionAugment(Transform):
         return self.class_erasures.get(label) if label is not None else None
 
     def generate(self, images: Sequence[np.ndarray], variants: Sequence[Variant], labels: Sequence[int | None] | None = None,
-                 *, batch_size: int | None = None, mixed_strengths: bool | None = None) -> list[np.ndarray | None]:
+                 *, batch_size: int | None = None, mixed_strengths: bool | None = None,
+                 counts: dict | None = None) -> list[np.ndarray | None]:
         """Generate the given variants (no cache involved); ``None`` where the output stayed NaN/black.
 
         With ``class_erasures``, pass ``labels``: images are generated in groups, one per erasure, each
         inside ``erasure.applied(pipe)``. ``batch_size`` (most images per UNet call; default: the
-        transform's) and ``mixed_strengths`` go to :func:`~dafusion_aug.diffuse`. Thread-safe: the pipeline's
-        lock (:func:`~dafusion_aug.pipeline.pipeline_lock`) is held from applying this transform's tokens to
+        transform's) and ``mixed_strengths`` go to :func:`~dafusion_aug.diffuse`. With a ``filter``, rejected
+        variants are generated again (in batches) and fall back as documented; ``counts`` gets ``accepted``,
+        ``retried`` and ``fallen_back`` added. Thread-safe: the pipeline's lock
+        (:func:`~dafusion_aug.pipeline.pipeline_lock`) is held from applying this transform's tokens to
         restoring the last erasure, so threads sharing a pipeline take turns.
+
+        Raises:
+            FilterError: the filter raised (naming the variant) or returned a bad result.
         """
         if self._pipe is None:
             self.pipeline()  # load outside the lock: load_pipeline has its own
-        with pipeline_lock(self._pipe):
-            return self._generate(images, variants, labels, batch_size, mixed_strengths)
+
+        def make(indices: Sequence[int], tries: Sequence[Variant]) -> list[np.ndarray | None]:
+            with pipeline_lock(self._pipe):
+                return self._generate([images[i] for i in indices], tries,
+                                      None if labels is None else [labels[i] for i in indices], batch_size, mixed_strengths)
+
+        first = make(range(len(images)), variants)
+        if self.filter is None:
+            return first
+        return filter_variants(make, self.filter, first, images, variants, labels or [None] * len(images),
+                               threshold=self.filter_threshold, max_tries=self.max_tries, fallback=self.filter_fallback,
+                               counts=counts)
 
     def _generate(self, images: Sequence[np.ndarray], variants: Sequence[Variant], labels: Sequence[int | None] | None,
                   batch_size: int | None, mixed_strengths: bool | None) -> list[np.ndarray | None]:
@@ -594,6 +629,7 @@ class DiffusionAugment(Transform):
             f"tokens={'yes' if self.tokens is not None else 'no'}, strength={self.strength}, "
             f"num_variants={self.num_variants}, p={self.p}, cache={self.cache}, on_miss={self.on_miss!r}"
             + (f", region={self.region!r}, mask_grow={self.mask_grow}" if self.region != "all" else "")
+            + (f", filter={self.filter!r}" if self.filter is not None else "")
         )
 
     # -- bulk generation -------------------------------------------------------------------------------

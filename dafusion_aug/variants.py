@@ -55,6 +55,7 @@ __all__ = [
     "variant_strength",
     "variant_prompt",
     "variant_seed",
+    "fingerprint_callable",
 ]
 
 #: DA-Fusion's randomized intensity: each strength with probability 1/4.
@@ -103,7 +104,8 @@ class Augmenter(Protocol):
     def mixes_strengths(self) -> bool: ...
 
     def generate(self, images: Sequence[np.ndarray], variants: Sequence[Variant], labels: Sequence[Label] | None = None,
-                 *, batch_size: int | None = None, mixed_strengths: bool | None = None) -> list[np.ndarray | None]: ...
+                 *, batch_size: int | None = None, mixed_strengths: bool | None = None,
+                 counts: dict | None = None) -> list[np.ndarray | None]: ...
 
 
 # -- checks ----------------------------------------------------------------------------------------------
@@ -321,6 +323,12 @@ def _fingerprint_callable(fn: Callable, depth: int = 0) -> str:
     return stable_digest(getattr(owner, "__module__", ""), getattr(owner, "__qualname__", type(owner).__name__), src, state)
 
 
+def fingerprint_callable(fn: Callable) -> str:
+    """A callable's fingerprint for cache keys (prompt callables, filters): module, name, source and the
+    values it closes over, never a memory address."""
+    return _fingerprint_callable(fn)
+
+
 def generation_fingerprint(
     model: str,
     *,
@@ -336,6 +344,7 @@ def generation_fingerprint(
     class_erasures: Mapping[int, Erasure],
     seed: int,
     region: tuple[str, int] | None = None,
+    filter: tuple | None = None,
 ) -> str:
     """Digest of everything that decides the generated pixels besides the image, label and variant.
 
@@ -353,12 +362,16 @@ def generation_fingerprint(
         region: ``(region, mask_grow)`` of a region edit, ``None`` for ``region="all"``. Added to the digest
             only when set, so keys without it are those of earlier versions; a masked variant's key also
             holds its edit mask (:func:`~dafusion_aug.regions.edit_digest`).
+        filter: :func:`~dafusion_aug.filters.filter_fingerprint` of a filtered transform (``None``: no
+            filter, not in the digest): a different filter, threshold, ``max_tries`` or fallback is a
+            different entry.
 
     Returns:
         A sha256 hex digest.
     """
     prompt_fp = _fingerprint_callable(prompt) if callable(prompt) and not isinstance(prompt, str) else prompt
     extra = [] if region is None else [("region", region[0], int(region[1]))]
+    extra += [] if filter is None else [list(filter)]
     return stable_digest(
         "generation",
         model,
