@@ -17,7 +17,7 @@ import torch
 from .errors import PipelineError
 from .variants import Augmenter, Variant
 
-__all__ = ["RayBatchGenerator", "run_ray"]
+__all__ = ["RayBatchGenerator", "run_ray", "batch_row"]
 
 _FILTER_COUNTS = ("accepted", "retried", "fallen_back")
 
@@ -79,6 +79,20 @@ class RayBatchGenerator:
                 **{k: np.asarray(v, dtype=np.int64) for k, v in extra.items()}}
 
 
+def batch_row(batch) -> dict[str, Any]:
+    """One planned batch as a row of the Ray dataset (plain bytes, strings and numbers; edit masks bit-packed)."""
+    return {
+        "pixels": [np.ascontiguousarray(a).tobytes() for a, _, _ in batch],
+        "shapes": [list(a.shape) for a, _, _ in batch],
+        "strengths": [v.strength for _, v, _ in batch],
+        "prompts": [v.prompt for _, v, _ in batch],
+        "seeds": [str(v.seed) for _, v, _ in batch],  # 63-bit seeds overflow some Arrow paths as ints
+        "keys": [v.key for _, v, _ in batch],
+        "labels": [-1 if lab is None else lab for _, _, lab in batch],
+        "edits": [b"" if v.edit is None else np.packbits(v.edit, axis=None).tobytes() for _, v, _ in batch],
+    }
+
+
 def run_ray(augment: Augmenter, batches, counts: dict, *, batch_size: int, concurrency: int | None,
             num_gpus: float | None, progress: bool, mixed_strengths: bool | None = None) -> None:
     """Run the planned ``batches`` on Ray Data actors, one ``generate`` call per batch."""
@@ -86,18 +100,7 @@ def run_ray(augment: Augmenter, batches, counts: dict, *, batch_size: int, concu
     if augment.spec is None:
         raise PipelineError('backend="ray" needs a transform built from a model id or PipelineSpec, not a loaded pipeline')
     augment.fingerprint()  # computed once here, pickled to the actors
-    rows = []
-    for batch in batches:
-        rows.append({
-            "pixels": [np.ascontiguousarray(a).tobytes() for a, _, _ in batch],
-            "shapes": [list(a.shape) for a, _, _ in batch],
-            "strengths": [v.strength for _, v, _ in batch],
-            "prompts": [v.prompt for _, v, _ in batch],
-            "seeds": [str(v.seed) for _, v, _ in batch],  # 63-bit seeds overflow some Arrow paths as ints
-            "keys": [v.key for _, v, _ in batch],
-            "labels": [-1 if lab is None else lab for _, _, lab in batch],
-            "edits": [b"" if v.edit is None else np.packbits(v.edit, axis=None).tobytes() for _, v, _ in batch],
-        })
+    rows = [batch_row(batch) for batch in batches]
     if not rows:
         return
     if not ray.is_initialized():

@@ -298,3 +298,16 @@ def test_protocol_with_a_region_and_a_leakage_free_filter(tmp_path, tiny_pipe, t
         run_fewshot(tiny_pipe, toy_data, out=tmp_path / "x", region="object", **kw)
     with pytest.raises(ValueError, match="filter must be None, 'subset' or a filter callable, got 'clip'"):
         run_fewshot(tiny_pipe, toy_data, out=tmp_path / "x", filter="clip", **kw)
+
+
+def test_demo_region_and_filter_helpers(tmp_path):
+    from dafusion_aug.fewshot import demo_folder, ink_mask
+    from dafusion_aug.fewshot.demo import demo_filter
+
+    image = Image.fromarray(np.stack([np.array([[0, 127, 128, 255]], np.uint8)] * 3, -1))
+    assert ink_mask(image).tolist() == [[False, False, True, True]]
+    assert demo_folder(tmp_path, False, True, "object", "subset").name == "quick-erase-object-filter-subset"
+    assert demo_folder(tmp_path, True, False).name == "full"
+    assert demo_filter(None, None) is None and demo_filter("subset", 0.4) == "subset"
+    with pytest.raises(ValueError, match="filter must be None, 'subset' or 'judge', got 'clip'"):
+        demo_filter("clip", None)

@@ -185,3 +185,21 @@ def test_an_inpainting_checkpoint_uses_its_own_9_channel_unet():
     edit = edit_mask(mask.numpy().astype(bool), "object", 1)
     diff = changed(out, image)
     assert not diff[~edit].any() and diff[edit].mean() > 0.5
+
+
+def test_a_ray_row_carries_the_edit_masks_and_the_filter_counts(make_aug, tiny_folder):
+    """The Ray backend's row of a batch (what actors receive) keeps each variant's edit mask; the actor's
+    generation pastes the real pixels back and reports the filter's counts (no Ray needed: the actor is a class)."""
+    from dafusion_aug import PipelineSpec
+    from dafusion_aug._ray import RayBatchGenerator, batch_row
+
+    aug = make_aug(**FAST, pipeline=PipelineSpec(tiny_folder), region="object", mask_grow=0,
+                   filter=lambda images, labels: [True] * len(images))
+    image, mask = np.asarray(random_image(4)), square_mask()
+    edit = aug.edit_masks((Image.fromarray(image), mask, 1))[0]
+    var = aug.variant(image_digest(image), 1, 0, edit)
+    row = batch_row([(image, var, 1)])
+    out = RayBatchGenerator(aug)({k: [v] for k, v in row.items()})
+    assert int(out["written"][0]) == 1 and int(out["accepted"][0]) == 1
+    made = aug.cache.get(var.key)
+    assert np.array_equal(made[~edit], image[~edit]) and changed(made, image)[edit].any()
