@@ -10,7 +10,15 @@ __version__ = "0.1.0.dev0"
 from .cache import AugmentationCache
 from .data import AugmentedDataset, few_shot_indices, image_folder
 from .erase import Erasure, erase_concept
-from .errors import CacheError, DafusionError, ErasureFileError, FilterError, FitError, PipelineError, TokenFileError
+from .errors import (
+    CacheError,
+    DafusionError,
+    ErasureFileError,
+    FilterError,
+    FitError,
+    PipelineError,
+    TokenFileError,
+)
 from .fewshot import run_fewshot
 from .filters import ClassifierFilter, CLIPFilter
 from .fit import fit_tokens

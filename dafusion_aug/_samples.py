@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils._pytree import tree_flatten
-
 from torchvision import tv_tensors
 
 from ._images import is_image_leaf, looks_like_picture, picture_count

@@ -44,10 +44,10 @@ from ._samples import (
 from .cache import AugmentationCache
 from .erasure import Erasure
 from .errors import CacheError, PipelineError
+from .filters import check_filter, filter_fingerprint, filter_variants
 from .functional import check_strengths, diffuse, native_resolution
 from .hashing import image_digest
 from .pipeline import PipelineSpec, pipeline_fingerprint, pipeline_lock, resolve_pipeline
-from .filters import check_filter, filter_fingerprint, filter_variants
 from .regions import check_region, edit_digest, edit_mask
 from .tokens import ClassTokens
 from .variants import (

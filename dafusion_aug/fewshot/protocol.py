@@ -23,16 +23,23 @@ from .._images import to_canonical
 from .._io import atomic_write_bytes
 from ..data import ImageList, class_names_of, few_shot_indices
 from ..errors import CacheError
+from ..filters import filter_fingerprint
 from ..hashing import image_digest, stable_digest, stable_hash
 from ..pipeline import pipeline_fingerprint, resolve_device, resolve_pipeline
 from ..tokens import ClassTokens
 from ..transform import DiffusionAugment
-from ..variants import DEFAULT_STRENGTHS
+from ..variants import DEFAULT_STRENGTHS, fingerprint_callable
 from .classifier import ClassifierSpec, Inputs, evaluate, resolve_classifier, train_classifier
 from .erasures import resolve_erasures
-from ..filters import filter_fingerprint
-from ..variants import fingerprint_callable
-from .methods import GENERATIVE, METHODS, MaskedSamples, fit_subset_tokens, method_transform, subset_filter, with_masks
+from .methods import (
+    GENERATIVE,
+    METHODS,
+    MaskedSamples,
+    fit_subset_tokens,
+    method_transform,
+    subset_filter,
+    with_masks,
+)
 from .report import augmentation_grid, format_table, paired_differences, plot_summary, summarize, write_rows
 
 __all__ = ["METHODS", "FewShotResult", "run_fewshot", "check_grid", "Counter"]
