@@ -9,7 +9,7 @@ from conftest import FAST, random_image
 from PIL import Image
 from torchvision import tv_tensors
 
-from dafusion_aug import DiffusionAugment
+from dafusion_aug import DiffusionAugment, PipelineSpec
 from dafusion_aug.functional import diffuse, inpaint_pipeline
 from dafusion_aug.hashing import image_digest
 from dafusion_aug.regions import edit_mask
@@ -167,7 +167,7 @@ def test_diffuse_masks_mixes_masked_and_plain_samples(tiny_pipe):
         diffuse(tiny_pipe, images[:1], ["a"], [0.5], [1], masks=[m[:8]], **kw)
 
 
-def test_an_inpainting_checkpoint_uses_its_own_9_channel_unet():
+def test_an_inpainting_checkpoint_uses_its_own_9_channel_unet(tmp_path):
     """A loaded inpainting pipeline (9-channel UNet) is used as it is; pixels outside the region stay real."""
     from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
 
@@ -179,12 +179,16 @@ def test_an_inpainting_checkpoint_uses_its_own_9_channel_unet():
     pipe = StableDiffusionInpaintPipeline(**comps, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     assert inpaint_pipeline(pipe) is pipe
-    aug = DiffusionAugment(pipe, class_names=["a", "b"], region="object", mask_grow=1, **FAST)
+    folder = tmp_path / "inpainting-model"
+    pipe.save_pretrained(folder, safe_serialization=True)
     image, mask = random_image(2), square_mask()
-    out = aug(image, mask, 0)[0]
     edit = edit_mask(mask.numpy().astype(bool), "object", 1)
-    diff = changed(out, image)
-    assert not diff[~edit].any() and diff[edit].mean() > 0.5
+    # a loaded inpainting pipeline, and a model folder of one (loaded as img2img, its 9-channel UNet then inpaints)
+    for source in (pipe, PipelineSpec(folder)):
+        aug = DiffusionAugment(source, class_names=["a", "b"], region="object", mask_grow=1, **FAST)
+        diff = changed(aug(image, mask, 0)[0], image)
+        assert not diff[~edit].any() and diff[edit].mean() > 0.5
+        assert aug.pipeline().unet.config.in_channels == 9
 
 
 def test_a_ray_row_carries_the_edit_masks_and_the_filter_counts(make_aug, tiny_folder):
