@@ -12,6 +12,8 @@ Example:
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0.dev0"
@@ -27,10 +29,13 @@ _WHERE = {
     "CacheError": "errors",
     "DafusionError": "errors",
     "ErasureFileError": "errors",
+    "FilterError": "errors",
     "FitError": "errors",
     "PipelineError": "errors",
     "TokenFileError": "errors",
     "run_fewshot": "fewshot",
+    "ClassifierFilter": "filters",
+    "CLIPFilter": "filters",
     "fit_tokens": "fit",
     "diffuse": "functional",
     "PipelineSpec": "pipeline",
@@ -45,10 +50,13 @@ __all__ = [
     "AugmentedDataset",
     "CacheError",
     "ClassTokens",
+    "ClassifierFilter",
+    "CLIPFilter",
     "DafusionError",
     "DiffusionAugment",
     "Erasure",
     "ErasureFileError",
+    "FilterError",
     "FitError",
     "PipelineError",
     "PipelineSpec",
@@ -68,14 +76,36 @@ if TYPE_CHECKING:  # what type checkers and IDEs read; at run time __getattr__ i
     from .cache import AugmentationCache
     from .data import AugmentedDataset, few_shot_indices, image_folder
     from .erase import Erasure, erase_concept
-    from .errors import CacheError, DafusionError, ErasureFileError, FitError, PipelineError, TokenFileError
+    from .errors import (
+        CacheError,
+        DafusionError,
+        ErasureFileError,
+        FilterError,
+        FitError,
+        PipelineError,
+        TokenFileError,
+    )
     from .fewshot import run_fewshot
+    from .filters import ClassifierFilter, CLIPFilter
     from .fit import fit_tokens
     from .functional import diffuse
     from .pipeline import PipelineSpec, load_pipeline
     from .precompute import precompute
     from .tokens import ClassTokens
     from .transform import DiffusionAugment
+
+
+class _Package(types.ModuleType):
+    """The package's module type: importing the submodule ``dafusion_aug.precompute`` (the import system then
+    sets the package attribute of that name) must not hide the public function ``precompute``."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _WHERE.get(name) == name:
+            return  # the submodule stays reachable through sys.modules and ``from dafusion_aug.precompute import``
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

@@ -17,7 +17,9 @@ import torch
 from .errors import PipelineError
 from .variants import Augmenter, Variant
 
-__all__ = ["RayBatchGenerator", "run_ray"]
+__all__ = ["RayBatchGenerator", "run_ray", "batch_row"]
+
+_FILTER_COUNTS = ("accepted", "retried", "fallen_back")
 
 
 def _import_ray():
@@ -50,15 +52,22 @@ class RayBatchGenerator:
 
     def __call__(self, rows: dict[str, Any]) -> dict[str, np.ndarray]:
         written, bad = [], []
+        extra: dict[str, list[int]] = {k: [] for k in _FILTER_COUNTS}
         for i in range(len(rows["keys"])):
             shapes = [tuple(int(x) for x in s) for s in rows["shapes"][i]]
             images = [np.frombuffer(b, dtype=np.uint8).reshape(shape) for b, shape in zip(rows["pixels"][i], shapes)]
+            edits = [None if not b else np.unpackbits(np.frombuffer(b, np.uint8), count=shape[0] * shape[1]).astype(bool).reshape(shape[:2])
+                     for b, shape in zip(rows["edits"][i], shapes)]
             variants = [
-                Variant(float(s), str(p), int(seed), str(k))
-                for s, p, seed, k in zip(rows["strengths"][i], rows["prompts"][i], rows["seeds"][i], rows["keys"][i])
+                Variant(float(s), str(p), int(seed), str(k), e)
+                for s, p, seed, k, e in zip(rows["strengths"][i], rows["prompts"][i], rows["seeds"][i], rows["keys"][i], edits)
             ]
             labels = [None if int(x) < 0 else int(x) for x in rows["labels"][i]]
-            outs = self.augment.generate(images, variants, labels, batch_size=self.batch_size, mixed_strengths=self.mixed_strengths)
+            filtered: dict[str, int] = {}
+            outs = self.augment.generate(images, variants, labels, batch_size=self.batch_size, mixed_strengths=self.mixed_strengths,
+                                         counts=filtered)
+            for k in _FILTER_COUNTS:
+                extra[k].append(filtered.get(k, 0))
             n_ok = 0
             for var, arr in zip(variants, outs):
                 if arr is not None:
@@ -66,7 +75,22 @@ class RayBatchGenerator:
                     n_ok += 1
             written.append(n_ok)
             bad.append(len(variants) - n_ok)
-        return {"written": np.asarray(written, dtype=np.int64), "bad": np.asarray(bad, dtype=np.int64)}
+        return {"written": np.asarray(written, dtype=np.int64), "bad": np.asarray(bad, dtype=np.int64),
+                **{k: np.asarray(v, dtype=np.int64) for k, v in extra.items()}}
+
+
+def batch_row(batch) -> dict[str, Any]:
+    """One planned batch as a row of the Ray dataset (plain bytes, strings and numbers; edit masks bit-packed)."""
+    return {
+        "pixels": [np.ascontiguousarray(a).tobytes() for a, _, _ in batch],
+        "shapes": [list(a.shape) for a, _, _ in batch],
+        "strengths": [v.strength for _, v, _ in batch],
+        "prompts": [v.prompt for _, v, _ in batch],
+        "seeds": [str(v.seed) for _, v, _ in batch],  # 63-bit seeds overflow some Arrow paths as ints
+        "keys": [v.key for _, v, _ in batch],
+        "labels": [-1 if lab is None else lab for _, _, lab in batch],
+        "edits": [b"" if v.edit is None else np.packbits(v.edit, axis=None).tobytes() for _, v, _ in batch],
+    }
 
 
 def run_ray(augment: Augmenter, batches, counts: dict, *, batch_size: int, concurrency: int | None,
@@ -76,17 +100,7 @@ def run_ray(augment: Augmenter, batches, counts: dict, *, batch_size: int, concu
     if augment.spec is None:
         raise PipelineError('backend="ray" needs a transform built from a model id or PipelineSpec, not a loaded pipeline')
     augment.fingerprint()  # computed once here, pickled to the actors
-    rows = []
-    for batch in batches:
-        rows.append({
-            "pixels": [np.ascontiguousarray(a).tobytes() for a, _, _ in batch],
-            "shapes": [list(a.shape) for a, _, _ in batch],
-            "strengths": [v.strength for _, v, _ in batch],
-            "prompts": [v.prompt for _, v, _ in batch],
-            "seeds": [str(v.seed) for _, v, _ in batch],  # 63-bit seeds overflow some Arrow paths as ints
-            "keys": [v.key for _, v, _ in batch],
-            "labels": [-1 if lab is None else lab for _, _, lab in batch],
-        })
+    rows = [batch_row(batch) for batch in batches]
     if not rows:
         return
     if not ray.is_initialized():
@@ -111,6 +125,9 @@ def run_ray(augment: Augmenter, batches, counts: dict, *, batch_size: int, concu
     for out in result.iter_batches(batch_size=None, batch_format="numpy"):
         written += int(out["written"].sum())
         bad += int(out["bad"].sum())
+        for k in _FILTER_COUNTS:
+            if k in counts:
+                counts[k] += int(out[k].sum())
     counts["generated"] += written
     counts["bad_outputs"] += bad
     counts["ray_actors"] = concurrency

@@ -12,6 +12,8 @@ and a label means the same class everywhere:
 - the images are the PIL images and ``tv_tensors.Image`` leaves of the sample, or, when it holds none, its
   first plain tensor of three or more dimensions that is not the label (torchvision's rule); every leading
   dimension of a tensor is a batch dimension, and picture ``j`` of every image leaf is sample ``j``;
+- an image's object mask is the union of the sample's ``tv_tensors.Mask`` leaves, or, when it has none,
+  of its ``BoundingBoxes`` (a box mask) (:func:`object_masks`; used by region edits);
 - a label is ``None``, an int class index or a class name (ints of any type, one-element tensors); an
   image with several labels (a detection target's object labels) has a tuple of class indices, which only
   prompts that do not need the image's class accept (:func:`check_one_class`).
@@ -25,8 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils._pytree import tree_flatten
+from torchvision import tv_tensors
 
 from ._images import is_image_leaf, looks_like_picture, picture_count
+from .regions import boxes_mask, mask_pictures
 
 __all__ = [
     "Label",
@@ -40,6 +44,7 @@ __all__ = [
     "image_leaf_indices",
     "check_no_image",
     "first_image",
+    "object_masks",
 ]
 
 LabelsGetter = Callable[[Any], Any]
@@ -272,3 +277,37 @@ def first_image(sample: Any, labels_getter: LabelsGetter | None) -> tuple[Any, A
         check_no_image(flat, labels)
         raise ValueError(f"dataset items must hold an image (PIL or tensor), got {type(sample).__name__}")
     return flat[idx[0]], labels, max(picture_count(flat[i]) for i in idx)
+
+
+def _image_size(image: Any) -> tuple[int, int]:
+    return (image.height, image.width) if hasattr(image, "height") and not isinstance(image, torch.Tensor) else tuple(image.shape[-2:])
+
+
+def object_masks(sample: Any, image: Any) -> list[np.ndarray] | None:
+    """One bool ``(H, W)`` object mask per picture of ``image``, from the sample's masks or boxes.
+
+    Args:
+        sample: the whole sample (any structure); its ``tv_tensors.Mask`` leaves are used (their union), or,
+            when it has none, its ``tv_tensors.BoundingBoxes`` leaves (the union of their boxes; for one
+            picture only).
+        image: the image leaf the masks go with (a PIL image or a ``(..., C, H, W)`` tensor).
+
+    Returns:
+        ``picture_count(image)`` masks, or ``None`` when the sample holds neither masks nor boxes.
+
+    Raises:
+        ValueError: a mask or boxes of another size than the image, a mask that is not binary, or boxes for a
+            batch of images (which pictures they belong to is unknown).
+    """
+    flat, _ = tree_flatten(sample)
+    n, size = picture_count(image), _image_size(image)
+    masks = [x for x in flat if isinstance(x, tv_tensors.Mask)]
+    if masks:
+        per = [mask_pictures(m, n, size, f"mask[{i}]" if len(masks) > 1 else "mask") for i, m in enumerate(masks)]
+        return [np.logical_or.reduce([p[j] for p in per]) for j in range(n)]
+    boxes = [x for x in flat if isinstance(x, tv_tensors.BoundingBoxes)]
+    if not boxes:
+        return None
+    if n != 1:
+        raise ValueError(f"boxes go with one image, got a batch of {n}; pass a (n, H, W) tv_tensors.Mask instead")
+    return [np.logical_or.reduce([boxes_mask(b, size) for b in boxes])]

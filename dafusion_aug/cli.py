@@ -115,7 +115,7 @@ def _cmd_generate(args) -> int:
     from .data import image_folder
     from .transform import DiffusionAugment
 
-    data = image_folder(args.data)
+    data = image_folder(args.data, masks=args.masks)
     aug = DiffusionAugment(
         _spec(args),
         tokens=args.tokens,
@@ -128,6 +128,9 @@ def _cmd_generate(args) -> int:
         num_variants=args.num_variants,
         cache=args.cache,
         seed=args.seed,
+        region=args.region,
+        mask_grow=args.mask_grow,
+        **_filter_args(args, data.class_names),
     )
     from .precompute import precompute  # it refuses a token file whose classes differ from the folder's
 
@@ -136,6 +139,17 @@ def _cmd_generate(args) -> int:
                         out=args.out, concurrency=args.concurrency)
     _print_json(result)
     return 0 if not result["failures"] else 1
+
+
+def _filter_args(args, class_names) -> dict:
+    """``generate --filter clip``: a CLIPFilter over the folder's class names (issue 18)."""
+    if args.filter is None:
+        return {}
+    from .filters import CLIPFilter
+
+    threshold = 0.5 if args.filter_threshold is None else args.filter_threshold
+    return dict(filter=CLIPFilter(args.clip_model, class_names=class_names, threshold=threshold),
+                max_tries=args.max_tries, filter_fallback=args.filter_fallback)
 
 
 def _add_generate(sub) -> None:
@@ -158,6 +172,14 @@ def _add_generate(sub) -> None:
     p.add_argument("--erasure", default=None, help="erasure file applied to the model")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format (CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    p.add_argument("--region", choices=["all", "object", "background"], default="all", help="edit only the object or the background (needs --masks)")
+    p.add_argument("--masks", default=None, help="folder of object masks laid out like --data (cat/a.jpg -> cat/a.png, non-zero = object)")
+    p.add_argument("--mask-grow", type=int, default=16, help="pixels the mask grows before a region edit")
+    p.add_argument("--filter", choices=["clip"], default=None, help="keep only variants CLIP still reads as their class")
+    p.add_argument("--clip-model", default="openai/clip-vit-base-patch32", help="CLIP Hub id or local folder for --filter clip")
+    p.add_argument("--filter-threshold", type=float, default=None, help="keep a variant whose zero-shot probability is >= this (default 0.5)")
+    p.add_argument("--max-tries", type=int, default=4, help="generations per variant before the fallback")
+    p.add_argument("--filter-fallback", choices=["real", "best"], default="real", help="what a variant rejected --max-tries times becomes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)
 
@@ -301,7 +323,8 @@ def _add_fit_tokens(sub) -> None:
 def _cmd_demo(args) -> int:
     from .fewshot import run_demo
 
-    run_demo(args.out, full=args.full, erase=args.erase, build_erasures_only=args.build_erasures, threads=args.threads, progress=not args.quiet)
+    run_demo(args.out, full=args.full, erase=args.erase, build_erasures_only=args.build_erasures, threads=args.threads, progress=not args.quiet,
+             region=args.region, mask_grow=args.mask_grow, filter=args.filter, filter_threshold=args.filter_threshold)
     return 0
 
 
@@ -318,6 +341,11 @@ def _add_demo(sub) -> None:
     p.add_argument("--erase", action="store_true", help="leakage-free protocol: class c is augmented with c erased (builds 10 erasures first)")
     p.add_argument("--build-erasures", action="store_true", help="only build (or find) the per-class erasure files under OUT/erasures")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the model is small, and one thread is not slowed by other jobs)")
+    p.add_argument("--region", choices=["all", "object", "background"], default="all", help="edit only each digit's ink or its background")
+    p.add_argument("--mask-grow", type=int, default=1, help="pixels the ink mask grows before a region edit")
+    p.add_argument("--filter", choices=["subset", "judge"], default=None,
+                   help="subset: a classifier trained on the k images only (leakage-free); judge: the pocket judge (leaks, an upper bound)")
+    p.add_argument("--filter-threshold", type=float, default=None, help="keep a variant whose label probability is >= this (default 0.5)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
 

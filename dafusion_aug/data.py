@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -91,43 +92,60 @@ class AugmentedDataset:
 class ImageList:
     """A map-style dataset over ``(path or PIL image, label)`` pairs; files are opened lazily as RGB.
 
+    With ``masks`` (one mask file per item, e.g. from :func:`image_folder`'s ``masks=``), items are
+    ``(image, tv_tensors.Mask, label)``: a mask file's non-zero pixels are the object (for region edits).
+
     A file that cannot be decoded raises an ``OSError`` that names it.
     """
 
-    def __init__(self, items: Sequence[tuple[Any, int]], class_names: Sequence[str] | None = None) -> None:
+    def __init__(self, items: Sequence[tuple[Any, int]], class_names: Sequence[str] | None = None,
+                 masks: Sequence[str | os.PathLike] | None = None) -> None:
         self.items = list(items)
         self.class_names = check_class_names(class_names) if class_names is not None else None
         self.targets = [int(label) for _, label in self.items]
+        if masks is not None and len(masks) != len(self.items):
+            raise ValueError(f"masks must have one file per item ({len(self.items)}), got {len(masks)}")
+        self.masks = None if masks is None else list(masks)
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
         src, label = self.items[index]
-        if isinstance(src, Image.Image):
-            return src, int(label)
-        try:
-            with Image.open(src) as im:
-                return im.convert("RGB"), int(label)
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise OSError(f"cannot read image {os.fspath(src)!r}: {e}") from e
+        image = src if isinstance(src, Image.Image) else _read(src, "RGB", "image")
+        if self.masks is None:
+            return image, int(label)
+        from torchvision import tv_tensors
+
+        mask = np.asarray(_read(self.masks[index], "L", "mask")) > 0
+        return image, tv_tensors.Mask(torch.from_numpy(mask)), int(label)
 
 
 #: Folder names that are data splits, not classes: ``my_data`` given for ``my_data/train``.
 SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing", "eval"})
 
 
-def image_folder(root: str | os.PathLike) -> ImageList:
+def _read(src: str | os.PathLike, mode: str, what: str) -> Image.Image:
+    try:
+        with Image.open(src) as im:
+            return im.convert(mode)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise OSError(f"cannot read {what} {os.fspath(src)!r}: {e}") from e
+
+
+def image_folder(root: str | os.PathLike, masks: str | os.PathLike | None = None) -> ImageList:
     """Read a folder with one sub-folder per class (sorted names = labels), like ``ImageFolder``.
 
     Args:
         root: the folder; each sub-folder is a class and holds its images (at any depth).
+        masks: a folder of object masks laid out like ``root``: the mask of ``root/cat/a.jpg`` is
+            ``masks/cat/a.png`` (any image extension, same stem); items are then ``(image, Mask, label)``.
 
     Returns:
         An :class:`ImageList` of ``(path, label)`` with ``class_names``.
 
     Raises:
-        FileNotFoundError: ``root`` does not exist.
+        FileNotFoundError: ``root`` (or ``masks``) is missing, or an image has no mask file (the first is named).
         NotADirectoryError: ``root`` is a file.
         ValueError: ``root`` has no sub-folder.
 
@@ -154,7 +172,20 @@ def image_folder(root: str | os.PathLike) -> ImageList:
         for f in sorted((root / name).rglob("*")):
             if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
                 items.append((f, label))
-    return ImageList(items, classes)
+    return ImageList(items, classes, masks=None if masks is None else _mask_files(root, Path(masks), [f for f, _ in items]))
+
+
+def _mask_files(root: Path, masks: Path, images: list[Path]) -> list[Path]:
+    if not masks.is_dir():
+        raise FileNotFoundError(f"masks folder not found: {str(masks)!r}")
+    out = []
+    for f in images:
+        rel = f.relative_to(root)
+        found = [m for m in sorted((masks / rel.parent).glob(rel.stem + ".*")) if m.suffix.lower() in IMAGE_EXTENSIONS]
+        if not found:
+            raise FileNotFoundError(f"no mask for image {str(f)!r} in {str(masks / rel.parent)!r} (expected {rel.stem}.png)")
+        out.append(found[0])
+    return out
 
 
 def _warn_if_not_classes(root: Path, classes: list[str]) -> None:

@@ -6,7 +6,7 @@ Every error the library raises on purpose is a :class:`DafusionError` (or a buil
 
 from __future__ import annotations
 
-__all__ = ["DafusionError", "TokenFileError", "CacheError", "PipelineError", "ErasureFileError", "FitError"]
+__all__ = ["DafusionError", "TokenFileError", "CacheError", "PipelineError", "ErasureFileError", "FitError", "FilterError"]
 
 
 class DafusionError(Exception):
@@ -31,3 +31,7 @@ class PipelineError(DafusionError):
 
 class FitError(DafusionError, ValueError):
     """``fit_tokens`` cannot run as asked: bad training data, initializer, tokens, or checkpoint."""
+
+
+class FilterError(DafusionError, ValueError):
+    """A variant filter raised or returned something other than one keep flag or score per image."""

@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from ._denoise import decode, denoise, loop_unsupported
+from .regions import generation_masks, paste_outside
 
-__all__ = ["diffuse", "native_resolution", "check_strengths", "to_batch"]
+__all__ = ["diffuse", "native_resolution", "check_strengths", "to_batch", "inpaint_pipeline"]
 
 
 def native_resolution(pipe) -> int:
@@ -69,6 +70,34 @@ def _from_output(images: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list
     return out
 
 
+def inpaint_pipeline(pipe):
+    """The inpainting pipeline of ``pipe``'s family on the same components (no copy of any weights).
+
+    An inpainting pipeline is returned as it is; an img2img pipeline gets diffusers'
+    ``AutoPipelineForInpainting.from_pipe`` (``StableDiffusionInpaintPipeline`` for SD 1.x/2.x), made once
+    and kept on ``pipe``. That pipeline runs an inpainting checkpoint's own 9-channel UNet, and an ordinary
+    4-channel UNet by blending the real latents back outside the mask at every step, as the official
+    DA-Fusion code did with the ordinary SD weights. Tokens and erasures applied to ``pipe`` are shared.
+
+    Raises:
+        ValueError: diffusers has no inpainting pipeline for this pipeline's class.
+    """
+    if "Inpaint" in type(pipe).__name__:
+        return pipe
+    made = getattr(pipe, "_dafusion_inpaint", None)
+    if made is None:
+        from diffusers import AutoPipelineForInpainting
+
+        try:
+            made = AutoPipelineForInpainting.from_pipe(pipe)
+        except Exception as e:
+            raise ValueError(f"region edits need an inpainting pipeline, and diffusers has none for "
+                             f"{type(pipe).__name__}: {e}") from e
+        made.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {"disable": True}))
+        pipe._dafusion_inpaint = made
+    return made
+
+
 def _as_list(value, n: int, name: str) -> list:
     if isinstance(value, (list, tuple)):
         if len(value) != n:
@@ -91,6 +120,7 @@ def diffuse(
     batch_size: int | None = None,
     fallback_fp32: bool = True,
     mixed_strengths: bool | None = None,
+    masks: Sequence[np.ndarray | None] | None = None,
 ) -> list[np.ndarray | None]:
     """Run img2img on a batch, deterministically, with every strength in the same UNet batches.
 
@@ -115,6 +145,10 @@ def diffuse(
         mixed_strengths: ``None`` (default): strengths share batches whenever the pipeline allows it;
             ``False``: one diffusers pipeline call per strength group (the path of earlier versions, kept
             for comparison); ``True``: require the shared batches.
+        masks: edit masks (masked edits, see :mod:`dafusion_aug.regions`): one bool ``(H, W)`` array per
+            image at its size, ``True`` where it may change, or ``None`` for a plain img2img edit. Masked
+            samples run through :func:`inpaint_pipeline` (one call per strength), and the real pixels are
+            pasted back outside the mask: there the output *equals* the input.
 
     Returns:
         RGB uint8 arrays, one per input, each at its input's size, in input order; ``None`` for a sample
@@ -150,6 +184,10 @@ def diffuse(
     why_not = loop_unsupported(pipe) if mixed_strengths is not False else "mixed_strengths=False"
     if mixed_strengths and why_not is not None:
         raise ValueError(f"mixed_strengths=True cannot run on this pipeline: {why_not}")
+    if masks is not None and any(m is not None for m in masks):
+        return _diffuse_masked(pipe, images, list(prompts), negatives, strengths_l, list(seeds), _check_masks(masks, images),
+                               dict(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, resolution=size,
+                                    batch_size=batch_size, fallback_fp32=fallback_fp32, mixed_strengths=mixed_strengths))
     job = _Job(pipe, images, list(prompts), negatives, strengths_l, list(seeds), size, guidance_scale, num_inference_steps)
     results: list[np.ndarray | None] = [None] * n
     if why_not is None:
@@ -175,6 +213,45 @@ def diffuse(
     return results
 
 
+def _check_masks(masks: Sequence[np.ndarray | None], images: Sequence[np.ndarray]) -> list[np.ndarray | None]:
+    if len(masks) != len(images):
+        raise ValueError(f"masks must have one entry per image ({len(images)}), got {len(masks)}")
+    for i, (m, img) in enumerate(zip(masks, images)):
+        if m is not None and (not isinstance(m, np.ndarray) or m.dtype != bool or m.shape != img.shape[:2]):
+            raise ValueError(f"masks[{i}] must be a bool array of the image's size {img.shape[:2]}, "
+                             f"got {getattr(m, 'dtype', type(m))} {getattr(m, 'shape', '')}")
+    return list(masks)
+
+
+def _diffuse_masked(pipe, images, prompts, negatives, strengths, seeds, masks, kwargs) -> list[np.ndarray | None]:
+    """``diffuse`` with some samples masked: the unmasked ones as usual, the masked ones through the
+    inpainting pipeline per strength, each pasted onto its real image outside its mask."""
+    n = len(images)
+    plain = [i for i in range(n) if masks[i] is None]
+    results: list[np.ndarray | None] = [None] * n
+    if plain:
+        made = diffuse(pipe, [images[i] for i in plain], [prompts[i] for i in plain], [strengths[i] for i in plain],
+                       [seeds[i] for i in plain], negative_prompt=[negatives[i] for i in plain], **kwargs)
+        for i, arr in zip(plain, made):
+            results[i] = arr
+    inpaint = inpaint_pipeline(pipe)
+    job = _Job(inpaint, images, prompts, negatives, strengths, seeds, kwargs["resolution"], kwargs["guidance_scale"],
+               kwargs["num_inference_steps"], masks)
+    run = functools.partial(_run_pipeline, job)
+    groups: dict[float, list[int]] = defaultdict(list)
+    for i in range(n):
+        if masks[i] is not None:
+            groups[strengths[i]].append(i)
+    for strength in sorted(groups):
+        idx = groups[strength]
+        step = kwargs["batch_size"] or len(idx)
+        for a in range(0, len(idx), step):
+            chunk = idx[a : a + step]
+            for i, arr in zip(chunk, _checked(job, chunk, run(chunk), run, kwargs["fallback_fp32"])):
+                results[i] = None if arr is None else paste_outside(arr, images[i], masks[i])
+    return results
+
+
 class _Job(NamedTuple):
     """Everything one ``diffuse`` call generates from, indexed by sample."""
 
@@ -187,6 +264,7 @@ class _Job(NamedTuple):
     size: int
     guidance_scale: float
     num_inference_steps: int
+    masks: list[np.ndarray | None] | None = None
 
     def pixels(self, members: list[int]) -> torch.Tensor:
         return to_batch([self.images[i] for i in members], self.size)
@@ -195,7 +273,10 @@ class _Job(NamedTuple):
 def _run_pipeline(job: _Job, members: list[int]) -> torch.Tensor:
     """One diffusers img2img call for ``members`` (all of one strength): images in [0, 1]."""
     negs = [job.negatives[i] for i in members]
+    masked = {} if job.masks is None else dict(
+        mask_image=generation_masks([job.masks[i] for i in members], job.size), height=job.size, width=job.size)
     return job.pipe(
+        **masked,
         prompt=[job.prompts[i] for i in members],
         negative_prompt=None if all(x is None for x in negs) else [x or "" for x in negs],
         image=job.pixels(members),

@@ -64,7 +64,8 @@ def plan_batches(augment: Augmenter, dataset: Any, batch_size: int, counts: dict
     """Yield the batches still to generate, in a fixed order (the same for every backend).
 
     Updates ``counts`` (skipped, failed) and ``failures`` as it goes; appends one manifest record per
-    (image, variant) to ``records`` when given. ``mixed``: batches of ``MIX_FACTOR * batch_size`` variants
+    (image, variant) to ``records`` when given. A region edit's variants carry their edit masks (a sample
+    without the mask the transform needs is a failure, like an unreadable one). ``mixed``: batches of ``MIX_FACTOR * batch_size`` variants
     of any strength (per erasure group; the last one also takes the leftover, so no batch is small); else
     batches of ``batch_size`` of one strength.
     """
@@ -76,22 +77,24 @@ def plan_batches(augment: Augmenter, dataset: Any, batch_size: int, counts: dict
     limit = MIX_FACTOR * batch_size if mixed else batch_size
     for index in range(len(dataset)):
         try:
-            arrays, label_list = augment.sample_images(dataset[index])
+            sample = dataset[index]
+            arrays, label_list = augment.sample_images(sample)
+            edits = augment.edit_masks(sample)
         except (OSError, ValueError, TypeError) as e:
             failures.append((index, f"{type(e).__name__}: {e}"))
             counts["failed"] += m
             continue
-        for arr, label in zip(arrays, label_list):
+        for arr, label, edit in zip(arrays, label_list, edits):
             digest = image_digest(arr)
             for v in range(m):
-                key = augment.cache_key(digest, label, v)
+                key = augment.cache_key(digest, label, v, edit)
                 if records is not None:
-                    records.append((index, label, v, digest))
+                    records.append((index, label, v, digest, edit))
                 if key in queued or key in cache:
                     counts["skipped"] += 1
                     continue
                 queued.add(key)
-                var = augment.variant(digest, label, v)
+                var = augment.variant(digest, label, v, edit)
                 group = (label if augment.erasure_group(label) is not None else -1, 0.0 if mixed else var.strength)
                 buckets[group].append((arr, var, label))
                 if len(buckets[group]) < limit:
@@ -110,17 +113,17 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
 
 
-def _generate(augment: Augmenter, batch: Batch, batch_size: int, mixed: bool | None) -> list[np.ndarray | None]:
+def _generate(augment: Augmenter, batch: Batch, batch_size: int, mixed: bool | None, counts: dict) -> list[np.ndarray | None]:
     return augment.generate([a for a, _, _ in batch], [v for _, v, _ in batch], [lab for _, _, lab in batch],
-                            batch_size=batch_size, mixed_strengths=mixed)
+                            batch_size=batch_size, mixed_strengths=mixed, counts=counts)
 
 
 def _generate_backing_off(augment: Augmenter, batch: Batch, state: dict,
-                          mixed: bool | None) -> list[np.ndarray | None]:
+                          mixed: bool | None, counts: dict) -> list[np.ndarray | None]:
     """Generate ``batch`` in UNet batches of ``state['chunk']``, halving the chunk on CUDA out-of-memory."""
     while True:
         try:
-            return _generate(augment, batch, state["chunk"], mixed)
+            return _generate(augment, batch, state["chunk"], mixed, counts)
         except Exception as e:
             if not _is_oom(e) or state["chunk"] == 1:
                 raise
@@ -154,9 +157,11 @@ def _run_local(augment, batches: Iterator[Batch], counts: dict, bar, encode_thre
     try:
         for batch in batches:
             if auto:
-                outs = _generate_backing_off(augment, batch, state, mixed)
+                outs = _generate_backing_off(augment, batch, state, mixed, counts)
             else:
-                outs = _generate(augment, batch, batch_size, mixed)
+                outs = _generate(augment, batch, batch_size, mixed, counts)
+            if "fallen_back" in counts:  # a filtered transform: show what the filter did
+                bar.set_postfix(accepted=counts["accepted"], retried=counts["retried"], fallen_back=counts["fallen_back"])
             for (_, var, _), arr in zip(batch, outs):
                 if arr is None:  # NaN or black even in fp32: never cached
                     counts["bad_outputs"] += 1
@@ -189,8 +194,8 @@ def _export(augment: Augmenter, dataset: Any, out: Path, records: list) -> int:
     names = augment.class_names
     lines = []
     written = 0
-    for index, label, v, digest in records:
-        var = augment.variant(digest, label, v)
+    for index, label, v, digest, edit in records:
+        var = augment.variant(digest, label, v, edit)
         if var.key not in augment.cache:  # a regular file in real shard folders; never a link or a FIFO
             continue
         src = augment.cache.path(var.key)
@@ -253,7 +258,10 @@ def precompute(
     Returns:
         Counts: ``total``, ``generated``, ``skipped`` (already cached), ``failed`` (variants of items that
         could not be read), ``bad_outputs`` (NaN/black even in fp32, not cached), ``failures``
-        (``[(index, reason), ...]``; the run goes on without them), ``seconds`` and ``images_per_second``.
+        (``[(index, reason), ...]``; the run goes on without them), ``seconds`` and ``images_per_second``;
+        with a filtered transform also ``accepted`` (variants a filter kept), ``retried`` (extra generations
+        of rejected variants) and ``fallen_back`` (variants rejected ``max_tries`` times, cached as their
+        fallback), shown with the progress bar too.
 
     Raises:
         ValueError: bad arguments, or a dataset whose class names differ from the transform's (with a
@@ -284,6 +292,8 @@ def precompute(
     augment.cache.clean_temporaries()
     total = len(dataset) * augment.num_variants
     counts: dict[str, Any] = {"total": total, "generated": 0, "skipped": 0, "failed": 0, "bad_outputs": 0}
+    if getattr(augment, "filter", None) is not None:
+        counts.update(accepted=0, retried=0, fallen_back=0)
     failures: list[tuple[int, str]] = []
     records: list | None = [] if out is not None else None
     t0 = time.perf_counter()

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 import pickle
 from typing import Any
 
 import torch
 
-__all__ = ["tiny_pipeline", "tiny_components", "check_transform", "TINY_CORPUS"]
+__all__ = ["tiny_pipeline", "tiny_components", "tiny_clip", "check_transform", "TINY_CORPUS"]
 
 #: Sentences the tiny tokenizer's merges are learned from.
 TINY_CORPUS = (
@@ -141,6 +142,30 @@ def tiny_pipeline(seed: int = 0):
     pipe = StableDiffusionImg2ImgPipeline(**tiny_components(seed), requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_clip(folder: str | os.PathLike, seed: int = 0) -> str:
+    """Save a random tiny ``CLIPModel`` and its processor (32 px images, the tiny BPE tokenizer) into ``folder``,
+    built offline from configs: a local model for :class:`~dafusion_aug.CLIPFilter` in tests.
+
+    Returns:
+        The folder, as a str.
+    """
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = _tiny_tokenizer()
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=32, patch_size=8)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                              tokenizer=tokenizer)
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+    return os.fspath(folder)
 
 
 def _pictures(image: Any) -> tuple[int, tuple[int, ...], int, int]:

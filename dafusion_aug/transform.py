@@ -39,13 +39,16 @@ from ._samples import (
     image_leaf_indices,
     label_index,
     labels_per_sample,
+    object_masks,
 )
 from .cache import AugmentationCache
 from .erasure import Erasure
 from .errors import CacheError, PipelineError
+from .filters import check_filter, filter_fingerprint, filter_variants
 from .functional import check_strengths, diffuse, native_resolution
 from .hashing import image_digest
 from .pipeline import PipelineSpec, pipeline_fingerprint, pipeline_lock, resolve_device, resolve_pipeline
+from .regions import check_region, edit_digest, edit_mask
 from .tokens import ClassTokens
 from .variants import (
     CACHE_FORMAT_VERSION,
@@ -198,6 +201,27 @@ class DiffusionAugment(Transform):
         class_erasures: ``label or class name -> Erasure or erasure file``: class c is augmented by the model
             with c erased (DA-Fusion's leakage-free protocol). Generation is grouped by class and the small
             erasure deltas are swapped in place, with no model reload and no second UNet in memory.
+        region: ``"all"`` (default: the whole image, plain img2img; masks are ignored), ``"object"`` (edit
+            only inside the sample's object mask grown by ``mask_grow``) or ``"background"`` (only outside
+            it). The mask is the sample's ``tv_tensors.Mask`` (the union of its masks), or its
+            ``BoundingBoxes`` turned into a box mask; it comes back unchanged. A region edit runs diffusers'
+            inpainting pipeline on the same components (an inpainting checkpoint's own 9-channel UNet, or
+            the ordinary UNet, as the official DA-Fusion code did) and pastes the real pixels back outside the
+            edited region, so there they *equal* the real image's (tolerance 0).
+        mask_grow: pixels the object mask grows in every direction before an edit (a square dilation at the
+            input's size; the official code's ``mask_grow_radius=16`` was a 16 px window at 512 px).
+        on_missing_mask: with a region edit, a sample without a mask or boxes is an error (``"error"``,
+            default) or edited whole (``"all"``, with the keys of ``region="all"``'s plan).
+        filter: keep only variants that still show their class: a callable ``(images, labels) -> keep mask
+            or scores`` (images: the variants as RGB uint8 ``(H, W, 3)`` arrays; see
+            :mod:`dafusion_aug.filters`), e.g. :class:`~dafusion_aug.ClassifierFilter` or
+            :class:`~dafusion_aug.CLIPFilter`. A rejected variant is generated again with a seed derived
+            from its own, up to ``max_tries`` generations; same inputs, same accepted picture. The filter is
+            part of the cache key.
+        filter_threshold: scores ``>= filter_threshold`` are kept (default: the filter's ``.threshold``).
+        max_tries: most generations per variant when a filter rejects it (>= 1).
+        filter_fallback: a variant rejected ``max_tries`` times becomes the real image (``"real"``, default:
+            no label noise, and the entry caches the real pixels) or its best-scoring try (``"best"``).
 
     Samples are torchvision v2 samples: any nesting of tuples, lists and dicts. Its images (PIL images,
     ``tv_tensors.Image``, or else the first plain tensor) are augmented, every other leaf (labels, masks,
@@ -243,6 +267,13 @@ class DiffusionAugment(Transform):
         resolution: int | None = None,
         batch_size: int | None = None,
         class_erasures: Mapping[int | str, Any] | None = None,
+        region: str = "all",
+        mask_grow: int = 16,
+        on_missing_mask: str = "error",
+        filter: Callable[[list[np.ndarray], list[Label]], Any] | None = None,
+        filter_threshold: float | None = None,
+        max_tries: int = 4,
+        filter_fallback: str = "real",
     ) -> None:
         super().__init__()
         source = resolve_pipeline(pipeline, device=device, dtype=dtype)  # nothing is loaded here
@@ -265,6 +296,9 @@ class DiffusionAugment(Transform):
         self.class_erasures = _load_erasures(class_erasures, self.class_names)
         if self.class_erasures and self.spec is not None and self.spec.erasure is not None:
             raise ValueError("class_erasures cannot be combined with a PipelineSpec that already has an erasure")
+        self.region, self.mask_grow, self.on_missing_mask = check_region(region, mask_grow, on_missing_mask)
+        self.filter_threshold, self.max_tries, self.filter_fallback = check_filter(filter, filter_threshold, max_tries, filter_fallback)
+        self.filter = filter
         self._fingerprint: str | None = None
         self._warned: set[str] = set()
 
@@ -278,11 +312,15 @@ class DiffusionAugment(Transform):
                 strength_probs=self.strength_probs, guidance_scale=self.guidance_scale,
                 num_inference_steps=self.num_inference_steps, negative_prompt=self.negative_prompt,
                 resolution=self.resolution, class_erasures=self.class_erasures, seed=self.seed,
+                region=None if self.region == "all" else (self.region, self.mask_grow),
+                filter=None if self.filter is None else filter_fingerprint(
+                    self.filter, self.filter_threshold, self.max_tries, self.filter_fallback),
             )
         return self._fingerprint
 
-    def variant(self, digest: str, label: Label, v: int) -> Variant:
-        """The strength, prompt, seed and cache key of variant ``v`` of the image with ``digest``.
+    def variant(self, digest: str, label: Label, v: int, edit: np.ndarray | None = None) -> Variant:
+        """The strength, prompt, seed and cache key of variant ``v`` of the image with ``digest``; with a
+        region edit, ``edit`` is the picture's edit mask (:meth:`edit_masks`), part of the key.
 
         Raises:
             ValueError: ``v`` outside ``[0, num_variants)``.
@@ -291,11 +329,36 @@ class DiffusionAugment(Transform):
             raise ValueError(f"v must be in [0, {self.num_variants}), got {v}")
         strength = variant_strength(self.seed, digest, label, v, self.strength, self.strength_probs)
         prompt = variant_prompt(self.seed, digest, label, v, prompt_options(self.prompt, label, self.class_names, self.tokens))
-        return Variant(strength, prompt, variant_seed(self.seed, digest, label, v), self.cache_key(digest, label, v))
+        return Variant(strength, prompt, variant_seed(self.seed, digest, label, v), self.cache_key(digest, label, v, edit), edit)
 
-    def cache_key(self, digest: str, label: Label, v: int) -> str:
-        """The cache key of variant ``v`` (cheaper than :meth:`variant`: a cache hit needs nothing else)."""
+    def cache_key(self, digest: str, label: Label, v: int, edit: np.ndarray | None = None) -> str:
+        """The cache key of variant ``v`` (cheaper than :meth:`variant`: a cache hit needs nothing else); a
+        masked variant's key holds its edit mask too."""
+        if edit is not None:
+            digest = edit_digest(digest, edit)
         return cache_key(self._fingerprint or self.fingerprint(), digest, label, v)
+
+    def edit_masks(self, sample: Any) -> list[np.ndarray | None]:
+        """The edit mask of each picture of a sample's first image leaf (what :meth:`sample_images` returns):
+        ``None`` everywhere with ``region="all"``, or for a sample without a mask with ``on_missing_mask="all"``.
+
+        Raises:
+            ValueError: a region edit of a sample without a mask (``on_missing_mask="error"``), or a bad mask
+                (another size, not binary, nothing to edit).
+        """
+        image, _, _ = first_image(sample, None)
+        return self._edit_masks(sample, image, picture_count(image))
+
+    def _edit_masks(self, sample: Any, image: Any, n: int) -> list[np.ndarray | None]:
+        if self.region == "all":
+            return [None] * n
+        masks = object_masks(sample, image)
+        if masks is None:
+            if self.on_missing_mask == "all":
+                return [None] * n
+            raise ValueError(f"region={self.region!r} needs a tv_tensors.Mask or BoundingBoxes in the sample, found "
+                             "neither; add one, or pass on_missing_mask='all' to edit such samples whole")
+        return [edit_mask(m, self.region, self.mask_grow) for m in masks] + [None] * (n - len(masks))
 
     def sample_images(self, sample: Any) -> tuple[list[np.ndarray], list[Label]]:
         """The pictures of a sample's first image leaf (RGB uint8) and one label each, read as the
@@ -381,19 +444,35 @@ class DiffusionAugment(Transform):
         return self.class_erasures.get(label) if label is not None else None
 
     def generate(self, images: Sequence[np.ndarray], variants: Sequence[Variant], labels: Sequence[int | None] | None = None,
-                 *, batch_size: int | None = None, mixed_strengths: bool | None = None) -> list[np.ndarray | None]:
+                 *, batch_size: int | None = None, mixed_strengths: bool | None = None,
+                 counts: dict | None = None) -> list[np.ndarray | None]:
         """Generate the given variants (no cache involved); ``None`` where the output stayed NaN/black.
 
         With ``class_erasures``, pass ``labels``: images are generated in groups, one per erasure, each
         inside ``erasure.applied(pipe)``. ``batch_size`` (most images per UNet call; default: the
-        transform's) and ``mixed_strengths`` go to :func:`~dafusion_aug.diffuse`. Thread-safe: the pipeline's
-        lock (:func:`~dafusion_aug.pipeline.pipeline_lock`) is held from applying this transform's tokens to
+        transform's) and ``mixed_strengths`` go to :func:`~dafusion_aug.diffuse`. With a ``filter``, rejected
+        variants are generated again (in batches) and fall back as documented; ``counts`` gets ``accepted``,
+        ``retried`` and ``fallen_back`` added. Thread-safe: the pipeline's lock
+        (:func:`~dafusion_aug.pipeline.pipeline_lock`) is held from applying this transform's tokens to
         restoring the last erasure, so threads sharing a pipeline take turns.
+
+        Raises:
+            FilterError: the filter raised (naming the variant) or returned a bad result.
         """
         if self._pipe is None:
             self.pipeline()  # load outside the lock: load_pipeline has its own
-        with pipeline_lock(self._pipe):
-            return self._generate(images, variants, labels, batch_size, mixed_strengths)
+
+        def make(indices: Sequence[int], tries: Sequence[Variant]) -> list[np.ndarray | None]:
+            with pipeline_lock(self._pipe):
+                return self._generate([images[i] for i in indices], tries,
+                                      None if labels is None else [labels[i] for i in indices], batch_size, mixed_strengths)
+
+        first = make(range(len(images)), variants)
+        if self.filter is None:
+            return first
+        return filter_variants(make, self.filter, first, images, variants, labels or [None] * len(images),
+                               threshold=self.filter_threshold, max_tries=self.max_tries, fallback=self.filter_fallback,
+                               counts=counts)
 
     def _generate(self, images: Sequence[np.ndarray], variants: Sequence[Variant], labels: Sequence[int | None] | None,
                   batch_size: int | None, mixed_strengths: bool | None) -> list[np.ndarray | None]:
@@ -406,6 +485,7 @@ class DiffusionAugment(Transform):
             resolution=self.resolution,
             batch_size=self.batch_size if batch_size is None else batch_size,
             mixed_strengths=mixed_strengths,
+            masks=[v.edit for v in variants] if any(v.edit is not None for v in variants) else None,
         )
         if not self.class_erasures:
             return diffuse(pipe, images, [v.prompt for v in variants], [v.strength for v in variants], [v.seed for v in variants], **kwargs)
@@ -426,19 +506,19 @@ class DiffusionAugment(Transform):
                     [variants[i].prompt for i in members],
                     [variants[i].strength for i in members],
                     [variants[i].seed for i in members],
-                    **kwargs,
+                    **dict(kwargs, masks=None if kwargs["masks"] is None else [variants[i].edit for i in members]),
                 )
             for i, arr in zip(members, made):
                 out[i] = arr
         return out
 
-    def _resolve(self, jobs: list[tuple[np.ndarray, str, int | None, int]]) -> list[Any]:
-        """Images for ``(canonical image, digest, label, v)`` jobs: a cached PIL image, a generated array,
-        or ``None`` (keep the real image)."""
+    def _resolve(self, jobs: list[tuple[np.ndarray, str, int | None, int, np.ndarray | None]]) -> list[Any]:
+        """Images for ``(canonical image, digest, label, v, edit mask)`` jobs: a cached PIL image, a generated
+        array, or ``None`` (keep the real image)."""
         out: list[Any] = [None] * len(jobs)
         missing: list[int] = []
-        for i, (arr, digest, label, v) in enumerate(jobs):
-            hit = self.cache.get_image(self.cache_key(digest, label, v)) if self.cache is not None else None
+        for i, (arr, digest, label, v, edit) in enumerate(jobs):
+            hit = self.cache.get_image(self.cache_key(digest, label, v, edit)) if self.cache is not None else None
             if hit is not None and hit.size == (arr.shape[1], arr.shape[0]):
                 out[i] = hit
             else:
@@ -497,6 +577,8 @@ class DiffusionAugment(Transform):
             return sample
         params = self.make_params([flat[i] for i in image_idx])
         params["labels"] = self.sample_labels(labels, len(params["apply"]))
+        if self.region != "all":  # checked for every sample, applied or not, so a bad mask fails early
+            params["edits"] = self._edit_masks(sample, flat[image_idx[0]], len(params["apply"]))
         for i in image_idx:
             flat[i] = self.transform(flat[i], params)
         return tree_unflatten(flat, spec)
@@ -507,7 +589,8 @@ class DiffusionAugment(Transform):
         Args:
             inpt: a PIL image, a ``(C, H, W)`` / ``(..., C, H, W)`` tensor or a ``tv_tensors.Image``.
             params: :meth:`make_params`' result plus ``"labels"`` (one label per picture, see
-                :meth:`sample_labels`); the input's picture ``j`` uses entry ``j``.
+                :meth:`sample_labels`) and, for a region edit, ``"edits"`` (one edit mask or ``None`` per
+                picture, see :meth:`edit_masks`); the input's picture ``j`` uses entry ``j``.
 
         Returns:
             An object of the input's type, mode, size, dtype and range (the input itself when nothing changed).
@@ -523,7 +606,12 @@ class DiffusionAugment(Transform):
         where = [j for j in range(len(arrays)) if params["apply"][j]]
         if not where:
             return inpt
-        jobs = [(arrays[j], image_digest(arrays[j]), params["labels"][j], params["variant"][j]) for j in where]
+        edits = params.get("edits") or [None] * n
+        for j in where:
+            if edits[j] is not None and edits[j].shape != arrays[j].shape[:2]:
+                raise ValueError(f"mask must have the image's size (H, W) = {arrays[j].shape[:2]}, got {edits[j].shape} "
+                                 "(masks are read at the size of the sample's first image)")
+        jobs = [(arrays[j], image_digest(arrays[j]), params["labels"][j], params["variant"][j], edits[j]) for j in where]
         outs: list[Any] = [None] * len(arrays)
         for j, arr in zip(where, self._resolve(jobs)):
             outs[j] = arr
@@ -543,6 +631,8 @@ class DiffusionAugment(Transform):
             f"pipeline={model!r}, classes={len(self.class_names) if self.class_names else None}, "
             f"tokens={'yes' if self.tokens is not None else 'no'}, strength={self.strength}, "
             f"num_variants={self.num_variants}, p={self.p}, cache={self.cache}, on_miss={self.on_miss!r}"
+            + (f", region={self.region!r}, mask_grow={self.mask_grow}" if self.region != "all" else "")
+            + (f", filter={self.filter!r}" if self.filter is not None else "")
         )
 
     # -- bulk generation -------------------------------------------------------------------------------

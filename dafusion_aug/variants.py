@@ -55,6 +55,7 @@ __all__ = [
     "variant_strength",
     "variant_prompt",
     "variant_seed",
+    "fingerprint_callable",
 ]
 
 #: DA-Fusion's randomized intensity: each strength with probability 1/4.
@@ -69,12 +70,14 @@ PromptSpec = str | Sequence[str] | Mapping[Any, str | Sequence[str]] | Callable[
 
 
 class Variant(NamedTuple):
-    """What variant ``v`` of an image is: its strength, prompt, seed and cache key."""
+    """What variant ``v`` of an image is: its strength, prompt, seed and cache key, and for a region edit
+    its edit mask (bool ``(H, W)``, ``True`` where it may change; see :mod:`dafusion_aug.regions`)."""
 
     strength: float
     prompt: str
     seed: int
     key: str
+    edit: np.ndarray | None = None
 
 
 class Augmenter(Protocol):
@@ -88,9 +91,11 @@ class Augmenter(Protocol):
 
     def fingerprint(self) -> str: ...
 
-    def cache_key(self, digest: str, label: Label, v: int) -> str: ...
+    def cache_key(self, digest: str, label: Label, v: int, edit: np.ndarray | None = None) -> str: ...
 
-    def variant(self, digest: str, label: Label, v: int) -> Variant: ...
+    def variant(self, digest: str, label: Label, v: int, edit: np.ndarray | None = None) -> Variant: ...
+
+    def edit_masks(self, sample: Any) -> list[np.ndarray | None]: ...
 
     def erasure_group(self, label: Label) -> Any: ...
 
@@ -99,7 +104,8 @@ class Augmenter(Protocol):
     def mixes_strengths(self) -> bool: ...
 
     def generate(self, images: Sequence[np.ndarray], variants: Sequence[Variant], labels: Sequence[Label] | None = None,
-                 *, batch_size: int | None = None, mixed_strengths: bool | None = None) -> list[np.ndarray | None]: ...
+                 *, batch_size: int | None = None, mixed_strengths: bool | None = None,
+                 counts: dict | None = None) -> list[np.ndarray | None]: ...
 
 
 # -- checks ----------------------------------------------------------------------------------------------
@@ -317,6 +323,12 @@ def _fingerprint_callable(fn: Callable, depth: int = 0) -> str:
     return stable_digest(getattr(owner, "__module__", ""), getattr(owner, "__qualname__", type(owner).__name__), src, state)
 
 
+def fingerprint_callable(fn: Callable) -> str:
+    """A callable's fingerprint for cache keys (prompt callables, filters): module, name, source and the
+    values it closes over, never a memory address."""
+    return _fingerprint_callable(fn)
+
+
 def generation_fingerprint(
     model: str,
     *,
@@ -331,6 +343,8 @@ def generation_fingerprint(
     resolution: int | None,
     class_erasures: Mapping[int, Erasure],
     seed: int,
+    region: tuple[str, int] | None = None,
+    filter: tuple | None = None,
 ) -> str:
     """Digest of everything that decides the generated pixels besides the image, label and variant.
 
@@ -345,11 +359,19 @@ def generation_fingerprint(
         tokens, class_names, prompt, strength, strength_probs, guidance_scale, num_inference_steps,
             negative_prompt, resolution, class_erasures, seed: as the transform holds them. A prompt
             callable counts by its module, name, source code and the values it closes over.
+        region: ``(region, mask_grow)`` of a region edit, ``None`` for ``region="all"``. Added to the digest
+            only when set, so keys without it are those of earlier versions; a masked variant's key also
+            holds its edit mask (:func:`~dafusion_aug.regions.edit_digest`).
+        filter: :func:`~dafusion_aug.filters.filter_fingerprint` of a filtered transform (``None``: no
+            filter, not in the digest): a different filter, threshold, ``max_tries`` or fallback is a
+            different entry.
 
     Returns:
         A sha256 hex digest.
     """
     prompt_fp = _fingerprint_callable(prompt) if callable(prompt) and not isinstance(prompt, str) else prompt
+    extra = [] if region is None else [("region", region[0], int(region[1]))]
+    extra += [] if filter is None else [list(filter)]
     return stable_digest(
         "generation",
         model,
@@ -364,6 +386,7 @@ def generation_fingerprint(
         resolution,
         sorted((label, e.content_hash()) for label, e in class_erasures.items()),
         int(seed),
+        *extra,
     )
 
 

@@ -163,3 +163,38 @@ def test_a_gpu_setting_on_a_cpu_machine_is_one_error_line(tmp_path, tiny_folder,
     assert main([*base, "--dtype", "float16"]) == 2  # --device auto: no GPU here
     assert "error: dtype='float16' needs a GPU, but device='auto' and this machine has no CUDA device" in capsys.readouterr().err
     assert list(AugmentationCache(tmp_path / "c").keys()) == []
+
+
+def test_generate_with_a_region_and_a_clip_filter(tmp_path, tiny_folder, capsys):
+    """generate --region --masks --filter clip (issue 18): the masks folder mirrors the data folder."""
+    import numpy as np
+    from PIL import Image
+
+    from dafusion_aug.data import image_folder
+    from dafusion_aug.testing import tiny_clip
+
+    data = make_data(tmp_path / "data", classes=("cat", "zebra"), n=1)
+    for c in ("cat", "zebra"):
+        (tmp_path / "masks" / c).mkdir(parents=True)
+        m = np.zeros((32, 32), np.uint8)
+        m[4:20, 6:26] = 255
+        Image.fromarray(m).save(tmp_path / "masks" / c / "0.png")
+    clip = tiny_clip(tmp_path / "clip")
+    args = ["generate", "--model", str(tiny_folder), "--data", str(data), "--cache", str(tmp_path / "cache"), "--inference-steps", "4",
+            "--num-variants", "1", "--quiet", "--device", "cpu", "--region", "background", "--masks", str(tmp_path / "masks"),
+            "--mask-grow", "0", "--filter", "clip", "--clip-model", clip, "--filter-threshold", "0.2", "--max-tries", "2",
+            "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["generated"] == 2 and result["accepted"] + result["fallen_back"] == 2
+    for f in sorted((tmp_path / "out").rglob("*.png")):
+        label = "cat" if "cat" in f.parent.name else "zebra"
+        out, real = np.asarray(Image.open(f).convert("RGB")), np.asarray(Image.open(data / label / "0.png").convert("RGB"))
+        assert np.array_equal(out[4:20, 6:26], real[4:20, 6:26])  # the masked object is the real one
+    (tmp_path / "masks" / "cat" / "0.png").unlink()
+    try:
+        image_folder(data, masks=tmp_path / "masks")
+    except FileNotFoundError as e:
+        assert "no mask for image" in str(e) and "0.png" in str(e)
+    else:
+        raise AssertionError("a missing mask file must be an error")

@@ -259,3 +259,55 @@ def test_cli_demo_without_pocket_model_says_how_to_build_it(tmp_path, capsys):
 
     assert main(["demo", "--out", str(tmp_path), "--quiet"]) == 2
     assert "pocket.train" in capsys.readouterr().err
+
+
+# -- region edits and filters in the protocol (issue 18) -----------------------------------------------------
+def _centre(image):
+    from torchvision import tv_tensors
+
+    m = torch.zeros(32, 32, dtype=torch.bool)
+    m[8:24, 8:24] = True
+    return tv_tensors.Mask(m)
+
+
+def test_protocol_with_a_region_and_a_leakage_free_filter(tmp_path, tiny_pipe, toy_data):
+    """region='background' with a mask function, and filter='subset' (a classifier trained on the k images only):
+    every cached variant keeps the masked pixels of its real image, and the rows count the filter's work."""
+    from dafusion_aug.fewshot.methods import subset_filter, with_masks
+
+    kw = dict(FAST, methods=["baseline", "real-guidance"], shots=[1], seeds=[0])
+    res = run_fewshot(tiny_pipe, toy_data, out=tmp_path / "run", region="background", mask_grow=1, masks=_centre,
+                      filter="subset", filter_threshold=0.3, max_tries=2, grid_classes=[0], **kw)
+    _check_outputs(res, ["baseline", "real-guidance"], [1], [0])
+    row = next(r for r in res.rows if r["method"] == "real-guidance")
+    assert row["filter_accepted"] + row["filter_fallen_back"] == 3 * FAST["num_variants"]
+    settings = json.loads(res.files["json"].read_text())["settings"]["generation"]
+    assert settings["region"] == "background" and settings["filter"]["filter"] == "subset"
+    # the transform run_fewshot used, rebuilt: every variant is in the cache and keeps the centre's real pixels
+    from dafusion_aug.fewshot import method_transform
+
+    subset = [toy_data[i] for i in __import__("dafusion_aug").few_shot_indices(toy_data.targets, 1, 0, num_classes=3)]
+    f = subset_filter(small_cnn(steps=4, batch_size=4), subset, 3, k=1, seed=0, threshold=0.3)
+    aug = method_transform("real-guidance", tiny_pipe, NAMES, num_variants=2, num_inference_steps=4, guidance_scale=7.5,
+                           cache=tmp_path / "run" / "cache", on_miss="error", region="background", mask_grow=1, filter=f,
+                           max_tries=2, p=1.0)
+    for image, mask, label in with_masks(subset, _centre):
+        out = np.asarray(aug(image, mask, label)[0])
+        assert np.array_equal(out[mask.numpy()], np.asarray(image)[mask.numpy()])
+    with pytest.raises(ValueError, match="region='object' needs masks="):
+        run_fewshot(tiny_pipe, toy_data, out=tmp_path / "x", region="object", **kw)
+    with pytest.raises(ValueError, match="filter must be None, 'subset' or a filter callable, got 'clip'"):
+        run_fewshot(tiny_pipe, toy_data, out=tmp_path / "x", filter="clip", **kw)
+
+
+def test_demo_region_and_filter_helpers(tmp_path):
+    from dafusion_aug.fewshot import demo_folder, ink_mask
+    from dafusion_aug.fewshot.demo import demo_filter
+
+    image = Image.fromarray(np.stack([np.array([[0, 127, 128, 255]], np.uint8)] * 3, -1))
+    assert ink_mask(image).tolist() == [[False, False, True, True]]
+    assert demo_folder(tmp_path, False, True, "object", "subset").name == "quick-erase-object-filter-subset"
+    assert demo_folder(tmp_path, True, False).name == "full"
+    assert demo_filter(None, None) is None and demo_filter("subset", 0.4) == "subset"
+    with pytest.raises(ValueError, match="filter must be None, 'subset' or 'judge', got 'clip'"):
+        demo_filter("clip", None)

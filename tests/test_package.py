@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -149,3 +151,13 @@ def test_the_wheel_installs_and_runs_in_a_fresh_environment(tmp_path):
     run = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-4000:]
     assert run.stdout.strip() == f"ok {dafusion_aug.__version__}"
+
+
+def test_importing_a_submodule_first_keeps_the_public_function():
+    """``dafusion_aug.precompute`` is the function even when library code imported the submodule of that name
+    before anyone asked for the function (lazy names, PEP 562: the import system sets the package attribute)."""
+    code = ("import importlib, inspect, dafusion_aug; m = importlib.import_module('dafusion_aug.precompute'); "
+            "assert inspect.isfunction(dafusion_aug.precompute), dafusion_aug.precompute; "
+            "assert dafusion_aug.precompute is m.precompute and m.plan_batches")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr

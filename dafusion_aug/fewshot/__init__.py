@@ -21,7 +21,16 @@ transform, da-fusion's tokens), :mod:`.classifier` (what is trained and how it i
 """
 
 from .classifier import ClassifierSpec, resnet50_linear, small_cnn
-from .demo import ERASURE_PROMPTS, ERASURE_SETTINGS, FULL, QUICK, DemoSettings, demo_folder, run_demo
+from .demo import (
+    ERASURE_PROMPTS,
+    ERASURE_SETTINGS,
+    FULL,
+    QUICK,
+    DemoSettings,
+    demo_folder,
+    ink_mask,
+    run_demo,
+)
 from .erasures import build_erasures, resolve_erasures
 from .methods import GENERATIVE, METHODS, fit_subset_tokens, method_transform
 from .protocol import FewShotResult, check_grid, run_fewshot
@@ -41,6 +50,7 @@ __all__ = [
     "resnet50_linear",
     "run_demo",
     "demo_folder",
+    "ink_mask",
     "DemoSettings",
     "QUICK",
     "FULL",

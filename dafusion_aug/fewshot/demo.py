@@ -18,7 +18,8 @@ from .erasures import build_erasures
 from .protocol import run_fewshot
 from .report import require_modules
 
-__all__ = ["DemoSettings", "QUICK", "FULL", "ERASURE_PROMPTS", "ERASURE_PRESERVE", "ERASURE_SETTINGS", "run_demo", "demo_folder"]
+__all__ = ["DemoSettings", "QUICK", "FULL", "ERASURE_PROMPTS", "ERASURE_PRESERVE", "ERASURE_SETTINGS", "run_demo", "demo_folder",
+           "ink_mask", "demo_filter"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,9 +95,38 @@ ERASURE_SETTINGS = dict(method="esd-x", steps=200, learning_rate=2e-3, ddim_step
                         preserve=ERASURE_PRESERVE, preserve_weight=4.0)
 
 
-def demo_folder(out: str | os.PathLike, full: bool, erase: bool) -> Path:
-    """Where a mode writes its results: ``OUT/quick``, ``OUT/full``, ``OUT/quick-erase`` or ``OUT/full-erase``."""
-    return Path(out) / (("full" if full else "quick") + ("-erase" if erase else ""))
+def demo_folder(out: str | os.PathLike, full: bool, erase: bool, region: str = "all", filter: str | None = None) -> Path:
+    """Where a mode writes its results: ``OUT/quick``, ``OUT/full``, ``OUT/quick-erase`` or ``OUT/full-erase``,
+    with ``-object`` / ``-background`` for a region edit and ``-filter-subset`` / ``-filter-judge`` for a filter."""
+    name = ("full" if full else "quick") + ("-erase" if erase else "")
+    name += "" if region == "all" else f"-{region}"
+    return Path(out) / (name + ("" if filter is None else f"-filter-{filter}"))
+
+
+def ink_mask(image: Any, threshold: int = 128) -> Any:
+    """A pocket digit's ink as a ``tv_tensors.Mask``: the pixels of grey level ``>= threshold`` (the digits are
+    light ink on a dark ground)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from torchvision import tv_tensors
+
+    grey = np.asarray(image.convert("L") if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image)).convert("L"))
+    return tv_tensors.Mask(torch.from_numpy(grey >= threshold))
+
+
+def demo_filter(filter: str | None, threshold: float | None) -> Any:
+    """The demo's ``filter``: ``None``, ``"subset"`` (leakage-free, see :func:`~dafusion_aug.fewshot.run_fewshot`)
+    or ``"judge"``: the pocket judge as a :class:`~dafusion_aug.ClassifierFilter`. The judge was trained on
+    every digit, so it leaks class knowledge the few-shot learner does not have: an upper bound only."""
+    if filter in (None, "subset"):
+        return filter
+    if filter != "judge":
+        raise ValueError(f"filter must be None, 'subset' or 'judge', got {filter!r}")
+    from ..filters import ClassifierFilter
+    from ..pocket import judge
+
+    return ClassifierFilter(judge(), threshold=0.5 if threshold is None else threshold)
 
 
 def run_demo(
@@ -109,6 +139,10 @@ def run_demo(
     threads: int | None = 1,
     progress: bool = True,
     log: Callable[[str], Any] = print,
+    region: str = "all",
+    mask_grow: int = 1,
+    filter: str | None = None,
+    filter_threshold: float | None = None,
 ) -> Any:
     """Run the paper's few-shot experiment on the pocket model: digits part B, k per class to train, the rest to test.
 
@@ -130,6 +164,10 @@ def run_demo(
             while other jobs ran).
         progress: show progress bars.
         log: where to print the table and the paths.
+        region, mask_grow: edit only each digit's ink (``"object"``) or its background, the ink found by
+            :func:`ink_mask` and grown by ``mask_grow`` pixels.
+        filter, filter_threshold: ``"subset"`` (leakage-free: a classifier trained on the k images only) or
+            ``"judge"`` (the pocket judge: leaks, an upper bound), see :func:`demo_filter`.
 
     Returns:
         A :class:`~dafusion_aug.fewshot.FewShotResult` (or the erasure files with ``build_erasures_only``).
@@ -161,7 +199,7 @@ def run_demo(
             for name, path in erasures.items():
                 log(f"  {name}: {path}")
             return erasures
-    folder = demo_folder(out, full, erase)
+    folder = demo_folder(out, full, erase, region, filter)
     result = run_fewshot(
         spec,
         data,
@@ -186,6 +224,11 @@ def run_demo(
         erasures=erasures,
         grid_classes=cfg.grid_classes,
         progress=progress,
+        region=region,
+        mask_grow=mask_grow,
+        masks=ink_mask if region != "all" else None,
+        filter=demo_filter(filter, filter_threshold),
+        filter_threshold=filter_threshold,
     )
     log("")
     log(f"class-balanced test accuracy (%), mean ± 95% CI over seeds {list(cfg.seeds)}"

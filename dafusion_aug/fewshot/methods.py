@@ -7,18 +7,26 @@ cache keys as :func:`~dafusion_aug.fewshot.run_fewshot` did.
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from torchvision import tv_tensors
+
 from ..data import ImageList
 from ..erasure import Erasure
+from ..filters import ClassifierFilter
 from ..fit import fit_tokens
+from ..hashing import stable_hash
 from ..tokens import ClassTokens
 from ..transform import DiffusionAugment
+from .classifier import ClassifierSpec, to_input, train_classifier
 
-__all__ = ["METHODS", "GENERATIVE", "method_transform", "fit_subset_tokens"]
+__all__ = ["METHODS", "GENERATIVE", "method_transform", "fit_subset_tokens", "subset_filter", "with_masks", "MaskedSamples"]
 
 #: The methods of the protocol, in the order the paper reports them.
 METHODS = ("baseline", "real-guidance", "real-guidance-agnostic", "da-fusion")
@@ -117,3 +125,43 @@ def fit_subset_tokens(
         tokens = ClassTokens(names, embs, metadata={"fit": "one run per class, each with its class erased", **fit_settings})
     tokens.save(path)
     return tokens
+
+
+# -- region edits and filters in the protocol (issue 18) ------------------------------------------------------
+def _filter_input(image: Any, size: int) -> torch.Tensor:
+    return to_input([image], size)[0]
+
+
+def subset_filter(spec: ClassifierSpec, subset: Sequence[tuple[Any, int]], num_classes: int, *, k: int, seed: int,
+                  threshold: float = 0.5, device: Any = "cpu") -> ClassifierFilter:
+    """A leakage-free filter: ``spec``'s classifier trained on the k-shot ``subset`` alone (no augmentation,
+    its own seed), scoring each variant by its label's probability (ALIA's filter, within the protocol).
+
+    The global torch RNG is left as it was, so the classifiers trained after it draw what they drew before.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(stable_hash("fewshot-filter", k, seed))
+        model = train_classifier(spec, list(subset), num_classes, None, device=device)
+    return ClassifierFilter(model, transform=functools.partial(_filter_input, size=spec.image_size), threshold=threshold)
+
+
+def _as_mask(mask: Any) -> tv_tensors.Mask:
+    return mask if isinstance(mask, tv_tensors.Mask) else tv_tensors.Mask(torch.as_tensor(np.asarray(mask)))
+
+
+def with_masks(samples: Sequence[tuple[Any, int]], masks: Callable[[Any], Any]) -> list[tuple[Any, tv_tensors.Mask, int]]:
+    """``(image, label)`` samples as ``(image, Mask, label)``, the mask computed by ``masks(image)``."""
+    return [(image, _as_mask(masks(image)), label) for image, label in samples]
+
+
+class MaskedSamples:
+    """Applies a region-editing transform to ``(image, label)`` samples, giving it ``masks(image)`` as the
+    sample's ``tv_tensors.Mask`` (what the classifier's training loop calls)."""
+
+    def __init__(self, augment: Callable[[Any], Any], masks: Callable[[Any], Any]) -> None:
+        self.augment, self.masks = augment, masks
+
+    def __call__(self, sample: tuple[Any, int]) -> tuple[Any, int]:
+        image, label = sample
+        out, _, label = self.augment((image, _as_mask(self.masks(image)), label))
+        return out, label

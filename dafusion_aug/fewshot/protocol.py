@@ -23,14 +23,23 @@ from .._images import to_canonical
 from .._io import atomic_write_bytes
 from ..data import ImageList, class_names_of, few_shot_indices
 from ..errors import CacheError
+from ..filters import filter_fingerprint
 from ..hashing import image_digest, stable_digest, stable_hash
 from ..pipeline import pipeline_fingerprint, resolve_device, resolve_pipeline
 from ..tokens import ClassTokens
 from ..transform import DiffusionAugment
-from ..variants import DEFAULT_STRENGTHS
+from ..variants import DEFAULT_STRENGTHS, fingerprint_callable
 from .classifier import ClassifierSpec, Inputs, evaluate, resolve_classifier, train_classifier
 from .erasures import resolve_erasures
-from .methods import GENERATIVE, METHODS, fit_subset_tokens, method_transform
+from .methods import (
+    GENERATIVE,
+    METHODS,
+    MaskedSamples,
+    fit_subset_tokens,
+    method_transform,
+    subset_filter,
+    with_masks,
+)
 from .report import (
     augmentation_grid,
     format_table,
@@ -168,6 +177,13 @@ def run_fewshot(
     confidence: float = 0.95,
     device: str | None = "auto",
     progress: bool = True,
+    region: str = "all",
+    mask_grow: int = 16,
+    masks: Callable[[Any], Any] | None = None,
+    filter: str | Callable | None = None,
+    filter_threshold: float | None = None,
+    max_tries: int = 4,
+    filter_fallback: str = "real",
     _on_run: Callable[[dict[str, Any]], None] | None = None,
 ) -> FewShotResult:
     """Run the few-shot protocol over ``methods x shots x seeds`` and write the results into ``out``.
@@ -211,6 +227,16 @@ def run_fewshot(
         device: where to load a model id / folder and train the classifier (default ``"auto"``: CUDA if
             available, else the CPU).
         progress: show a progress bar over the (method, k, seed) grid.
+        region, mask_grow: region edits of every generative method (see
+            :class:`~dafusion_aug.DiffusionAugment`); ``region`` other than ``"all"`` needs ``masks``.
+        masks: ``masks(image) -> tv_tensors.Mask`` (or a 0/1 array of the image's size): a training image's
+            object mask (for the pocket digits, :func:`~dafusion_aug.fewshot.demo.ink_mask`).
+        filter: ``None``; ``"subset"``: a leakage-free :class:`~dafusion_aug.ClassifierFilter` per (k, seed),
+            ``classifier`` trained on the k-shot subset alone (:func:`~dafusion_aug.fewshot.methods.subset_filter`);
+            or any filter callable, used as is (it answers for its own leakage: the pocket judge is an upper
+            bound that knows every digit).
+        filter_threshold, max_tries, filter_fallback: the filter's settings (``"subset"``'s threshold
+            defaults to 0.5).
 
     Returns:
         A :class:`FewShotResult`.
@@ -231,6 +257,7 @@ def run_fewshot(
         fit_initializer = "the"  # a class-name start would carry class knowledge into the token
     generation = dict(num_variants=num_variants, p=p, strength=list(strength), num_inference_steps=num_inference_steps,
                       guidance_scale=guidance_scale, prompt=prompt, agnostic_prompt=agnostic_prompt)
+    generation.update(_edit_settings(region, mask_grow, masks, filter, filter_threshold, max_tries, filter_fallback))
     fitting = dict(steps=fit_steps, batch_size=fit_batch_size, learning_rate=fit_learning_rate, num_vectors=num_vectors,
                    initializer=fit_initializer or "class_name")
     experiment = _Experiment(
@@ -238,8 +265,27 @@ def run_fewshot(
         classifier=classifier, generation=generation, fitting=fitting, erase=erase, erasures=erasures,
         batch_size=generation_batch_size, cache=cache, tokens_dir=tokens_dir, confidence=confidence, device=device,
     )
+    experiment.masks, experiment.filter = masks, filter
     rows = experiment.run(progress, _on_run)
     return experiment.finish(rows, grid_classes)
+
+
+def _edit_settings(region: str, mask_grow: int, masks: Callable | None, filter: Any, threshold: float | None,
+                   max_tries: int, fallback: str) -> dict[str, Any]:
+    """The generation settings of region edits and filters, as JSON (only those set, so the rows of runs
+    without them keep their config digest)."""
+    out: dict[str, Any] = {}
+    if region != "all":
+        if masks is None:
+            raise ValueError(f"region={region!r} needs masks= (a function image -> its object mask)")
+        out.update(region=region, mask_grow=mask_grow, masks=fingerprint_callable(masks))
+    if filter is not None:
+        if isinstance(filter, str) and filter != "subset":
+            raise ValueError(f"filter must be None, 'subset' or a filter callable, got {filter!r}")
+        threshold = 0.5 if filter == "subset" and threshold is None else threshold
+        name = filter if isinstance(filter, str) else filter_fingerprint(filter, threshold, max_tries, fallback)[1]
+        out["filter"] = dict(filter=name, threshold=threshold, max_tries=max_tries, fallback=fallback)
+    return out
 
 
 class _Experiment:
@@ -282,6 +328,8 @@ class _Experiment:
         self.cache_dir = Path(cache) if cache is not None else out / "cache"
         self.tokens_dir = Path(tokens_dir) if tokens_dir is not None else out / "tokens"
         self.augs: dict[Any, DiffusionAugment] = {}
+        self.masks: Callable[[Any], Any] | None = None  # set by run_fewshot: region edits and filters
+        self.filter: Any = None
         self.token_files: dict[tuple[int, int], str] = {}  # (k, seed) -> the token file's name, recorded in da-fusion rows
 
     def _digests(self) -> tuple[str, str]:
@@ -320,33 +368,44 @@ class _Experiment:
 
     def transform(self, method: str, subset: list[tuple[Any, int]], k: int, seed: int) -> DiffusionAugment:
         """The method's transform (one per method; da-fusion's per subset, with its tokens)."""
-        key = method if method != "da-fusion" else (method, k, seed)
+        per_subset = method == "da-fusion" or self.filter == "subset"
+        key = method if not per_subset else (method, k, seed)
         if key not in self.augs:
             g = self.generation
+            edits: dict[str, Any] = {}
+            if "region" in g:
+                edits.update(region=g["region"], mask_grow=g["mask_grow"])
+            if "filter" in g:
+                f = g["filter"]
+                edits.update(filter=self.filter, filter_threshold=f["threshold"], max_tries=f["max_tries"], filter_fallback=f["fallback"])
+                if self.filter == "subset":
+                    edits["filter"] = subset_filter(self.spec, subset, len(self.names), k=k, seed=seed, threshold=f["threshold"], device=self.device)
             self.augs[key] = method_transform(
                 method, self.pipe, self.names, tokens=self.tokens(subset, k, seed) if method == "da-fusion" else None,
                 prompt=g["prompt"], agnostic_prompt=g["agnostic_prompt"], class_erasures=dict(enumerate(self.erasures or [])),
                 num_variants=g["num_variants"], p=g["p"], strength=tuple(g["strength"]), num_inference_steps=g["num_inference_steps"],
-                guidance_scale=g["guidance_scale"], cache=self.cache_dir, batch_size=self.batch_size,
+                guidance_scale=g["guidance_scale"], cache=self.cache_dir, batch_size=self.batch_size, **edits,
             )
         return self.augs[key]
 
     def prepare(self, method: str, subset: list[tuple[Any, int]], k: int, seed: int) -> DiffusionAugment:
         """Fill the cache for this subset and return a transform that only reads it (``on_miss='real'``)."""
         aug = self.transform(method, subset, k, seed)
-        aug.precompute(ImageList(subset, self.names), batch_size=self.batch_size, progress=False)
-        missing = sum(aug.cache_key(image_digest(to_canonical(im)[0][0]), y, v) not in aug.cache
-                      for im, y in subset for v in range(aug.num_variants))
+        samples = ImageList(subset, self.names) if aug.region == "all" else with_masks(subset, self.masks)
+        self.filter_counts = aug.precompute(samples, batch_size=self.batch_size, progress=False)
+        missing = sum(aug.cache_key(image_digest(to_canonical(sample[0])[0][0]), sample[-1], v, aug.edit_masks(sample)[0]) not in aug.cache
+                      for sample in samples for v in range(aug.num_variants))
         if missing:
             raise CacheError(f"{missing} variants of {method} (k={k}, seed={seed}) are missing from {self.cache_dir} after precompute")
         reader = copy.copy(aug)  # pickles through __getstate__: no pipeline, so it can never generate
         reader.on_miss = "real"
-        return reader
+        return reader if aug.region == "all" else MaskedSamples(reader, self.masks)
 
     # -- the grid ----------------------------------------------------------------------------------------
     def run_one(self, method: str, k: int, seed: int, subset: list[tuple[Any, int]], ev_data: Inputs, ev_idx: list[int]) -> dict[str, Any]:
         """Train and score one (method, k, seed); the row of the results."""
         t0 = time.perf_counter()
+        self.filter_counts = {}
         augment = self.prepare(method, subset, k, seed) if method != "baseline" else None
         t1 = time.perf_counter()
         counter = Counter(augment)
@@ -359,6 +418,9 @@ class _Experiment:
             "prepare_seconds": round(t1 - t0, 2), "train_seconds": round(time.perf_counter() - t1, 2),
             "classifier": self.spec.name, "config": self.config,
         }
+        for name in ("accepted", "retried", "fallen_back"):  # this run's generation; 0 when all was cached
+            if name in self.filter_counts:
+                row[f"filter_{name}"] = self.filter_counts[name]
         if method == "da-fusion":
             row["tokens"] = self.token_files[(k, seed)]  # which file of the tokens folder these variants came from
         return row
@@ -413,7 +475,8 @@ class _Experiment:
             arr = to_canonical(im)[0][0]
             for method in [m for m in self.methods if m in GENERATIVE]:
                 aug = self.transform(method, subset, k, seed)
-                var = aug.variant(image_digest(arr), c, 0)
+                edit = aug.edit_masks(with_masks([(im, c)], self.masks)[0])[0] if aug.region != "all" else None
+                var = aug.variant(image_digest(arr), c, 0, edit)
                 made = aug.generate([arr] * len(strengths), [var._replace(strength=float(s)) for s in strengths], [c] * len(strengths))
                 out_rows.append((f"{self.names[c]}\n{method}", [arr, *made]))
         return out_rows

@@ -128,7 +128,7 @@ def measure(images: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]:
         cov = float((weights * (xs - mx) * (ys - my)).sum()) / total
         var_y = float((weights * (ys - my) ** 2).sum()) / total
         out["slant"][i] = -cov / max(var_y, 1e-6)
-        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        cols = np.flatnonzero(mask.any(axis=0))
         out["width"][i] = float(cols[-1] - cols[0] + 1)
         out["balance"][i] = my
     out["loop"] = np.where(out["ink"] > 0, _loops(ink), 0.0)

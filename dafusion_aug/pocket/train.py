@@ -30,10 +30,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
-
-import numpy as np
 
 from . import arch, attributes
 from .data import digits, random_affine
