@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
-from dafusion_aug import PipelineSpec, load_pipeline
+from dafusion_aug import PipelineSpec, diffuse, load_pipeline
 from dafusion_aug.errors import PipelineError
 from dafusion_aug.families import family_of
 from dafusion_aug.functional import native_resolution
@@ -104,3 +105,115 @@ def test_folder_without_model_index_is_named(tiny_folder, tmp_path):
     (folder / "model_index.json").unlink()
     with pytest.raises(PipelineError, match="has no readable model_index.json"):
         load_pipeline(PipelineSpec(str(folder), device="cpu"))
+
+
+# -- generation ----------------------------------------------------------------------------------------------
+def _images(n: int, shapes=((40, 56), (64, 64))) -> list:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (*shapes[i % len(shapes)], 3), dtype=np.uint8) for i in range(n)]
+
+
+class Calls:
+    """Records the keyword arguments of every diffusers pipeline call."""
+
+    def __init__(self, pipe, monkeypatch):
+        self.kwargs: list[dict] = []
+        original = type(pipe).__call__
+
+        def spy(this, *args, **kwargs):
+            self.kwargs.append(kwargs)
+            return original(this, *args, **kwargs)
+
+        monkeypatch.setattr(type(pipe), "__call__", spy)
+
+
+def test_sdxl_goes_through_diffusers_with_the_real_images_size(monkeypatch):
+    """SDXL runs its own pipeline (one call per strength and input size), conditioned on the real image's
+    size (original_size), the generation size (target_size) and no crop; one image alone equals its batch."""
+    from dafusion_aug._denoise import loop_unsupported
+
+    pipe = tiny_pipeline(family="sdxl")
+    assert "StableDiffusionXLImg2ImgPipeline" in loop_unsupported(pipe)
+    with pytest.raises(ValueError, match="mixed_strengths=True cannot run on this pipeline"):
+        diffuse(pipe, _images(1), ["a cat"], 0.5, [1], num_inference_steps=2, mixed_strengths=True)
+    calls = Calls(pipe, monkeypatch)
+    imgs = _images(3)
+    out = diffuse(pipe, imgs, ["a cat", "a dog", "a cat"], [0.5, 0.5, 0.5], [1, 2, 3], num_inference_steps=4)
+    assert [o.shape for o in out] == [i.shape for i in imgs]
+    seen = sorted((k["original_size"], k["target_size"], k["crops_coords_top_left"], len(k["prompt"])) for k in calls.kwargs)
+    assert seen == [((40, 56), (64, 64), (0, 0), 2), ((64, 64), (64, 64), (0, 0), 1)]
+    alone = diffuse(pipe, [imgs[2]], ["a cat"], 0.5, [3], num_inference_steps=4)[0]
+    assert np.abs(alone.astype(int) - out[2]).max() <= 3
+    other_size = diffuse(pipe, [imgs[2][:, :40]], ["a cat"], 0.5, [3], num_inference_steps=4)[0]  # another original_size
+    assert other_size.shape == (40, 40, 3)
+
+
+def test_sd2_v_prediction_runs_the_loop_exactly():
+    """SD 2.x (DDIM, v-prediction) runs dafusion-aug's loop, bit-identical to diffusers for one image."""
+    from dafusion_aug._denoise import loop_unsupported
+
+    pipe = tiny_pipeline(family="sd2")
+    assert loop_unsupported(pipe) is None and pipe.scheduler.config.prediction_type == "v_prediction"
+    img = _images(1, shapes=((48, 48),))
+    for s in (0.5, 1.0):
+        a = diffuse(pipe, img, ["a photo of a cat"], s, [7], num_inference_steps=6, mixed_strengths=True)[0]
+        b = diffuse(pipe, img, ["a photo of a cat"], s, [7], num_inference_steps=6, mixed_strengths=False)[0]
+        assert np.array_equal(a, b), s
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_resolution_must_be_a_multiple_of_the_vae_factor(family):
+    pipe = tiny_pipeline(family=family)
+    with pytest.raises(ValueError, match="resolution must be a positive multiple of the VAE's scale factor 4, got 30"):
+        diffuse(pipe, _images(1), ["a cat"], 0.5, [1], num_inference_steps=2, resolution=30)
+    assert diffuse(pipe, _images(1), ["a cat"], 0.5, [1], num_inference_steps=2, resolution=32)[0].shape == (40, 56, 3)
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_transform_cache_and_precompute_on_a_family_folder(family, family_folders, tmp_path):
+    """The transform on a model folder of the family: it generates at the native size, the cache returns the
+    same pixels, and precompute batched equals unbatched within the documented tolerance."""
+    from conftest import CLASS_NAMES, random_image
+
+    from dafusion_aug import DiffusionAugment, precompute
+    from dafusion_aug.data import ImageList
+
+    common = dict(class_names=CLASS_NAMES, num_inference_steps=4, guidance_scale=2.0, num_variants=2, p=1.0, device="cpu")
+    aug = DiffusionAugment(str(family_folders(family)), cache=tmp_path / "c", **common)
+    assert aug.mixes_strengths() == (family == "sd2")
+    image = random_image(0, size=(40, 30))
+    torch.manual_seed(0)
+    first, label = aug(image, 1)
+    assert first.size == image.size and label == 1 and aug.native_resolution == (48 if family == "sd2" else 64)
+    torch.manual_seed(0)
+    assert np.array_equal(np.asarray(aug(image, 1)[0]), np.asarray(first)) and len(list(aug.cache.keys())) == 1
+    items = ImageList([(random_image(i, size=(40, 30) if i % 2 else (32, 32)), i % 3) for i in range(3)])
+    batched = DiffusionAugment(str(family_folders(family)), cache=tmp_path / "b", **common)
+    single = DiffusionAugment(str(family_folders(family)), cache=tmp_path / "s", **common)
+    assert precompute(batched, items, batch_size=6, progress=False)["generated"] == 6
+    assert precompute(single, items, batch_size=1, progress=False)["generated"] == 6
+    keys = sorted(batched.cache.keys())
+    assert keys == sorted(single.cache.keys())
+    d = np.concatenate([np.abs(batched.cache.get(k).astype(np.int16) - single.cache.get(k)).ravel() for k in keys])
+    assert d.max() <= 3 and d.mean() <= 0.1
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_nan_in_half_precision_is_redone_in_fp32(family, monkeypatch):
+    pipe = tiny_pipeline(family=family)
+    imgs, kw = _images(2, shapes=((48, 48),)), dict(num_inference_steps=4, guidance_scale=2.0)
+    pipe.to(torch.bfloat16).to(torch.float32)  # the weights the fp32 redo will see
+    fp32 = diffuse(pipe, imgs[:1], ["a cat"], 0.5, [1], **kw)[0]
+    pipe.to(torch.bfloat16)
+    real = pipe.vae.decode
+
+    def overflowing(z, *args, **kwargs):
+        out = real(z, *args, **kwargs)
+        if pipe.vae.dtype == torch.bfloat16:
+            out[0][0] = float("nan")  # the first sample of every half-precision decode overflows
+        return out
+
+    monkeypatch.setattr(pipe.vae, "decode", overflowing)
+    out = diffuse(pipe, imgs, ["a cat", "a dog"], 0.5, [1, 2], **kw)
+    assert pipe.unet.dtype == torch.bfloat16 and all(o is not None for o in out)
+    assert np.array_equal(out[0], fp32)
