@@ -107,5 +107,5 @@ def requires_family(got: str | None, want: str, what: str, error: type[Exception
     """
     got = got or "sd1"
     if got != want:
-        raise error(f"{what} was made for family {got!r}, but the pipeline is family {want!r}; "
+        raise error(f"{what}: made for family {got!r}, but the pipeline is family {want!r}; "
                             "token files and erasures work only on the family (and model) they were trained on")

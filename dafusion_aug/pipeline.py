@@ -560,22 +560,23 @@ def pipeline_fingerprint(pipe) -> str:
 
     h = hashlib.sha256()
     h.update(f"pipeline:{type(pipe).__name__}".encode())
-    base_vocab = getattr(pipe, "_dafusion_base_vocab", None)
     for name, component in sorted(pipe.components.items()):
         if component is None:
             continue
+        # the vocabulary before dafusion-aug added token rows, per tokenizer / text encoder pair (SDXL has two)
+        base_vocab = getattr(pipe, "_dafusion_base_vocab" + ("_2" if name.endswith("_2") else ""), None)
         h.update(f"|{name}:{type(component).__name__}".encode())
         config = getattr(component, "config", None)
         if config is not None:
             raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
             cfg = {k: v for k, v in raw.items() if not k.startswith("_") and k != "transformers_version"}
-            if name == "text_encoder" and base_vocab is not None and "vocab_size" in cfg:
+            if name in ("text_encoder", "text_encoder_2") and base_vocab is not None and "vocab_size" in cfg:
                 cfg["vocab_size"] = base_vocab  # grown by added token rows, which do not count
             h.update(stable_digest(cfg).encode())
         if isinstance(component, torch.nn.Module):
             for pname, tensor in sorted(component.state_dict().items()):
                 t = tensor.detach()
-                if name == "text_encoder" and base_vocab is not None and t.shape and t.shape[0] > base_vocab and "token_embedding" in pname:
+                if name in ("text_encoder", "text_encoder_2") and base_vocab is not None and t.shape and t.shape[0] > base_vocab and "token_embedding" in pname:
                     t = t[:base_vocab]
                 h.update(f"{pname}:{tuple(t.shape)}:{t.dtype}".encode())
                 h.update(t.to("cpu", torch.float32).contiguous().numpy().tobytes())

@@ -217,3 +217,121 @@ def test_nan_in_half_precision_is_redone_in_fp32(family, monkeypatch):
     out = diffuse(pipe, imgs, ["a cat", "a dog"], 0.5, [1, 2], **kw)
     assert pipe.unet.dtype == torch.bfloat16 and all(o is not None for o in out)
     assert np.array_equal(out[0], fp32)
+
+
+# -- tokens ------------------------------------------------------------------------------------------------
+def _fit_data():
+    from conftest import random_image
+
+    return [(random_image(i, size=(40, 48)), i % 2) for i in range(4)]
+
+
+FIT = dict(steps=4, batch_size=2, learning_rate=1e-2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def sdxl_tokens():
+    """Tokens fitted on the tiny SDXL pipeline (the pipeline is checked unchanged), and that pipeline."""
+    pipe = tiny_pipeline(family="sdxl")
+    before = {n: {k: v.clone() for k, v in getattr(pipe, n).state_dict().items()} for n in ("text_encoder", "text_encoder_2", "unet")}
+    sizes = (len(pipe.tokenizer), len(pipe.tokenizer_2))
+    from dafusion_aug import fit_tokens
+
+    tokens = fit_tokens(pipe, _fit_data(), ["cat", "dog"], **FIT)
+    for name, state in before.items():  # both encoders frozen: only the new rows (outside the model) learned
+        assert all(torch.equal(v, getattr(pipe, name).state_dict()[k]) for k, v in state.items()), name
+    assert (len(pipe.tokenizer), len(pipe.tokenizer_2)) == sizes
+    return tokens, pipe
+
+
+def test_fit_tokens_trains_both_sdxl_encoders(sdxl_tokens):
+    from dafusion_aug.fit import _initial_rows
+
+    tokens, pipe = sdxl_tokens
+    assert tokens.family == "sdxl" and tokens.metadata["family"] == "sdxl" and len(tokens.embeddings_2) == 2
+    for encoder, tokenizer, learned in ((pipe.text_encoder, pipe.tokenizer, tokens.embeddings),
+                                        (pipe.text_encoder_2, pipe.tokenizer_2, tokens.embeddings_2)):
+        init = _initial_rows(encoder, tokenizer, ["cat", "dog"], "class_name", 1)
+        assert not torch.equal(torch.cat(learned), init)  # each encoder's rows moved from their start
+
+
+def test_sdxl_fit_resumes_bitwise(tmp_path):
+    from dafusion_aug import fit_tokens
+
+    pipe = tiny_pipeline(family="sdxl")
+    full = fit_tokens(pipe, _fit_data(), ["cat", "dog"], **FIT)
+
+    def interrupt(step, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit_tokens(pipe, _fit_data(), ["cat", "dog"], checkpoint_dir=tmp_path, checkpoint_every=2, _on_step=interrupt, **FIT)
+    resumed = fit_tokens(pipe, _fit_data(), ["cat", "dog"], checkpoint_dir=tmp_path, checkpoint_every=2, **FIT)
+    for a, b in zip(full.embeddings + full.embeddings_2, resumed.embeddings + resumed.embeddings_2):
+        assert torch.equal(a, b)
+
+
+def test_sdxl_token_file_uses_clip_l_and_clip_g(sdxl_tokens, tmp_path):
+    from safetensors import safe_open
+
+    from dafusion_aug import ClassTokens
+
+    tokens, _ = sdxl_tokens
+    path = tokens.save(tmp_path / "tokens.safetensors")
+    with safe_open(str(path), "pt") as f:
+        assert sorted(f.keys()) == ["clip_g", "clip_l"] and f.metadata()["family"] == "sdxl"
+        assert f.get_tensor("clip_g").shape == (2, 32)
+    again = ClassTokens.load(path)
+    assert again.family == "sdxl" and again.content_hash() == tokens.content_hash()
+    assert all(torch.equal(a, b) for a, b in zip(again.embeddings_2, tokens.embeddings_2))
+
+
+def test_sdxl_export_loads_in_plain_diffusers_with_the_same_prompt_embeddings(sdxl_tokens, tmp_path):
+    """The documented plain-diffusers lines (tokens.DIFFUSERS_SDXL) give the prompt embeddings dafusion-aug gives."""
+    from safetensors.torch import load_file
+
+    tokens, _ = sdxl_tokens
+    files = tokens.export_diffusers(tmp_path / "export")
+    theirs = tiny_pipeline(family="sdxl")
+    for token, path in zip(tokens.tokens, files):
+        sd = load_file(str(path))
+        assert sorted(sd) == ["clip_g", "clip_l"]
+        theirs.load_textual_inversion(sd["clip_g"], token=token, text_encoder=theirs.text_encoder_2, tokenizer=theirs.tokenizer_2)
+        theirs.load_textual_inversion(sd["clip_l"], token=token, text_encoder=theirs.text_encoder, tokenizer=theirs.tokenizer)
+    ours = tiny_pipeline(family="sdxl")
+    tokens.apply(ours)
+    prompt = ["a photo of a <cat>", "a photo of a <dog>"]
+    a = ours.encode_prompt(prompt, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+    b = theirs.encode_prompt(prompt, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])  # prompt embeddings and pooled embeddings
+    plain = ours.encode_prompt(["a photo of a cat"], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+    assert not torch.equal(a[0][:1], plain[0])
+
+
+def test_token_files_of_another_family_are_refused(sdxl_tokens, tmp_path):
+    from dafusion_aug import ClassTokens, TokenFileError, fit_tokens
+
+    tokens, _ = sdxl_tokens
+    with pytest.raises(TokenFileError, match="made for family 'sdxl', but the pipeline is family 'sd1'"):
+        ClassTokens.load(tokens.save(tmp_path / "xl.safetensors")).apply(tiny_pipeline())
+    sd2 = fit_tokens(tiny_pipeline(family="sd2"), _fit_data(), ["cat", "dog"], **{**FIT, "steps": 1})
+    assert ClassTokens.load(sd2.save(tmp_path / "sd2.safetensors")).family == "sd2"
+    with pytest.raises(TokenFileError, match="made for family 'sd2', but the pipeline is family 'sd1'"):
+        ClassTokens.load(tmp_path / "sd2.safetensors").apply(tiny_pipeline())
+    with pytest.raises(TokenFileError, match="one embedding per token, but the pipeline is SDXL"):
+        ClassTokens(["cat"], [torch.randn(1, 32)]).apply(tiny_pipeline(family="sdxl"))
+
+
+def test_transform_with_sdxl_tokens_on_a_folder(sdxl_tokens, family_folders, tmp_path):
+    from conftest import random_image
+
+    from dafusion_aug import DiffusionAugment
+
+    tokens, _ = sdxl_tokens
+    path = tokens.save(tmp_path / "tokens.safetensors")
+    aug = DiffusionAugment(str(family_folders("sdxl")), tokens=str(path), num_inference_steps=2, strength=1.0, num_variants=1,
+                           p=1.0, device="cpu", cache=tmp_path / "c")
+    out, label = aug(random_image(0), 1)
+    assert out.size == (32, 32) and label == 1 and len(list(aug.cache.keys())) == 1
+    assert "<dog>" in aug.pipeline().tokenizer_2.get_vocab()
