@@ -61,13 +61,14 @@ def _cmd_info(args) -> int:
         from .pipeline import PipelineSpec
 
         info["fingerprint"] = PipelineSpec(args.model).fingerprint()
+        info["family"] = PipelineSpec(args.model).family()
     _print_json(info)
     return 0
 
 
 def _add_info(sub) -> None:
-    p = sub.add_parser("info", help="print versions (and a model's fingerprint)")
-    p.add_argument("--model", default=None, help="also print this model's fingerprint")
+    p = sub.add_parser("info", help="print versions (and a model's fingerprint and family)")
+    p.add_argument("--model", default=None, help="also print this model's fingerprint and family (sd1, sd2, sdxl)")
     p.set_defaults(func=_cmd_info)
 
 
@@ -230,6 +231,7 @@ def _cmd_fit_tokens(args) -> int:
             "class_names": tokens.class_names,
             "tokens": tokens.tokens,
             "num_vectors": tokens.num_vectors,
+            "family": tokens.family,
             "final_loss": tokens.metadata.get("final_loss"),
             "base_model": tokens.metadata.get("base_model"),
         }

@@ -335,3 +335,105 @@ def test_transform_with_sdxl_tokens_on_a_folder(sdxl_tokens, family_folders, tmp
     out, label = aug(random_image(0), 1)
     assert out.size == (32, 32) and label == 1 and len(list(aug.cache.keys())) == 1
     assert "<dog>" in aug.pipeline().tokenizer_2.get_vocab()
+
+
+# -- erasure -----------------------------------------------------------------------------------------------
+ERASE = dict(steps=2, learning_rate=1e-3, ddim_steps=3, progress=False)
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+@pytest.mark.parametrize("method", ["esd-x", "esd-x-strict", "esd-u", "full"])
+def test_erase_concept_selects_the_familys_parameters(family, method):
+    from dafusion_aug.erase import parameter_names
+
+    unet = tiny_pipeline(family=family).unet
+    names = parameter_names(unet, method)
+    assert names
+    if method.startswith("esd-x"):
+        assert all(".attn2." in n for n in names)  # SDXL's and SD 2.x's cross-attention layers
+        kinds = {n.split(".attn2.")[1].rsplit(".", 1)[0] for n in names}
+        assert kinds == ({"to_k", "to_v"} if method == "esd-x-strict" else {"to_q", "to_k", "to_v", "to_out.0"})
+        blocks = {n.split(".attentions.")[0] for n in names}
+        assert len(blocks) == 3  # down, mid and up blocks (with SDXL's deeper transformer stacks)
+    elif method == "esd-u":
+        assert not any(".attn2." in n for n in names) and ("add_embedding.linear_1.weight" in names) == (family == "sdxl")
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_erase_concept_applies_and_restores_bitwise(family, family_folders, tmp_path):
+    from dafusion_aug import Erasure, erase_concept
+    from dafusion_aug.errors import ErasureFileError
+
+    pipe = load_pipeline(PipelineSpec(str(family_folders(family)), device="cpu"))
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    erasure = erase_concept(pipe, "cat", **ERASE)
+    assert all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in before.items())  # training leaves the pipeline alone
+    assert erasure.family == family and erasure.metadata["family"] == family
+    path = erasure.save(tmp_path / "erase.safetensors")
+    loaded = Erasure.load(path)
+    assert loaded.family == family
+    with loaded.applied(pipe):
+        changed = [k for k, v in before.items() if not torch.equal(v, pipe.unet.state_dict()[k])]
+        assert changed and all(".attn2." in k for k in changed)
+    assert all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ErasureFileError, match=f"made for family '{family}', but the pipeline is family 'sd1'"):
+        loaded.apply(tiny_pipeline())
+    spec = PipelineSpec(str(family_folders(family)), device="cpu", erasure=str(path))
+    assert spec.fingerprint() != PipelineSpec(str(family_folders(family))).fingerprint()
+
+
+def test_sdxl_erasure_trains_with_sdxl_conditioning(monkeypatch):
+    """Every UNet call of an SDXL erasure gets both encoders' states and the added conditioning."""
+    from dafusion_aug import erase_concept
+
+    pipe = tiny_pipeline(family="sdxl")
+    seen = []
+    handle = pipe.unet.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append((kwargs["encoder_hidden_states"].shape[-1], sorted(kwargs["added_cond_kwargs"]))),
+        with_kwargs=True)
+    try:
+        erase_concept(pipe, "cat", **ERASE)
+    finally:
+        handle.remove()
+    assert seen and all(s == (64, ["text_embeds", "time_ids"]) for s in seen)
+
+
+# -- the command line ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_cli_on_a_family_folder(family, family_folders, tmp_path, capsys):
+    """info, fit-tokens, erase and generate (with the fitted tokens and the erasure) on a model folder."""
+    from conftest import random_image
+
+    from dafusion_aug import AugmentationCache, ClassTokens, Erasure
+    from dafusion_aug.cli import main
+
+    model = str(family_folders(family))
+    data = tmp_path / "data"
+    for c in ("cat", "dog"):
+        (data / c).mkdir(parents=True)
+        for i in range(2):
+            random_image(i + 10 * len(c), size=(40, 32)).save(data / c / f"{i}.png")
+    assert main(["info", "--model", model]) == 0
+    assert json.loads(capsys.readouterr().out)["family"] == family
+    common = ["--model", model, "--device", "cpu", "--quiet"]
+    assert main(["fit-tokens", *common, "--data", str(data), "--out", str(tmp_path / "t.safetensors"), "--steps", "2", "--batch-size", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["family"] == family
+    assert ClassTokens.load(tmp_path / "t.safetensors").family == family
+    assert main(["erase", *common, "--concept", "cat", "--out", str(tmp_path / "e.safetensors"), "--steps", "1", "--ddim-steps", "2"]) == 0
+    capsys.readouterr()
+    assert Erasure.load(tmp_path / "e.safetensors").family == family
+    args = ["generate", *common, "--data", str(data), "--cache", str(tmp_path / "cache"), "--tokens", str(tmp_path / "t.safetensors"),
+            "--erasure", str(tmp_path / "e.safetensors"),
+            "--steps", "4", "--num-variants", "1", "--batch-size", "4"]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["generated"] == 4
+    assert len(list(AugmentationCache(tmp_path / "cache").keys())) == 4
+
+
+def test_cli_names_an_unsupported_folder(tiny_folder, tmp_path, capsys):
+    from dafusion_aug.cli import main
+
+    folder = _edit_index(tiny_folder, tmp_path / "m", _class_name="FluxPipeline")
+    assert main(["info", "--model", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "'FluxPipeline'" in err and "SDXL" in err
