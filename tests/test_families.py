@@ -437,3 +437,55 @@ def test_cli_names_an_unsupported_folder(tiny_folder, tmp_path, capsys):
     assert main(["info", "--model", str(folder)]) == 2
     err = capsys.readouterr().err
     assert "'FluxPipeline'" in err and "SDXL" in err
+
+
+# -- the few-shot protocol ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("erase", [False, True])
+def test_run_fewshot_on_sdxl(erase, tmp_path):
+    """run_fewshot on the tiny SDXL pipeline: joint tokens, or one run per class with its class erased
+    (whose merged token file keeps both encoders' embeddings)."""
+    from dafusion_aug import ClassTokens
+    from dafusion_aug.data import ImageList
+    from dafusion_aug.fewshot import build_erasures, run_fewshot, small_cnn
+
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    names = ["cat", "dog"]
+    data = ImageList([(Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)), c) for c in range(2) for _ in range(3)], names)
+    pipe = tiny_pipeline(family="sdxl")
+    extra = dict(erase=True, erasures=build_erasures(pipe, names, tmp_path / "e", steps=1, ddim_steps=2, progress=False)) if erase else {}
+    res = run_fewshot(pipe, data, out=tmp_path / "run", methods=["baseline", "da-fusion"], shots=[1], seeds=[0], num_variants=1,
+                      num_inference_steps=4, fit_steps=2, classifier=small_cnn(steps=2, batch_size=2), progress=False, **extra)
+    assert [r["method"] for r in res.rows] == ["baseline", "da-fusion"]
+    (token_file,) = (tmp_path / "run" / "tokens").glob("*.safetensors")
+    tokens = ClassTokens.load(token_file)
+    assert tokens.family == "sdxl" and len(tokens.embeddings_2) == 2
+
+
+@pytest.mark.slow
+def test_ray_backend_on_sdxl_matches_local(family_folders, tmp_path):
+    ray = pytest.importorskip("ray", reason='the Ray backend needs pip install "dafusion-aug[ray]"')
+    from conftest import CLASS_NAMES, random_image
+
+    from dafusion_aug import DiffusionAugment, precompute
+
+    items = [(random_image(i), i % 3) for i in range(3)]
+
+    def make(cache):
+        return DiffusionAugment(PipelineSpec(str(family_folders("sdxl")), device="cpu"), class_names=CLASS_NAMES, num_inference_steps=4,
+                                guidance_scale=2.0, num_variants=2, p=1.0, cache=cache)
+
+    local = make(tmp_path / "local")
+    precompute(local, items, batch_size=3, progress=False)
+    remote = make(tmp_path / "ray")
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    try:
+        res = precompute(remote, items, backend="ray", batch_size=3, concurrency=1, progress=False)
+    finally:
+        ray.shutdown()
+    assert res["generated"] == 6
+    keys = sorted(local.cache.keys())
+    assert keys == sorted(remote.cache.keys())
+    for k in keys:
+        assert np.array_equal(local.cache.get(k), remote.cache.get(k))
