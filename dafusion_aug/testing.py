@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["tiny_pipeline", "tiny_components", "check_transform", "TINY_CORPUS"]
+__all__ = ["tiny_pipeline", "tiny_components", "full_size_unet", "full_size_pipeline", "check_transform", "TINY_CORPUS"]
 
 #: Sentences the tiny tokenizer's merges are learned from.
 TINY_CORPUS = (
@@ -172,6 +172,78 @@ def tiny_pipeline(seed: int = 0, family: str = "sd1"):
         pipe = StableDiffusionXLImg2ImgPipeline(**components, add_watermarker=False)
     else:
         pipe = StableDiffusionImg2ImgPipeline(**components, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _clip_text(tokenizer, hidden: int, layers: int, heads: int, act: str, projection: int, with_projection: bool = False):
+    """A full-size CLIP text encoder (49,408-row embedding), random weights."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=4 * hidden, num_attention_heads=heads,
+                            num_hidden_layers=layers, hidden_act=act, projection_dim=projection, max_position_embeddings=77,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
+
+
+def full_size_unet(family: str):
+    """The UNet of ``stabilityai/stable-diffusion-2-1`` (``"sd2"``, 866M parameters) or of
+    ``stabilityai/stable-diffusion-xl-base-1.0`` (``"sdxl"``, 2.57B), from their configs, with random weights
+    (build it under ``torch.device("meta")`` to count parameters without memory)."""
+    from diffusers import UNet2DConditionModel
+
+    if family == "sd2":
+        return UNet2DConditionModel(sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
+    if family == "sdxl":
+        return UNet2DConditionModel(
+            sample_size=128, cross_attention_dim=2048, attention_head_dim=(5, 10, 20), use_linear_projection=True,
+            block_out_channels=(320, 640, 1280), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
+            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+    raise ValueError(f"family must be 'sd2' or 'sdxl', got {family!r}")
+
+
+def full_size_pipeline(family: str = "sdxl", seed: int = 0):
+    """A pipeline with a real model's architecture and random weights, for speed and memory benchmarks.
+
+    ``"sd2"``: Stable Diffusion 2.1 (UNet 866M with linear projections, OpenCLIP ViT-H text encoder of 23
+    layers, DDIM with v-prediction, 768 px); ``"sdxl"``: SDXL base 1.0 (UNet 2.6B with ``text_time``
+    conditioning, CLIP ViT-L and OpenCLIP ViT-bigG text encoders, Euler, 1024 px). The configs are those of
+    ``stabilityai/stable-diffusion-2-1`` and ``stabilityai/stable-diffusion-xl-base-1.0``; the tokenizers are the
+    tiny pipeline's (only speed and memory are measured, so the vocabulary does not matter). Random weights
+    do not change the cost; SDXL takes about 14 GB in float32.
+
+    Args:
+        family: ``"sd2"`` or ``"sdxl"``.
+        seed: seeds the weight initialisation; the global torch RNG is left untouched.
+
+    Returns:
+        The img2img pipeline on the CPU in float32.
+    """
+    from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline,
+                           StableDiffusionXLImg2ImgPipeline)
+
+    if family not in ("sd2", "sdxl"):
+        raise ValueError(f"family must be 'sd2' or 'sdxl', got {family!r}")
+    tokenizer = _tiny_tokenizer()
+    betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+                            **({"scaling_factor": 0.13025, "force_upcast": True, "sample_size": 1024} if family == "sdxl" else {"sample_size": 768})).eval()
+        if family == "sd2":
+            unet = full_size_unet("sd2").eval()
+            pipe = StableDiffusionImg2ImgPipeline(
+                unet=unet, vae=vae, text_encoder=_clip_text(tokenizer, 1024, 23, 16, "gelu", 512), tokenizer=tokenizer,
+                scheduler=DDIMScheduler(clip_sample=False, set_alpha_to_one=False, prediction_type="v_prediction", **betas),
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        else:
+            unet = full_size_unet("sdxl").eval()
+            pipe = StableDiffusionXLImg2ImgPipeline(
+                unet=unet, vae=vae, text_encoder=_clip_text(tokenizer, 768, 12, 12, "quick_gelu", 768), tokenizer=tokenizer,
+                text_encoder_2=_clip_text(tokenizer, 1280, 32, 20, "gelu", 1280, with_projection=True), tokenizer_2=_tiny_tokenizer(),
+                scheduler=EulerDiscreteScheduler(timestep_spacing="leading", **betas), add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

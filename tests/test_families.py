@@ -489,3 +489,18 @@ def test_ray_backend_on_sdxl_matches_local(family_folders, tmp_path):
     assert keys == sorted(remote.cache.keys())
     for k in keys:
         assert np.array_equal(local.cache.get(k), remote.cache.get(k))
+
+
+@pytest.mark.parametrize("family, counts", [
+    ("sd2", {"full": 865_910_724, "esd-x": 50_352_320, "esd-x-strict": 25_559_040, "esd-u": 815_358_084}),
+    ("sdxl", {"full": 2_567_463_684, "esd-x": 545_670_400, "esd-x-strict": 340_787_200, "esd-u": 2_021_205_124}),
+])
+def test_full_size_parameter_counts(family, counts):
+    """The parameter sets of the real SD 2.1 and SDXL UNets (docs/erasure.md), built on the meta device."""
+    from dafusion_aug.erase import METHODS, parameter_names
+    from dafusion_aug.testing import full_size_unet
+
+    with torch.device("meta"):
+        unet = full_size_unet(family)
+    params = dict(unet.named_parameters())
+    assert {m: sum(params[n].numel() for n in parameter_names(unet, m)) for m in METHODS} == counts
