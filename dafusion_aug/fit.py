@@ -186,13 +186,19 @@ class _LatentEncoder:
             return
         x = to_batch(self.pending, self.size).mul_(2).sub_(1)
         self.pending = []
-        was_training = self.vae.training
+        was_training, dtype = self.vae.training, self.vae.dtype
+        # SDXL's VAE overflows in float16 (force_upcast): encode in float32, as its pipeline does
+        upcast = dtype == torch.float16 and bool(getattr(self.vae.config, "force_upcast", False))
         try:
             self.vae.eval()
+            if upcast:
+                self.vae.to(torch.float32)
             with torch.no_grad():
                 dist = self.vae.encode(x.to(self.device, self.vae.dtype)).latent_dist
         finally:
             self.vae.train(was_training)
+            if upcast:
+                self.vae.to(dtype)
         self.means.append(dist.mean.float())
         self.stds.append(dist.std.float())
 

@@ -504,3 +504,18 @@ def test_full_size_parameter_counts(family, counts):
         unet = full_size_unet(family)
     params = dict(unet.named_parameters())
     assert {m: sum(params[n].numel() for n in parameter_names(unet, m)) for m in METHODS} == counts
+
+
+def test_fit_tokens_encodes_sdxl_images_in_float32_when_the_vae_needs_it(monkeypatch):
+    """SDXL's VAE (force_upcast) overflows in float16: fit_tokens encodes in float32 and puts it back."""
+    from dafusion_aug.fit import _LatentEncoder
+
+    pipe = tiny_pipeline(family="sdxl").to(torch.float16)
+    seen = []
+    real = pipe.vae.encode
+    monkeypatch.setattr(pipe.vae, "encode", lambda x, *a, **k: seen.append((x.dtype, pipe.vae.dtype)) or real(x, *a, **k))
+    enc = _LatentEncoder(pipe.vae, 64, "cpu")
+    enc.add(np.zeros((40, 48, 3), np.uint8))
+    mean, _ = enc.finish()
+    assert seen == [(torch.float32, torch.float32)] and pipe.vae.dtype == torch.float16 and torch.isfinite(mean).all()
+    assert enc.sizes == [(40, 48)]
