@@ -519,3 +519,23 @@ def test_fit_tokens_encodes_sdxl_images_in_float32_when_the_vae_needs_it(monkeyp
     mean, _ = enc.finish()
     assert seen == [(torch.float32, torch.float32)] and pipe.vae.dtype == torch.float16 and torch.isfinite(mean).all()
     assert enc.sizes == [(40, 48)]
+
+
+def test_hub_ids_read_their_family_from_the_cache_only(family_folders, tmp_path, monkeypatch):
+    """A Hub id's family comes from the Hugging Face cache (never the network); its fingerprint stays id + revision."""
+    import huggingface_hub.constants
+
+    from dafusion_aug.hashing import stable_digest
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    spec = PipelineSpec("stabilityai/stable-diffusion-xl-base-1.0")
+    assert spec.family() is None
+    assert spec.fingerprint() == stable_digest("spec", stable_digest("hub", spec.model, "main"), None, None)
+    snapshot = tmp_path / "hub" / "models--stabilityai--stable-diffusion-xl-base-1.0" / "snapshots" / ("a" * 40)
+    (snapshot / "unet").mkdir(parents=True)
+    (tmp_path / "hub" / "models--stabilityai--stable-diffusion-xl-base-1.0" / "refs").mkdir()
+    (tmp_path / "hub" / "models--stabilityai--stable-diffusion-xl-base-1.0" / "refs" / "main").write_text("a" * 40)
+    shutil.copy(family_folders("sdxl") / "model_index.json", snapshot / "model_index.json")
+    shutil.copy(family_folders("sdxl") / "unet" / "config.json", snapshot / "unet" / "config.json")
+    assert spec.family() == "sdxl"
+    assert spec.fingerprint() == stable_digest("spec", stable_digest("hub", spec.model, "main"), None, None)
