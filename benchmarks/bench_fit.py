@@ -11,6 +11,11 @@ Usage:
     python benchmarks/bench_fit.py --model tiny --steps 120
     python benchmarks/bench_fit.py --model pocket --steps 60
     python benchmarks/bench_fit.py --model sd15-arch --resolution 256 --batch-size 1 --classes 2 --steps 2 --repeats 1
+    python benchmarks/bench_fit.py --model sdxl-arch --resolution 256 --batch-size 1 --classes 2 --per-class 1 --steps 4 --repeats 1
+
+For SDXL (``sdxl-arch``: SDXL base's architecture with random weights, ``testing.full_size_pipeline``) the
+reference trains both text encoders' whole embedding matrices per class and conditions the UNet as the
+SDXL pipeline does (both encoders' penultimate states, encoder 2's pooled embedding, size ``time_ids``).
 """
 
 from __future__ import annotations
@@ -115,6 +120,10 @@ def _pipeline(model: str):
         return pipe
     if model == "sd15-arch":
         return _sd15_arch()
+    if model == "sdxl-arch":
+        from dafusion_aug.testing import full_size_pipeline
+
+        return full_size_pipeline("sdxl")
     from dafusion_aug.testing import tiny_pipeline
 
     return tiny_pipeline(seed=0)
@@ -131,23 +140,29 @@ def reference_per_class(pipe, items, names, steps: int, batch_size: int, lr: flo
     pipe.unet.requires_grad_(False)
     pipe.vae.requires_grad_(False)
     per = [steps // len(names) + (1 if k < steps % len(names) else 0) for k in range(len(names))]
+    pairs = [("tokenizer", "text_encoder")] + ([("tokenizer_2", "text_encoder_2")] if getattr(pipe, "text_encoder_2", None) is not None else [])
     for k, name in enumerate(names):
-        tokenizer = copy.deepcopy(pipe.tokenizer)
-        text_encoder = copy.deepcopy(pipe.text_encoder)
         token = token_for_class(name, k)
-        tokenizer.add_tokens([token])
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        emb = text_encoder.get_input_embeddings().weight
-        init_ids = tokenizer.encode(name, add_special_tokens=False)
-        with torch.no_grad():
-            emb[token_id] = emb[init_ids].mean(0)
-        orig = emb.detach().clone()
-        keep = torch.ones(len(tokenizer), dtype=torch.bool)
-        keep[token_id] = False
-        text_encoder.requires_grad_(False)
-        emb.requires_grad_(True)
-        opt = torch.optim.AdamW([emb], lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+        encoders, embs, origs, keeps = [], [], [], []
+        for tok_name, enc_name in pairs:
+            tokenizer = copy.deepcopy(getattr(pipe, tok_name))
+            text_encoder = copy.deepcopy(getattr(pipe, enc_name))
+            tokenizer.add_tokens([token])
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            emb = text_encoder.get_input_embeddings().weight
+            init_ids = tokenizer.encode(name, add_special_tokens=False)
+            with torch.no_grad():
+                emb[token_id] = emb[init_ids].mean(0)
+            keep = torch.ones(len(tokenizer), dtype=torch.bool)
+            keep[token_id] = False
+            text_encoder.requires_grad_(False)
+            emb.requires_grad_(True)
+            encoders.append((tokenizer, text_encoder))
+            embs.append(emb)
+            origs.append(emb.detach().clone())
+            keeps.append(keep)
+        opt = torch.optim.AdamW(embs, lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
         pixels = to_batch([np.asarray(im.convert("RGB")) for im, y in items if y == k], size) * 2 - 1
         for _ in range(per[k]):
             x = pixels[torch.randint(len(pixels), (batch_size,), generator=g)]
@@ -155,17 +170,29 @@ def reference_per_class(pipe, items, names, steps: int, batch_size: int, lr: flo
             noise = torch.randn(latents.shape, generator=g)
             t = torch.randint(sched.config.num_train_timesteps, (batch_size,), generator=g)
             prompts = [rnd.choice(IMAGENET_TEMPLATES).format(token) for _ in range(batch_size)]
-            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-            hidden = text_encoder(ids)[0]
-            pred = pipe.unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=hidden).sample
+            hidden, added = _condition(encoders, prompts, size)
+            pred = pipe.unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
             loss = F.mse_loss(pred.float(), noise.float())
             loss.backward()
             opt.step()
             opt.zero_grad()
             with torch.no_grad():
-                emb[keep] = orig[keep]
+                for emb, orig, keep in zip(embs, origs, keeps):
+                    emb[keep] = orig[keep]
             clocks.append(_clock())
     return clocks
+
+
+def _condition(encoders, prompts: list[str], size: int):
+    """The UNet's text conditioning: one encoder's last states, or SDXL's (both encoders' penultimate states,
+    encoder 2's pooled embedding, size time_ids), as the pipelines encode prompts."""
+    ids = [tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+           for tok, _ in encoders]
+    if len(encoders) == 1:
+        return encoders[0][1](ids[0])[0], None
+    outs = [enc(x, output_hidden_states=True) for (_, enc), x in zip(encoders, ids)]
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]] * len(prompts), dtype=torch.float32)
+    return torch.cat([o.hidden_states[-2] for o in outs], dim=-1), {"text_embeds": outs[-1][0], "time_ids": time_ids}
 
 
 def _clock() -> tuple[float, float]:
@@ -181,7 +208,7 @@ def _summary(clocks: list[tuple[float, float]]) -> tuple[float, float, float, fl
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=["tiny", "pocket", "pocket-arch", "sd15-arch"], default="tiny")
+    ap.add_argument("--model", choices=["tiny", "pocket", "pocket-arch", "sd15-arch", "sdxl-arch"], default="tiny")
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--classes", type=int, default=10)

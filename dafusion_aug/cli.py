@@ -100,13 +100,14 @@ def _cmd_info(args) -> int:
         from .pipeline import PipelineSpec
 
         info["fingerprint"] = PipelineSpec(args.model).fingerprint()
+        info["family"] = PipelineSpec(args.model).family()
     _print_json(info)
     return 0
 
 
 def _add_info(sub) -> None:
-    p = _parser(sub, "info", help="print versions (and a model's fingerprint)")
-    p.add_argument("--model", default=None, help="also print this model's fingerprint")
+    p = _parser(sub, "info", help="print versions (and a model's fingerprint and family)")
+    p.add_argument("--model", default=None, help="also print this model's fingerprint and family (sd1, sd2, sdxl)")
     p.set_defaults(func=_cmd_info)
 
 
@@ -291,6 +292,7 @@ def _cmd_fit_tokens(args) -> int:
             "class_names": tokens.class_names,
             "tokens": tokens.tokens,
             "num_vectors": tokens.num_vectors,
+            "family": tokens.family,
             "final_loss": tokens.metadata.get("final_loss"),
             "base_model": tokens.metadata.get("base_model"),
         }

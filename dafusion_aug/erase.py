@@ -37,6 +37,7 @@ from ._checkpoint import write_checkpoint
 from ._io import read_safetensors, remove_temporaries
 from .erasure import Erasure, base_digests, normalize_concepts, unet_of
 from .errors import PipelineError
+from .families import family_of
 from .hashing import stable_digest, stable_hash
 from .pipeline import resolve_pipeline
 
@@ -132,6 +133,25 @@ def _load_checkpoint(folder: Path, trained: Mapping[str, torch.Tensor], opt: tor
 
 # -- the loop ----------------------------------------------------------------------------------------
 @torch.no_grad()
+def _encode_sdxl(pipe, prompts: Sequence[str], device: torch.device, dtype: torch.dtype) -> tuple[dict, dict]:
+    """SDXL's prompt encoding per prompt, as its pipeline does: ``[1, seq, dim]`` hidden states of both text
+    encoders and the UNet's added conditioning (encoder 2's pooled embedding, ``time_ids`` of the native
+    size, no crop). The empty prompt is zeros when the model says so (``force_zeros_for_empty_prompt``), as
+    SDXL's own unconditional branch is."""
+    size = int(unet_of(pipe).config.sample_size) * int(pipe.vae_scale_factor)
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=device, dtype=dtype)
+    zeros = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False))
+    embeds, added = {}, {}
+    for p in prompts:
+        emb, _, pooled, _ = pipe.encode_prompt(p, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+        if p == "" and zeros:
+            emb, pooled = torch.zeros_like(emb), torch.zeros_like(pooled)
+        embeds[p] = emb.to(device=device, dtype=dtype)
+        added[p] = {"text_embeds": pooled.to(device=device, dtype=dtype), "time_ids": time_ids}
+    return embeds, added
+
+
+@torch.no_grad()
 def _encode(pipe, prompts: Sequence[str], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Text embeddings ``[1, seq, dim]`` per prompt, through the pipeline's own prompt encoder when it has one."""
     out = {}
@@ -164,7 +184,12 @@ class _ESDStep:
         self.concepts, self.concept_list = concepts, list(concepts)
         self.preserve, self.preserve_weight = list(preserve), preserve_weight
         all_prompts = sorted({p for ps in concepts.values() for p in ps} | {""} | set(self.preserve))
-        self.embeds = _encode(pipe, all_prompts, self.device, self.dtype)
+        # the family's prompt encoding; SDXL adds pooled embeddings and size conditioning (self.added)
+        self.added: dict[str, dict[str, torch.Tensor]] = {}
+        if family_of(pipe) == "sdxl":
+            self.embeds, self.added = _encode_sdxl(pipe, all_prompts, self.device, self.dtype)
+        else:
+            self.embeds = _encode(pipe, all_prompts, self.device, self.dtype)
         # our own scheduler object: the pipeline's keeps its state
         self.sched = DDIMScheduler.from_config(pipe.scheduler.config)
         self.sched.set_timesteps(ddim_steps)
@@ -174,14 +199,21 @@ class _ESDStep:
     def concept(self, step: int) -> str:
         return self.concept_list[step % len(self.concept_list)]
 
-    def _sample(self, cond: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
-        """x_t after ``k`` DDIM steps of the frozen model under ``cond`` (at ``start_guidance``), from seeded noise."""
+    def conditioning(self, prompts: Sequence[str]) -> dict[str, Any]:
+        """The UNet's keyword arguments for a batch of ``prompts`` (their hidden states; SDXL's added conditioning)."""
+        kwargs: dict[str, Any] = {"encoder_hidden_states": torch.cat([self.embeds[p] for p in prompts])}
+        if self.added:
+            kwargs["added_cond_kwargs"] = {k: torch.cat([self.added[p][k] for p in prompts]) for k in ("text_embeds", "time_ids")}
+        return kwargs
+
+    def _sample(self, prompt: str, k: int, gen: torch.Generator) -> torch.Tensor:
+        """x_t after ``k`` DDIM steps of the frozen model under ``prompt`` (at ``start_guidance``), from seeded noise."""
         unet, sched = self.unet, self.sched
-        both = torch.cat([self.embeds[""], cond])
+        both = self.conditioning(["", prompt])
         x = torch.randn(self.shape, generator=gen).to(device=self.device, dtype=self.dtype) * sched.init_noise_sigma
         with torch.no_grad():
             for t in sched.timesteps[:k]:
-                e_u, e_c = unet(torch.cat([x, x]), t.to(self.device), encoder_hidden_states=both, return_dict=False)[0].chunk(2)
+                e_u, e_c = unet(torch.cat([x, x]), t.to(self.device), **both, return_dict=False)[0].chunk(2)
                 x = sched.step(e_u + self.start_guidance * (e_c - e_u), t, x).prev_sample
         return x
 
@@ -191,17 +223,17 @@ class _ESDStep:
 
         unet, sched, device = self.unet, self.sched, self.device
         prompts = self.concepts[self.concept(step)]
-        cond = self.embeds[prompts[(step // len(self.concept_list)) % len(prompts)]]
+        prompt = prompts[(step // len(self.concept_list)) % len(prompts)]
+        cond, both = self.conditioning([prompt]), self.conditioning(["", prompt])
         gen = torch.Generator("cpu").manual_seed(stable_hash("esd-step", self.seed, step))
         k = int(torch.randint(self.ddim_steps, (1,), generator=gen))
-        x = self._sample(cond, k, gen)
+        x = self._sample(prompt, k, gen)
         t = sched.timesteps[k].to(device)
         with torch.no_grad():
-            both = torch.cat([self.embeds[""], cond])
-            e_0, e_c = unet(torch.cat([x, x]), t, encoder_hidden_states=both, return_dict=False)[0].float().chunk(2)
+            e_0, e_c = unet(torch.cat([x, x]), t, **both, return_dict=False)[0].float().chunk(2)
             target = e_0 - self.negative_guidance * (e_c - e_0)
         live = {n: v.to(self.dtype) for n, v in trained.items()}
-        pred = functional_call(unet, live, (x, t), {"encoder_hidden_states": cond, "return_dict": False})[0]
+        pred = functional_call(unet, live, (x, t), {**cond, "return_dict": False})[0]
         loss = F.mse_loss(pred.float(), target)
         if self.preserve:
             loss = loss + self.preserve_weight * self._preservation(step, k, t, live)
@@ -216,11 +248,11 @@ class _ESDStep:
         n = min(PRESERVE_BATCH, len(self.preserve))
         picked = [self.preserve[(step * n + j) % len(self.preserve)] for j in range(n)]
         gen = torch.Generator("cpu").manual_seed(stable_hash("esd-preserve", self.seed, step))
-        x = self._sample(self.embeds[picked[0]], k, gen).expand(n, -1, -1, -1)
-        cond = torch.cat([self.embeds[p] for p in picked])
+        x = self._sample(picked[0], k, gen).expand(n, -1, -1, -1)
+        cond = self.conditioning(picked)
         with torch.no_grad():
-            target = self.unet(x, t, encoder_hidden_states=cond, return_dict=False)[0].float()
-        pred = functional_call(self.unet, live, (x, t), {"encoder_hidden_states": cond, "return_dict": False})[0]
+            target = self.unet(x, t, **cond, return_dict=False)[0].float()
+        pred = functional_call(self.unet, live, (x, t), {**cond, "return_dict": False})[0]
         return F.mse_loss(pred.float(), target)
 
 
@@ -415,6 +447,8 @@ def erase_concept(
     }
     if kept:  # only then: files and checkpoints of plain ESD keep their names and signatures
         hparams.update(preserve=kept, preserve_weight=float(preserve_weight))
+    if family_of(pipe) != "sd1":  # recorded (and checked at apply) for other families; SD 1.x files are unchanged
+        hparams["family"] = family_of(pipe)
     tensors, losses = train_esd(
         pipe, concept_map, names, negative_guidance=float(negative_guidance), steps=steps, learning_rate=float(learning_rate),
         start_guidance=float(start_guidance), ddim_steps=ddim_steps, seed=int(seed), progress=progress,

@@ -27,6 +27,7 @@ from torch import nn
 from . import __version__
 from ._io import read_safetensors, save_safetensors
 from .errors import ErasureFileError, PipelineError
+from .families import family_of, requires_family
 from .hashing import stable_digest
 
 __all__ = ["Erasure", "base_digests", "normalize_concepts", "unet_of"]
@@ -120,6 +121,11 @@ class Erasure:
         self._hash: str | None = None
 
     # -- facts -------------------------------------------------------------------------------------
+    @property
+    def family(self) -> str | None:
+        """The model family it was trained on (``"sd2"``, ``"sdxl"``), ``None`` when unrecorded (SD 1.x files)."""
+        return self.metadata.get("family")
+
     @property
     def num_parameters(self) -> int:
         """Number of trained scalars (elements over all tensors)."""
@@ -261,10 +267,13 @@ class Erasure:
             replace: if another erasure is active, restore it first instead of raising.
 
         Raises:
-            ErasureFileError: the UNet lacks a tensor, a shape differs, or the base model differs.
+            ErasureFileError: the erasure was trained on another family (recorded for SD 2.x and SDXL), the UNet
+                lacks a tensor, a shape differs, or the base model differs.
             PipelineError: another erasure is active and ``replace`` is False.
         """
         unet = unet_of(pipe)
+        if self.family is not None and hasattr(pipe, "unet"):
+            requires_family(self.family, family_of(pipe), f"the erasure of {list(self.concepts)} ({self.method})", ErasureFileError)
         current = Erasure.active(pipe)
         if self._same(current):
             return

@@ -28,6 +28,7 @@ from ._io import remove_temporaries
 from ._samples import check_class_names
 from .data import LabelledImages, as_dataset, class_names_of, read_labelled_images
 from .errors import FitError
+from .families import family_of
 from .functional import native_resolution, to_batch
 from .hashing import stable_digest, stable_hash
 from .pipeline import resolve_pipeline
@@ -116,22 +117,31 @@ def _check_args(num_vectors, initializer, steps, batch_size, learning_rate, temp
     return tmpl
 
 
+def _encoders(pipe) -> list[tuple[Any, Any]]:
+    """The ``(text encoder, tokenizer)`` pairs whose new rows train: one, or SDXL's two (both learn together)."""
+    pairs = [(pipe.text_encoder, pipe.tokenizer)]
+    if family_of(pipe) == "sdxl":
+        pairs.append((pipe.text_encoder_2, pipe.tokenizer_2))
+    return pairs
+
+
 def _check_tokens(pipe, tokens: list[list[str]], class_names: list[str]) -> None:
-    vocab = pipe.tokenizer.get_vocab()
     ours = getattr(pipe, "_dafusion_tokens", set())
-    for names, cls in zip(tokens, class_names):
-        clash = [t for t in names if t in vocab and t not in ours]
-        if clash:
-            raise FitError(
-                f"token {clash[0]!r} (class {cls!r}) is already in the tokenizer vocabulary (id {vocab[clash[0]]}) with "
-                "its own values; the fitted token would clash with it when applied. Use a pipeline without it, "
-                "or other class names"
-            )
+    for _, tokenizer in _encoders(pipe):
+        vocab = tokenizer.get_vocab()
+        for names, cls in zip(tokens, class_names):
+            clash = [t for t in names if t in vocab and t not in ours]
+            if clash:
+                raise FitError(
+                    f"token {clash[0]!r} (class {cls!r}) is already in the tokenizer vocabulary (id {vocab[clash[0]]}) with "
+                    "its own values; the fitted token would clash with it when applied. Use a pipeline without it, "
+                    "or other class names"
+                )
 
 
-def _initial_rows(pipe, class_names: list[str], initializer: str, num_vectors: int) -> torch.Tensor:
-    tokenizer = pipe.tokenizer
-    weight = pipe.text_encoder.get_input_embeddings().weight.detach()
+def _initial_rows(encoder, tokenizer, class_names: list[str], initializer: str, num_vectors: int) -> torch.Tensor:
+    """The starting rows of one text encoder's new tokens, from its own embedding matrix."""
+    weight = encoder.get_input_embeddings().weight.detach()
     bad = {tokenizer.unk_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id} - {None}
     if initializer != "class_name":
         ids = tokenizer.encode(initializer, add_special_tokens=False)
@@ -163,9 +173,11 @@ class _LatentEncoder:
         self.pending: list = []
         self.means: list[torch.Tensor] = []
         self.stds: list[torch.Tensor] = []
+        self.sizes: list[tuple[int, int]] = []  # each image's own (height, width): SDXL's original_size
 
     def add(self, image) -> None:
         self.pending.append(image)
+        self.sizes.append((int(image.shape[0]), int(image.shape[1])))
         if len(self.pending) == _ENCODE_BATCH:
             self._flush()
 
@@ -174,13 +186,19 @@ class _LatentEncoder:
             return
         x = to_batch(self.pending, self.size).mul_(2).sub_(1)
         self.pending = []
-        was_training = self.vae.training
+        was_training, dtype = self.vae.training, self.vae.dtype
+        # SDXL's VAE overflows in float16 (force_upcast): encode in float32, as its pipeline does
+        upcast = dtype == torch.float16 and bool(getattr(self.vae.config, "force_upcast", False))
         try:
             self.vae.eval()
+            if upcast:
+                self.vae.to(torch.float32)
             with torch.no_grad():
                 dist = self.vae.encode(x.to(self.device, self.vae.dtype)).latent_dist
         finally:
             self.vae.train(was_training)
+            if upcast:
+                self.vae.to(dtype)
         self.means.append(dist.mean.float())
         self.stds.append(dist.std.float())
 
@@ -240,24 +258,34 @@ def _open_training_data(data: Any, class_names: Sequence[str] | None) -> tuple[A
     return ds, names
 
 
-class _Trainer:
-    """The trained rows, their optimizer and generator, a private tokenizer, and one step of the loop."""
+def _private_tokenizer(tokenizer, flat: list[str]) -> tuple[Any, torch.Tensor]:
+    """A copy of ``tokenizer`` with the new tokens, and the map token id -> trained row (-1: a frozen row)."""
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.add_tokens([t for t in flat if t not in tokenizer.get_vocab()])
+    ids = tokenizer.convert_tokens_to_ids(flat)
+    row_of_id = torch.full((max(len(tokenizer), max(ids) + 1),), -1, dtype=torch.long)
+    row_of_id[torch.tensor(ids)] = torch.arange(len(ids))
+    return tokenizer, row_of_id
 
-    def __init__(self, pipe, init: torch.Tensor, expanded: list[list[str]], templates: list[str], lr: float, seed: int) -> None:
+
+class _Trainer:
+    """The trained rows (one set per text encoder: SDXL trains both together), their optimizer and generator,
+    private tokenizers, and one step of the loop."""
+
+    def __init__(self, pipe, inits: list[torch.Tensor], expanded: list[list[str]], templates: list[str], lr: float, seed: int) -> None:
         self.pipe, self.expanded, self.templates, self.seed = pipe, expanded, templates, seed
         self.dev = pipe.unet.device
-        self.rows = nn.Parameter(init.to(self.dev))
-        self.optimizer = torch.optim.AdamW([self.rows], lr=lr, betas=_BETAS, weight_decay=_WEIGHT_DECAY, eps=_EPS)
+        self.encoders = [enc for enc, _ in _encoders(pipe)]
+        self.rows = nn.Parameter(inits[0].to(self.dev))
+        self.rows_2 = nn.Parameter(inits[1].to(self.dev)) if len(inits) > 1 else None
+        self.optimizer = torch.optim.AdamW(self.params(), lr=lr, betas=_BETAS, weight_decay=_WEIGHT_DECAY, eps=_EPS)
         self.gen = torch.Generator().manual_seed(seed)
         self.losses: list[float] = []
         self.start = 0
-        self.tokenizer = copy.deepcopy(pipe.tokenizer)
         flat = [t for names_k in expanded for t in names_k]
-        self.tokenizer.add_tokens([t for t in flat if t not in self.tokenizer.get_vocab()])
-        ids = self.tokenizer.convert_tokens_to_ids(flat)
-        self.row_of_id = torch.full((max(len(self.tokenizer), max(ids) + 1),), -1, dtype=torch.long)
-        self.row_of_id[torch.tensor(ids)] = torch.arange(len(ids))
-        self._prompt_ids: dict[tuple[int, int], torch.Tensor] = {}
+        self.tokenizers, self.row_of_ids = zip(*(_private_tokenizer(tok, flat) for _, tok in _encoders(pipe)))
+        self.tokenizer, self.row_of_id = self.tokenizers[0], self.row_of_ids[0]
+        self._prompt_ids: dict[tuple[int, int, int], torch.Tensor] = {}
         self.checkpoint_dir: str | os.PathLike | None = None
         self._info: dict[str, Any] = {}
 
@@ -280,60 +308,91 @@ class _Trainer:
         """Write checkpoint ``step`` (the newest two are kept)."""
         save_numbered(self.checkpoint_dir, step, self.snapshot(), {**self._info, "loss": loss}, fmt=CHECKPOINT_FORMAT, keep=_KEEP_CHECKPOINTS)
 
+    def params(self) -> list[nn.Parameter]:
+        """The trained rows, one parameter per text encoder (AdamW's parameter order)."""
+        return [self.rows] + ([self.rows_2] if self.rows_2 is not None else [])
+
     def restore(self, state: tuple[dict[str, Any], dict[str, torch.Tensor]] | None) -> None:
         """Continue from a checkpoint's rows, AdamW state, generator state and losses."""
         if state is None:
             return
         info, tensors = state
         self.start = int(info["step"])
-        with torch.no_grad():
-            self.rows.copy_(tensors["rows"].to(self.dev))
+        adam = {}
+        for i, (param, suffix) in enumerate(zip(self.params(), ("", "_2"))):
+            with torch.no_grad():
+                param.copy_(tensors["rows" + suffix].to(self.dev))
+            adam[i] = {"step": tensors["adam_step" + suffix].reshape(()), "exp_avg": tensors["exp_avg" + suffix],
+                       "exp_avg_sq": tensors["exp_avg_sq" + suffix]}
         if self.start > 0:
-            adam = {"step": tensors["adam_step"].reshape(()), "exp_avg": tensors["exp_avg"], "exp_avg_sq": tensors["exp_avg_sq"]}
-            self.optimizer.load_state_dict({"state": {0: adam}, "param_groups": self.optimizer.state_dict()["param_groups"]})
+            self.optimizer.load_state_dict({"state": adam, "param_groups": self.optimizer.state_dict()["param_groups"]})
         self.gen.set_state(tensors["rng_state"])
         self.losses = tensors["losses"].tolist()
 
     def snapshot(self) -> dict[str, torch.Tensor]:
-        """The tensors of a checkpoint."""
-        adam = self.optimizer.state.get(self.rows, {})
-        zeros = torch.zeros_like(self.rows)
-        return {
-            "rows": self.rows.detach(),
-            "exp_avg": adam.get("exp_avg", zeros),
-            "exp_avg_sq": adam.get("exp_avg_sq", zeros),
-            "adam_step": torch.as_tensor(adam.get("step", 0.0), dtype=torch.float32).reshape(1),
-            "rng_state": self.gen.get_state(),
-            "losses": torch.tensor(self.losses, dtype=torch.float64),
-        }
+        """The tensors of a checkpoint (SDXL adds the second encoder's under ``*_2`` keys)."""
+        out = {"rng_state": self.gen.get_state(), "losses": torch.tensor(self.losses, dtype=torch.float64)}
+        for param, suffix in zip(self.params(), ("", "_2")):
+            adam = self.optimizer.state.get(param, {})
+            zeros = torch.zeros_like(param)
+            out.update({
+                "rows" + suffix: param.detach(),
+                "exp_avg" + suffix: adam.get("exp_avg", zeros),
+                "exp_avg_sq" + suffix: adam.get("exp_avg_sq", zeros),
+                "adam_step" + suffix: torch.as_tensor(adam.get("step", 0.0), dtype=torch.float32).reshape(1),
+            })
+        return out
 
-    def _prompt(self, k: int, j: int) -> torch.Tensor:
-        if (k, j) not in self._prompt_ids:
+    def _prompt(self, k: int, j: int, e: int = 0) -> torch.Tensor:
+        """Token ids of class ``k`` in template ``j`` for text encoder ``e``'s tokenizer (cached)."""
+        if (k, j, e) not in self._prompt_ids:
             text = self.templates[j].format(" ".join(self.expanded[k]))
-            tok = self.tokenizer
-            self._prompt_ids[(k, j)] = tok(text, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids[0]
-        return self._prompt_ids[(k, j)]
+            tok = self.tokenizers[e]
+            self._prompt_ids[(k, j, e)] = tok(text, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids[0]
+        return self._prompt_ids[(k, j, e)]
 
     @contextlib.contextmanager
     def spliced(self) -> Iterator[None]:
-        """Freeze the caller's modules (eval mode) and read the token rows from :attr:`rows`; restore on exit."""
-        text_encoder = self.pipe.text_encoder
-        modules = (text_encoder, self.pipe.unet, self.pipe.vae)
+        """Freeze the caller's modules (eval mode) and read the token rows of every text encoder from
+        :meth:`params`; restore on exit."""
+        modules = (*self.encoders, self.pipe.unet, self.pipe.vae)
         flags = [[p.requires_grad for p in m.parameters()] for m in modules]
         modes = [m.training for m in modules]
-        original = text_encoder.get_input_embeddings()
+        originals = [enc.get_input_embeddings() for enc in self.encoders]
         try:
             for m in modules:
                 m.requires_grad_(False)
                 m.eval()
-            text_encoder.set_input_embeddings(_SplicedEmbedding(original, self.rows, self.row_of_id.to(self.dev)))
+            for enc, original, rows, row_of_id in zip(self.encoders, originals, self.params(), self.row_of_ids):
+                enc.set_input_embeddings(_SplicedEmbedding(original, rows, row_of_id.to(self.dev)))
             yield
         finally:
-            text_encoder.set_input_embeddings(original)
+            for enc, original in zip(self.encoders, originals):
+                enc.set_input_embeddings(original)
             for m, fl, mode in zip(modules, flags, modes):
                 for p, f in zip(m.parameters(), fl):
                     p.requires_grad_(f)
                 m.train(mode)
+
+    def condition(self, classes: list[int], tj: list[int], sizes: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """The UNet's text conditioning of a batch: hidden states, and for SDXL the added conditioning.
+
+        SDXL as its pipeline encodes a prompt: both encoders' penultimate hidden states, concatenated, the
+        pooled (projected) embedding of encoder 2, and ``time_ids`` = (original size, crop (0, 0), target size).
+        """
+        pipe, dev = self.pipe, self.dev
+        ids = [torch.stack([self._prompt(k, j, e) for k, j in zip(classes, tj)]).to(dev) for e in range(len(self.encoders))]
+        if self.rows_2 is None:
+            use_mask = bool(getattr(pipe.text_encoder.config, "use_attention_mask", False))
+            mask = (ids[0] != self.tokenizer.pad_token_id).long() if use_mask else None
+            return pipe.text_encoder(ids[0], attention_mask=mask)[0].to(pipe.unet.dtype), None
+        states = []
+        for enc, x in zip(self.encoders, ids):
+            out = enc(x, output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+        pooled = out[0]  # encoder 2's projected pooled embedding, as the SDXL pipeline takes it
+        dtype = pipe.unet.dtype
+        return torch.cat(states, dim=-1).to(dtype), {"text_embeds": pooled.to(dtype), "time_ids": sizes.to(dev, dtype)}
 
     def step(self, step: int, batch_size: int, train: LabelledImages, latents: _Latents, noise_sched) -> float:
         """One optimisation step on a class-balanced batch; returns its loss."""
@@ -351,11 +410,8 @@ class _Trainer:
         noisy = noise_sched.add_noise(x0, noise, t)
         prediction = noise_sched.config.prediction_type
         target = noise if prediction == "epsilon" else (noise_sched.get_velocity(x0, noise, t) if prediction == "v_prediction" else x0)
-        input_ids = torch.stack([self._prompt(k, j) for k, j in zip(classes, tj)]).to(dev)
-        use_mask = bool(getattr(pipe.text_encoder.config, "use_attention_mask", False))
-        mask = (input_ids != self.tokenizer.pad_token_id).long() if use_mask else None
-        hidden = pipe.text_encoder(input_ids, attention_mask=mask)[0].to(pipe.unet.dtype)
-        pred = pipe.unet(noisy.to(pipe.unet.dtype), t, encoder_hidden_states=hidden).sample
+        hidden, added = self.condition(classes, tj, latents.time_ids[sel])
+        pred = pipe.unet(noisy.to(pipe.unet.dtype), t, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
         loss = F.mse_loss(pred.float(), target.float())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -382,9 +438,12 @@ class _Trainer:
 class _Latents:
     """Every training image's VAE posterior (mean, std) and the per-class index lists the stream draws from."""
 
-    def __init__(self, pipe, train: LabelledImages, mean: torch.Tensor, std: torch.Tensor) -> None:
+    def __init__(self, pipe, train: LabelledImages, mean: torch.Tensor, std: torch.Tensor, sizes: list[tuple[int, int]],
+                 size: int) -> None:
         vae = pipe.vae
         self.mean, self.std = mean, std
+        # SDXL's size conditioning per image: its own size, no crop, the training size (unused by other families)
+        self.time_ids = torch.tensor([[h, w, 0, 0, size, size] for h, w in sizes], dtype=torch.float32)
         self.scale = float(vae.config.scaling_factor)
         self.shift = getattr(vae.config, "shift_factor", None) or 0.0
         self.by_class = [[i for i, y in enumerate(train.labels) if y == k] for k in range(len(train.class_names))]
@@ -479,12 +538,13 @@ def fit_tokens(
     source = resolve_pipeline(pipeline, device=device, dtype=dtype, caller="fit_tokens")
     pipe, base_fp = source.load(fresh=True), source.fingerprint()  # a private copy: modules are swapped while training
     _check_tokens(pipe, expanded, names)
-    init = _initial_rows(pipe, names, initializer, num_vectors)
+    inits = [_initial_rows(enc, tok, names, initializer, num_vectors) for enc, tok in _encoders(pipe)]
+    family = family_of(pipe)
     noise_sched = _noise_scheduler(pipe)
     size = int(resolution) if resolution is not None else native_resolution(pipe)
     encoder = _LatentEncoder(pipe.vae, size, pipe.unet.device)
     train = read_labelled_images(dataset, names, encoder.add, error=FitError)
-    latents = _Latents(pipe, train, *encoder.finish())
+    latents = _Latents(pipe, train, *encoder.finish(), encoder.sizes, size)
     lr = float(learning_rate) * (batch_size if scale_lr else 1)
     config = {
         "base_model": base_fp, "data": train.digest, "num_images": len(train.labels), "class_names": names, "tokens": tokens,
@@ -492,17 +552,20 @@ def fit_tokens(
         "scale_lr": bool(scale_lr), "effective_learning_rate": lr, "templates": tmpl, "resolution": size, "seed": seed,
         "dtype": str(pipe.unet.dtype).removeprefix("torch."), "optimizer": _OPTIMIZER, "prediction_type": noise_sched.config.prediction_type,
     }
+    if family != "sd1":  # SD 1.x configs (and their checkpoints' digests) are those of earlier versions
+        config["family"] = family
 
     # 3. Trainable rows, a private tokenizer, the optimizer and the generator (restored from a checkpoint).
-    trainer = _Trainer(pipe, init, expanded, tmpl, lr, seed)
+    trainer = _Trainer(pipe, inits, expanded, tmpl, lr, seed)
     trainer.resume(checkpoint_dir, resume, config, steps)
 
     # 4. Train, with the caller's modules restored on the way out.
     trainer.run(steps, batch_size, train, latents, noise_sched, progress=progress, checkpoint_every=checkpoint_every, on_step=_on_step)
 
     # 5. The result.
-    final = trainer.rows.detach().to("cpu", torch.float32)
+    finals = [p.detach().to("cpu", torch.float32) for p in trainer.params()]
+    per_class = [[f[k * num_vectors : (k + 1) * num_vectors] for k in range(len(names))] for f in finals]
     window = trainer.losses[-_LOSS_WINDOW:]
     meta = {k: v for k, v in config.items() if k not in ("class_names", "tokens")}
     meta.update(method="textual-inversion (joint)", steps=steps, final_loss=sum(window) / len(window) if window else None)
-    return ClassTokens(names, [final[k * num_vectors : (k + 1) * num_vectors] for k in range(len(names))], tokens=tokens, metadata=meta)
+    return ClassTokens(names, per_class[0], tokens=tokens, metadata=meta, embeddings_2=per_class[1] if len(per_class) > 1 else None)

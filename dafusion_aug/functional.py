@@ -22,12 +22,24 @@ import torch.nn.functional as F
 from ._denoise import decode, denoise, loop_unsupported
 from .regions import generation_masks, paste_outside
 
-__all__ = ["diffuse", "native_resolution", "check_strengths", "to_batch", "inpaint_pipeline"]
+__all__ = ["diffuse", "native_resolution", "check_resolution", "check_strengths", "to_batch", "inpaint_pipeline"]
 
 
 def native_resolution(pipe) -> int:
-    """The image size the pipeline's UNet was trained at (512 for SD 1.5, 32 for the pocket model)."""
+    """The image size the pipeline's UNet was trained at: 512 for SD 1.5, 768 for SD 2.1, 1024 for SDXL,
+    32 for the pocket model."""
     return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+
+def check_resolution(pipe, resolution: int | None, name: str = "resolution") -> int:
+    """The generation size: ``resolution``, which must be a positive multiple of the VAE's factor (8 for every
+    Stable Diffusion; diffusers would silently round it), or the model's :func:`native_resolution`."""
+    if resolution is None:
+        return native_resolution(pipe)
+    factor = int(getattr(pipe, "vae_scale_factor", 1) or 1)
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < factor or resolution % factor:
+        raise ValueError(f"{name} must be a positive multiple of the VAE's scale factor {factor}, got {resolution!r}")
+    return resolution
 
 
 def check_strengths(strengths: Sequence[float], num_inference_steps: int, name: str = "strength") -> None:
@@ -138,7 +150,7 @@ def diffuse(
         guidance_scale: classifier-free guidance scale.
         num_inference_steps: scheduler steps for strength 1 (``int(steps * strength)`` run).
         negative_prompt: one for all, or one per image.
-        resolution: generation size; default the model's native size.
+        resolution: generation size, a multiple of the VAE's factor; default the model's native size.
         batch_size: most images per UNet call (per pipeline call on the per-strength path); default all.
         fallback_fp32: when a float16/bfloat16 pipeline returns NaN or all-black images, redo those
             samples in float32.
@@ -155,8 +167,8 @@ def diffuse(
         whose output stayed NaN or black (never cache it).
 
     Raises:
-        ValueError: the lists differ in length (never silently truncated), a strength is invalid, or
-            ``mixed_strengths=True`` with a pipeline or scheduler that cannot mix strengths.
+        ValueError: the lists differ in length (never silently truncated), a strength or the resolution is
+            invalid, or ``mixed_strengths=True`` with a pipeline or scheduler that cannot mix strengths.
 
     Example:
         >>> from dafusion_aug.testing import tiny_pipeline
@@ -176,7 +188,7 @@ def diffuse(
     for i, img in enumerate(images):
         if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
             raise ValueError(f"images[{i}] must be an (H, W, 3) uint8 array, got {getattr(img, 'dtype', type(img))} {getattr(img, 'shape', '')}")
-    size = int(resolution) if resolution is not None else native_resolution(pipe)
+    size = check_resolution(pipe, resolution)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if mixed_strengths not in (None, True, False):
@@ -200,11 +212,12 @@ def diffuse(
                 results[i] = arr
         return results
     run = functools.partial(_run_pipeline, job)
-    groups: dict[float, list[int]] = defaultdict(list)
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    sized = _size_conditioned(pipe)
     for i, s in enumerate(strengths_l):
-        groups[s].append(i)
-    for strength in sorted(groups):
-        idx = groups[strength]
+        groups[(s, images[i].shape[:2] if sized else None)].append(i)
+    for key in sorted(groups):
+        idx = groups[key]
         step = batch_size or len(idx)
         for a in range(0, len(idx), step):
             chunk = idx[a : a + step]
@@ -270,11 +283,22 @@ class _Job(NamedTuple):
         return to_batch([self.images[i] for i in members], self.size)
 
 
+def _size_conditioned(pipe) -> bool:
+    """Whether the UNet takes SDXL's size and crop conditioning (``text_time`` added embeddings)."""
+    return getattr(getattr(pipe, "unet", None), "config", {}).get("addition_embed_type") == "text_time"
+
+
 def _run_pipeline(job: _Job, members: list[int]) -> torch.Tensor:
-    """One diffusers img2img call for ``members`` (all of one strength): images in [0, 1]."""
+    """One diffusers img2img call for ``members`` (all of one strength, and for SDXL of one input size):
+    images in [0, 1]."""
     negs = [job.negatives[i] for i in members]
     masked = {} if job.masks is None else dict(
         mask_image=generation_masks([job.masks[i] for i in members], job.size), height=job.size, width=job.size)
+    extra: dict[str, Any] = {}
+    if _size_conditioned(job.pipe):
+        # SDXL: the real image's size is the original size, uncropped, resized to the generation size
+        h, w = job.images[members[0]].shape[:2]
+        extra = dict(original_size=(int(h), int(w)), target_size=(job.size, job.size), crops_coords_top_left=(0, 0))
     return job.pipe(
         **masked,
         prompt=[job.prompts[i] for i in members],
@@ -285,6 +309,7 @@ def _run_pipeline(job: _Job, members: list[int]) -> torch.Tensor:
         guidance_scale=job.guidance_scale,
         generator=[torch.Generator("cpu").manual_seed(int(job.seeds[i])) for i in members],
         output_type="pt",
+        **extra,
     ).images
 
 

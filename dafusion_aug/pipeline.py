@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .errors import PipelineError
+from .families import family_from_index, img2img_class
 from .hashing import file_digest, stable_digest
 
 __all__ = [
@@ -264,16 +265,46 @@ class PipelineSpec:
             return None
         return name if isinstance(name, str) else None
 
+    def family(self) -> str | None:
+        """The model family (``"sd1"``, ``"sd2"``, ``"sdxl"``), read from the configs without loading weights.
+
+        A local folder's ``model_index.json`` (and ``unet/config.json``); for a Hub id, the same files in the
+        Hugging Face cache (never the network), ``None`` when they are not there yet.
+
+        Raises:
+            PipelineError: the model is of no supported family (see :func:`dafusion_aug.families.family_from_index`),
+                or a local folder has no ``model_index.json``.
+        """
+        local = self.local_path()
+        if local is not None:
+            return family_from_index(_read_index(local), lambda: _read_json(local / "unet" / "config.json"), f"folder {str(local)!r}")
+        from huggingface_hub import try_to_load_from_cache
+
+        def cached(name: str) -> dict | None:
+            found = try_to_load_from_cache(self.model, name, revision=self.revision)
+            return _read_json(Path(found)) if isinstance(found, str) else None
+
+        index = cached("model_index.json")
+        return None if index is None else family_from_index(index, lambda: cached("unet/config.json"), f"Hub id {self.model!r}")
+
     def fingerprint(self) -> str:
         """A digest that changes whenever the loaded weights would (stable across processes and machines).
 
         Hub models: id + revision. Local folders (and ``"pocket"``): a content hash of the weight and config
-        files. Both add the scheduler choice and the erasure file's content. dtype and device are left out:
+        files, and the family when it is not SD 1.x (so 1.x fingerprints are those of earlier versions).
+        Both add the scheduler choice and the erasure file's content. dtype and device are left out:
         the same model in fp16 on a GPU and fp32 on a CPU share cached variants (see docs/design.md).
+
+        Raises:
+            PipelineError: a local folder of no supported family.
         """
         local = self.local_path()
         base = _local_dir_fingerprint(local) if local is not None else stable_digest("hub", self.model, self.revision or "main")
         erasure = file_digest(self.erasure) if self.erasure else None
+        # a Hub id and revision already name the family; a folder without model_index.json fails at load
+        family = self.family() if local is not None and (local / "model_index.json").is_file() else None
+        if family not in (None, "sd1"):
+            return stable_digest("spec", base, self.scheduler, erasure, family)
         return stable_digest("spec", base, self.scheduler, erasure)
 
     def load(self):
@@ -320,39 +351,85 @@ def _quiet_loading():
                 lib.enable_progress_bar()
 
 
-def _load_kwargs(dtype: torch.dtype) -> dict[str, Any]:
-    """``from_pretrained`` arguments that load safetensors only, without a safety checker, and without warnings."""
+def _load_kwargs(dtype: torch.dtype, family: str) -> dict[str, Any]:
+    """``from_pretrained`` arguments that load safetensors only, the family's own (no safety checker, no
+    watermark), and print no warnings."""
     from diffusers.utils import deprecation_utils, is_accelerate_available
 
     # diffusers renamed torch_dtype to dtype (the old name warns); older releases know only torch_dtype
     dtype_name = "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
     return {
         dtype_name: dtype,
-        "safety_checker": None,
-        "feature_extractor": None,
-        "requires_safety_checker": False,
+        **_family_kwargs(family),
         "use_safetensors": True,
         # accelerate only makes big models load faster; without it diffusers warns on every load unless told
         "low_cpu_mem_usage": is_accelerate_available(),
     }
 
 
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _read_index(folder: Path) -> dict:
+    index = _read_json(folder / "model_index.json")
+    if index is None:
+        raise PipelineError(f"model folder {str(folder)!r} has no readable model_index.json, so it is no diffusers pipeline "
+                            "folder; write one with pipe.save_pretrained(folder)")
+    return index
+
+
+def _family_and_where(spec: PipelineSpec, local: Path | None) -> tuple[str, str]:
+    """The family to load, from ``model_index.json`` (the folder's, or the Hub's: a small config download)."""
+    if local is not None:
+        return spec.family(), f"folder {str(local)!r}"
+    from diffusers import DiffusionPipeline
+    from huggingface_hub import hf_hub_download
+
+    where = f"Hub id {spec.model!r} (revision {spec.revision or 'main'})"
+    try:
+        index = DiffusionPipeline.load_config(spec.model, revision=spec.revision, local_files_only=spec.local_files_only)
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"could not load an img2img pipeline from {where}: {_load_failure(e, spec.local_files_only)}") from e
+
+    def unet_config() -> dict | None:
+        try:
+            return _read_json(Path(hf_hub_download(spec.model, "unet/config.json", revision=spec.revision,
+                                                   local_files_only=spec.local_files_only)))
+        except (OSError, ValueError):
+            return None
+
+    return family_from_index(dict(index), unet_config, where), where
+
+
+def _family_kwargs(family: str) -> dict[str, Any]:
+    """``from_pretrained`` arguments of a family's img2img pipeline beyond dtype and safetensors."""
+    if family == "sdxl":
+        return dict(add_watermarker=False)  # the invisible watermark changes pixels; DA-Fusion never used it
+    return dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
 def _load_uncached(spec: PipelineSpec):
-    from diffusers import StableDiffusionImg2ImgPipeline
+    import diffusers
 
     dtype = resolve_dtype(spec.dtype)
     device = resolve_device(spec.device, require_available=True)
     check_dtype_on_device(spec.dtype, device, given_device=spec.device, error=PipelineError)
     local = spec.local_path()
-    kwargs = _load_kwargs(dtype)
+    family, where = _family_and_where(spec, local)  # refuses other families before any weight is read
+    cls = getattr(diffusers, img2img_class(family))
+    kwargs = _load_kwargs(dtype, family)
     try:
         with _quiet_loading():
-            pipe = _from_pretrained(StableDiffusionImg2ImgPipeline, spec, local, kwargs)
+            pipe = _from_pretrained(cls, spec, local, kwargs)
     except (OSError, ValueError) as e:
-        where = f"folder {str(local)!r}" if local is not None else f"Hub id {spec.model!r} (revision {spec.revision or 'main'})"
         reason = _load_failure(e, spec.local_files_only) if local is None else str(e)
         raise PipelineError(
-            f"could not load an img2img pipeline from {where}: {reason}. "
+            f"could not load an img2img pipeline from {where} ({cls.__name__}): {reason}. "
             "Only safetensors weights are loaded; no remote code is ever run."
         ) from e
     if spec.scheduler is not None:
@@ -563,22 +640,23 @@ def pipeline_fingerprint(pipe) -> str:
 
     h = hashlib.sha256()
     h.update(f"pipeline:{type(pipe).__name__}".encode())
-    base_vocab = getattr(pipe, "_dafusion_base_vocab", None)
     for name, component in sorted(pipe.components.items()):
         if component is None:
             continue
+        # the vocabulary before dafusion-aug added token rows, per tokenizer / text encoder pair (SDXL has two)
+        base_vocab = getattr(pipe, "_dafusion_base_vocab" + ("_2" if name.endswith("_2") else ""), None)
         h.update(f"|{name}:{type(component).__name__}".encode())
         config = getattr(component, "config", None)
         if config is not None:
             raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
             cfg = {k: v for k, v in raw.items() if not k.startswith("_") and k != "transformers_version"}
-            if name == "text_encoder" and base_vocab is not None and "vocab_size" in cfg:
+            if name in ("text_encoder", "text_encoder_2") and base_vocab is not None and "vocab_size" in cfg:
                 cfg["vocab_size"] = base_vocab  # grown by added token rows, which do not count
             h.update(stable_digest(cfg).encode())
         if isinstance(component, torch.nn.Module):
             for pname, tensor in sorted(component.state_dict().items()):
                 t = tensor.detach()
-                if name == "text_encoder" and base_vocab is not None and t.shape and t.shape[0] > base_vocab and "token_embedding" in pname:
+                if name in ("text_encoder", "text_encoder_2") and base_vocab is not None and t.shape and t.shape[0] > base_vocab and "token_embedding" in pname:
                     t = t[:base_vocab]
                 h.update(f"{pname}:{tuple(t.shape)}:{t.dtype}".encode())
                 h.update(t.to("cpu", torch.float32).contiguous().numpy().tobytes())

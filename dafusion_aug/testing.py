@@ -1,4 +1,4 @@
-"""Offline test helpers: a tiny, random Stable-Diffusion-layout img2img pipeline built from configs, and
+"""Offline test helpers: tiny, random img2img pipelines of each model family (SD 1.x, 2.x, SDXL) built from configs, and
 :func:`check_transform`, the contract check every transform test runs.
 
 Use the pipeline in your own tests the way diffusers' tests use ``get_dummy_components()``, but with no
@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["tiny_pipeline", "tiny_components", "tiny_clip", "check_transform", "TINY_CORPUS"]
+__all__ = ["tiny_pipeline", "tiny_components", "tiny_clip", "full_size_unet", "full_size_pipeline", "check_transform",
+           "TINY_CORPUS"]
 
 #: Sentences the tiny tokenizer's merges are learned from.
 TINY_CORPUS = (
@@ -60,26 +61,69 @@ def _tiny_tokenizer():
         return CLIPTokenizer(vf, mf, model_max_length=77, pad_token="<|endoftext|>")
 
 
-def tiny_components(seed: int = 0) -> dict:
-    """The components of :func:`tiny_pipeline`, as keyword arguments for the pipeline class."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+_FAMILIES = ("sd1", "sd2", "sdxl")
 
+
+def _tiny_text_encoder(tokenizer, *, hidden_act: str = "quick_gelu", projection: bool = False):
+    """A 2-layer CLIP text encoder of width 32 (``projection``: with the pooled projection, SDXL's encoder 2)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=32,
+        hidden_act=hidden_act,
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def _tiny_unet(family: str):
+    """The UNet of each family's tiny pipeline, with that family's traits (see :func:`tiny_components`)."""
+    from diffusers import UNet2DConditionModel
+
+    common = dict(in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=8)
+    if family == "sd1":
+        return UNet2DConditionModel(sample_size=8, cross_attention_dim=32, attention_head_dim=8, **common)
+    if family == "sd2":  # linear projections and per-block head counts, as SD 2.x's UNet
+        return UNet2DConditionModel(sample_size=12, cross_attention_dim=32, attention_head_dim=(2, 4),
+                                    use_linear_projection=True, **common)
+    # SDXL: text_time added conditioning (pooled embedding of encoder 2 + six size/crop numbers), 2 encoders
+    return UNet2DConditionModel(sample_size=16, cross_attention_dim=64, attention_head_dim=(2, 4),
+                                use_linear_projection=True, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32,
+                                transformer_layers_per_block=(1, 2), **common)
+
+
+def _tiny_scheduler(family: str):
+    """Each family's real scheduler (DDIM for 1.x, DDIM with v-prediction for 2.x, Euler for SDXL), tiny or not."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+    betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    if family == "sdxl":
+        return EulerDiscreteScheduler(timestep_spacing="leading", **betas)
+    extra = {"prediction_type": "v_prediction"} if family == "sd2" else {}
+    return DDIMScheduler(clip_sample=False, set_alpha_to_one=False, **betas, **extra)
+
+
+def tiny_components(seed: int = 0, family: str = "sd1") -> dict:
+    """The components of :func:`tiny_pipeline`, as keyword arguments for the family's pipeline class."""
+    from diffusers import AutoencoderKL
+
+    if family not in _FAMILIES:
+        raise ValueError(f"family must be one of {_FAMILIES}, got {family!r}")
     tokenizer = _tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=8,
-            norm_num_groups=8,
-        )
+        unet = _tiny_unet(family)
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
@@ -90,56 +134,123 @@ def tiny_components(seed: int = 0) -> dict:
             layers_per_block=1,
             norm_num_groups=8,
             sample_size=32,
+            **({"scaling_factor": 0.13025, "force_upcast": True} if family == "sdxl" else {}),
         )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=32,
-                intermediate_size=37,
-                num_attention_heads=4,
-                num_hidden_layers=2,
-                max_position_embeddings=77,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-                projection_dim=32,
-            )
-        )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    for model in (unet, vae, text_encoder):
+        text_encoder = _tiny_text_encoder(tokenizer, hidden_act="quick_gelu" if family == "sd1" else "gelu")
+        text_encoder_2 = _tiny_text_encoder(tokenizer, hidden_act="gelu", projection=True) if family == "sdxl" else None
+    models = [unet, vae, text_encoder] + ([text_encoder_2] if text_encoder_2 is not None else [])
+    for model in models:
         model.eval()
-    return {
-        "unet": unet,
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "scheduler": scheduler,
-        "safety_checker": None,
-        "feature_extractor": None,
-    }
+    components = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+                  "scheduler": _tiny_scheduler(family)}
+    if family == "sdxl":
+        return {**components, "text_encoder_2": text_encoder_2, "tokenizer_2": _tiny_tokenizer()}
+    return {**components, "safety_checker": None, "feature_extractor": None}
 
 
-def tiny_pipeline(seed: int = 0):
-    """A random tiny ``StableDiffusionImg2ImgPipeline`` (32x32 images, 4x8x8 latents), built offline.
+def tiny_pipeline(seed: int = 0, family: str = "sd1"):
+    """A random tiny img2img pipeline of a model family, built offline from configs.
+
+    ``"sd1"`` (default): a ``StableDiffusionImg2ImgPipeline``, 32x32 images, 4x8x8 latents, DDIM.
+    ``"sd2"``: the same class with SD 2.x's traits: linear-projection transformers, a GELU text encoder, DDIM
+    with v-prediction; 48x48 images. ``"sdxl"``: a ``StableDiffusionXLImg2ImgPipeline`` with two text
+    encoders (the second with a pooled projection), ``text_time`` added conditioning, SDXL's VAE scaling
+    and Euler scheduler; 64x64 images. Save one with ``pipe.save_pretrained(folder)`` and load it by path
+    like any model folder.
 
     The weights are random (seeded), so the images it makes are noise; it exists to test code paths fast.
 
     Args:
         seed: seeds the weight initialisation; the global torch RNG is left untouched.
+        family: ``"sd1"``, ``"sd2"`` or ``"sdxl"``.
 
     Returns:
-        A ``StableDiffusionImg2ImgPipeline`` on the CPU in float32 with its progress bar disabled.
+        The pipeline, on the CPU in float32 with its progress bar disabled.
     """
-    from diffusers import StableDiffusionImg2ImgPipeline
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
 
-    pipe = StableDiffusionImg2ImgPipeline(**tiny_components(seed), requires_safety_checker=False)
+    components = tiny_components(seed, family)
+    if family == "sdxl":
+        pipe = StableDiffusionXLImg2ImgPipeline(**components, add_watermarker=False)
+    else:
+        pipe = StableDiffusionImg2ImgPipeline(**components, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _clip_text(tokenizer, hidden: int, layers: int, heads: int, act: str, projection: int, with_projection: bool = False):
+    """A full-size CLIP text encoder (49,408-row embedding), random weights."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=4 * hidden, num_attention_heads=heads,
+                            num_hidden_layers=layers, hidden_act=act, projection_dim=projection, max_position_embeddings=77,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
+
+
+def full_size_unet(family: str):
+    """The UNet of ``stabilityai/stable-diffusion-2-1`` (``"sd2"``, 866M parameters) or of
+    ``stabilityai/stable-diffusion-xl-base-1.0`` (``"sdxl"``, 2.57B), from their configs, with random weights
+    (build it under ``torch.device("meta")`` to count parameters without memory)."""
+    from diffusers import UNet2DConditionModel
+
+    if family == "sd2":
+        return UNet2DConditionModel(sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
+    if family == "sdxl":
+        return UNet2DConditionModel(
+            sample_size=128, cross_attention_dim=2048, attention_head_dim=(5, 10, 20), use_linear_projection=True,
+            block_out_channels=(320, 640, 1280), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
+            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+    raise ValueError(f"family must be 'sd2' or 'sdxl', got {family!r}")
+
+
+def full_size_pipeline(family: str = "sdxl", seed: int = 0):
+    """A pipeline with a real model's architecture and random weights, for speed and memory benchmarks.
+
+    ``"sd2"``: Stable Diffusion 2.1 (UNet 866M with linear projections, OpenCLIP ViT-H text encoder of 23
+    layers, DDIM with v-prediction, 768 px); ``"sdxl"``: SDXL base 1.0 (UNet 2.6B with ``text_time``
+    conditioning, CLIP ViT-L and OpenCLIP ViT-bigG text encoders, Euler, 1024 px). The configs are those of
+    ``stabilityai/stable-diffusion-2-1`` and ``stabilityai/stable-diffusion-xl-base-1.0``; the tokenizers are the
+    tiny pipeline's (only speed and memory are measured, so the vocabulary does not matter). Random weights
+    do not change the cost; SDXL takes about 14 GB in float32.
+
+    Args:
+        family: ``"sd2"`` or ``"sdxl"``.
+        seed: seeds the weight initialisation; the global torch RNG is left untouched.
+
+    Returns:
+        The img2img pipeline on the CPU in float32.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionImg2ImgPipeline,
+        StableDiffusionXLImg2ImgPipeline,
+    )
+
+    if family not in ("sd2", "sdxl"):
+        raise ValueError(f"family must be 'sd2' or 'sdxl', got {family!r}")
+    tokenizer = _tiny_tokenizer()
+    betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+                            **({"scaling_factor": 0.13025, "force_upcast": True, "sample_size": 1024} if family == "sdxl" else {"sample_size": 768})).eval()
+        if family == "sd2":
+            unet = full_size_unet("sd2").eval()
+            pipe = StableDiffusionImg2ImgPipeline(
+                unet=unet, vae=vae, text_encoder=_clip_text(tokenizer, 1024, 23, 16, "gelu", 512), tokenizer=tokenizer,
+                scheduler=DDIMScheduler(clip_sample=False, set_alpha_to_one=False, prediction_type="v_prediction", **betas),
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        else:
+            unet = full_size_unet("sdxl").eval()
+            pipe = StableDiffusionXLImg2ImgPipeline(
+                unet=unet, vae=vae, text_encoder=_clip_text(tokenizer, 768, 12, 12, "quick_gelu", 768), tokenizer=tokenizer,
+                text_encoder_2=_clip_text(tokenizer, 1280, 32, 20, "gelu", 1280, with_projection=True), tokenizer_2=_tiny_tokenizer(),
+                scheduler=EulerDiscreteScheduler(timestep_spacing="leading", **betas), add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

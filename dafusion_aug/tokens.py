@@ -26,9 +26,10 @@ import torch
 from . import __version__
 from ._io import looks_like_pickle, read_safetensors, save_safetensors
 from .errors import TokenFileError
+from .families import FAMILIES, family_of, requires_family
 from .hashing import stable_digest
 
-__all__ = ["ClassTokens", "token_for_class", "DIFFUSERS_MULTI_CLASS"]
+__all__ = ["ClassTokens", "token_for_class", "DIFFUSERS_MULTI_CLASS", "DIFFUSERS_SDXL"]
 
 _FORMAT = "dafusion-aug/class-tokens/1"
 _PICKLE_HINT = ("Import DA-Fusion .bin / .pt files with ClassTokens.from_dafusion(path, class_names=[...]) and A1111 "
@@ -36,6 +37,9 @@ _PICKLE_HINT = ("Import DA-Fusion .bin / .pt files with ClassTokens.from_dafusio
 #: The one line that loads a multi-class token file into a plain diffusers pipeline (``load_textual_inversion``
 #: takes one token per file, or lists of tensors and tokens); error messages and docs/tokens.md show it.
 DIFFUSERS_MULTI_CLASS = "pipe.load_textual_inversion(list(sd.values()), token=list(sd.keys()))"
+#: How plain diffusers loads one class of an SDXL export (:meth:`ClassTokens.export_diffusers`) into both encoders.
+DIFFUSERS_SDXL = ('pipe.load_textual_inversion(sd["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2); '
+                  'pipe.load_textual_inversion(sd["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)')
 _MULTI_CLASS_HINT = (f"plain diffusers loads a multi-class file with {DIFFUSERS_MULTI_CLASS}, where "
                      "sd = safetensors.torch.load_file(path) (or torch.load(path, weights_only=True) for a .pt / .bin file)")
 _A1111_KEYS = ("emb_params", "string_to_param")
@@ -126,6 +130,27 @@ def _embedding(value: Any, name: str) -> torch.Tensor:
     return t.unsqueeze(0) if t.ndim == 1 else t
 
 
+def _class_embeddings(embeddings: Any, names: list[str], arg: str) -> list[torch.Tensor]:
+    """One float32 ``[num_vectors, dim]`` tensor per class, of one shape, finite (see :class:`ClassTokens`)."""
+    if isinstance(embeddings, Mapping):
+        missing = [n for n in names if n not in embeddings]
+        if missing:
+            raise ValueError(f"{arg} has no entry for classes {missing}")
+        embeddings = [embeddings[n] for n in names]
+    embeddings = list(embeddings)
+    if len(embeddings) != len(names):
+        raise ValueError(f"{arg} must have one entry per class ({len(names)}), got {len(embeddings)}")
+    embs = [_embedding(e, n) for e, n in zip(embeddings, names)]
+    shapes = {tuple(e.shape) for e in embs}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        raise ValueError(f"{arg} must all be [num_vectors, dim] of one shape, got {sorted(shapes)}")
+    if min(next(iter(shapes))) < 1:
+        raise ValueError(f"{arg} must have at least one vector of at least one value, got shape {next(iter(shapes))}")
+    if any(not torch.isfinite(e).all() for e in embs):
+        raise ValueError(f"{arg} must be finite, got NaN or inf values")
+    return embs
+
+
 class ClassTokens:
     """Learned class tokens and their embeddings.
 
@@ -135,7 +160,10 @@ class ClassTokens:
             as a sequence in class order or a mapping ``class_name -> tensor``. Each is copied and stored as
             float32 (the file format's dtype); integer tensors are refused.
         tokens: the token strings; default ``token_for_class(name)`` for each class.
-        metadata: free-form JSON-able information (base model fingerprint, hyper-parameters, ...).
+        metadata: free-form JSON-able information (base model fingerprint, hyper-parameters, ...); its
+            ``"family"`` (``"sd1"``, ``"sd2"``, ``"sdxl"``), when recorded, is checked when the tokens are applied.
+        embeddings_2: SDXL only: each class's embedding for the second text encoder (OpenCLIP ViT-bigG,
+            ``clip_g``; ``embeddings`` are then the first encoder's, ``clip_l``). Sets the family to ``"sdxl"``.
 
     Raises:
         TypeError: ``class_names`` or ``tokens`` is a str (not a list), a name is not a str, or an embedding is
@@ -154,6 +182,8 @@ class ClassTokens:
         embeddings: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
         tokens: Sequence[str] | None = None,
         metadata: Mapping[str, Any] | None = None,
+        *,
+        embeddings_2: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         if isinstance(class_names, (str, bytes)):
             raise TypeError(f"class_names must be a list of class names, got the {type(class_names).__name__} "
@@ -166,22 +196,18 @@ class ClassTokens:
             raise TypeError(f"class_names must hold str class names, got {type(bad[0]).__name__} {bad[0]!r} in {names!r}"[:300])
         if len(set(names)) != len(names):
             raise ValueError(f"class_names must be unique, got {names}")
-        if isinstance(embeddings, Mapping):
-            missing = [n for n in names if n not in embeddings]
-            if missing:
-                raise ValueError(f"embeddings has no entry for classes {missing}")
-            embeddings = [embeddings[n] for n in names]
-        embeddings = list(embeddings)
-        if len(embeddings) != len(names):
-            raise ValueError(f"embeddings must have one entry per class ({len(names)}), got {len(embeddings)}")
-        embs = [_embedding(e, n) for e, n in zip(embeddings, names)]
-        shapes = {tuple(e.shape) for e in embs}
-        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
-            raise ValueError(f"embeddings must all be [num_vectors, dim] of one shape, got {sorted(shapes)}")
-        if min(next(iter(shapes))) < 1:
-            raise ValueError(f"embeddings must have at least one vector of at least one value, got shape {next(iter(shapes))}")
-        if any(not torch.isfinite(e).all() for e in embs):
-            raise ValueError("embeddings must be finite, got NaN or inf values")
+        embs = _class_embeddings(embeddings, names, "embeddings")
+        embs_2 = _class_embeddings(embeddings_2, names, "embeddings_2") if embeddings_2 is not None else None
+        if embs_2 is not None and embs_2[0].shape[0] != embs[0].shape[0]:
+            raise ValueError(f"embeddings and embeddings_2 must have the same num_vectors, got {embs[0].shape[0]} and {embs_2[0].shape[0]}")
+        meta = dict(metadata or {})
+        family = meta.get("family")
+        if family is not None and family not in FAMILIES:
+            raise ValueError(f"metadata['family'] must be one of {FAMILIES}, got {family!r}")
+        if (family == "sdxl") != (embs_2 is not None) and family is not None:
+            raise ValueError(f"metadata['family']={family!r} but embeddings_2 is {'given' if embs_2 is not None else 'missing'}: "
+                             "SDXL tokens have one embedding per text encoder (embeddings: clip_l, embeddings_2: clip_g), "
+                             "other families one")
         if isinstance(tokens, (str, bytes)):
             raise TypeError(f"tokens must be a list of token strings, got the {type(tokens).__name__} {tokens!r}; for one class pass [{tokens!r}]")
         toks = list(tokens) if tokens is not None else [token_for_class(n, i) for i, n in enumerate(names)]
@@ -196,7 +222,10 @@ class ClassTokens:
         self.class_names: list[str] = names
         self.tokens: list[str] = toks
         self.embeddings: list[torch.Tensor] = embs
-        self.metadata: dict[str, Any] = dict(metadata or {})
+        self.embeddings_2: list[torch.Tensor] | None = embs_2
+        if embs_2 is not None:
+            meta["family"] = "sdxl"
+        self.metadata: dict[str, Any] = meta
 
     # -- basic facts -------------------------------------------------------------------------------
     @property
@@ -206,6 +235,11 @@ class ClassTokens:
     @property
     def dim(self) -> int:
         return int(self.embeddings[0].shape[1])
+
+    @property
+    def family(self) -> str | None:
+        """The model family the tokens were made for (``"sd1"``, ``"sd2"``, ``"sdxl"``), ``None`` when unrecorded."""
+        return self.metadata.get("family")
 
     def __len__(self) -> int:
         return len(self.class_names)
@@ -228,7 +262,7 @@ class ClassTokens:
         import hashlib
 
         h = hashlib.sha256(stable_digest(self.class_names, self.tokens).encode())
-        for e in self.embeddings:
+        for e in self.embeddings + (self.embeddings_2 or []):  # SD 1.x / 2.x hashes are those of earlier versions
             h.update(e.contiguous().numpy().tobytes())
         return h.hexdigest()
 
@@ -240,6 +274,10 @@ class ClassTokens:
     # -- files -------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
         """Write the tokens to ``path`` (safetensors), atomically.
+
+        One key per token (``[num_vectors, dim]``); SDXL tokens instead under the ecosystem's keys ``clip_l``
+        (first text encoder) and ``clip_g`` (second), each ``[num_classes * num_vectors, dim]`` in label order,
+        with ``family="sdxl"`` in the metadata. SD 2.x and SDXL files record their family.
 
         Returns:
             The path.
@@ -259,8 +297,16 @@ class ClassTokens:
             "base_model": str(self.metadata.get("base_model", "")),
             "training": json.dumps({k: v for k, v in self.metadata.items() if k != "base_model"}, default=str),
         }
-        save_safetensors({t: e.contiguous() for t, e in zip(self.tokens, self.embeddings)}, str(path), meta,
-                         what="token file", error=TokenFileError)
+        if self.family is not None:
+            meta["family"] = self.family
+        if self.embeddings_2 is not None:
+            # SDXL: the ecosystem's keys, each class's rows stacked in label order (a one-class file is a plain
+            # SDXL embedding); metadata tokens and num_vectors say which rows are whose
+            tensors = {"clip_l": torch.cat(self.embeddings), "clip_g": torch.cat(self.embeddings_2)}
+            meta["dim_2"] = str(int(self.embeddings_2[0].shape[1]))
+        else:
+            tensors = {t: e.contiguous() for t, e in zip(self.tokens, self.embeddings)}
+        save_safetensors(tensors, str(path), meta, what="token file", error=TokenFileError)
         return path
 
     @classmethod
@@ -292,13 +338,35 @@ class ClassTokens:
             raise TokenFileError(f"token file {path!r} has malformed metadata: 'training' must be a JSON object, got {extra!r}"[:300])
         if len(names) != len(tokens):
             raise TokenFileError(f"token file {path!r} has {len(names)} class_names but {len(tokens)} tokens in its metadata")
+        if meta.get("base_model"):
+            extra["base_model"] = meta["base_model"]
+        if meta.get("family"):
+            extra["family"] = meta["family"]
+        if meta.get("family") == "sdxl":
+            return cls._load_sdxl(path, tensors, names, tokens, extra)
         missing = [t for t in tokens if t not in tensors]
         if missing:
             raise TokenFileError(f"token file {path!r} lists tokens {missing} that it does not store")
-        if meta.get("base_model"):
-            extra["base_model"] = meta["base_model"]
         try:
             return cls(names, [tensors[t] for t in tokens], tokens=tokens, metadata=extra)
+        except (ValueError, TypeError) as e:
+            raise TokenFileError(f"token file {path!r} is inconsistent: {e}") from e
+
+    @classmethod
+    def _load_sdxl(cls, path: str, tensors: Mapping[str, torch.Tensor], names: list[str], tokens: list[str],
+                   extra: dict[str, Any]) -> ClassTokens:
+        """An SDXL token file: ``clip_l`` and ``clip_g`` rows, ``len(tokens) * num_vectors`` each, in label order."""
+        if set(tensors) != {"clip_l", "clip_g"}:
+            raise TokenFileError(f"SDXL token file {path!r} must hold exactly the keys ['clip_g', 'clip_l'], got {sorted(tensors)}")
+        split = {}
+        for key in ("clip_l", "clip_g"):
+            rows = tensors[key]
+            if rows.ndim != 2 or rows.shape[0] % len(tokens):
+                raise TokenFileError(f"SDXL token file {path!r}: {key!r} of shape {tuple(rows.shape)} does not split into "
+                                     f"{len(tokens)} tokens")
+            split[key] = list(rows.chunk(len(tokens)))
+        try:
+            return cls(names, split["clip_l"], tokens=tokens, metadata=extra, embeddings_2=split["clip_g"])
         except (ValueError, TypeError) as e:
             raise TokenFileError(f"token file {path!r} is inconsistent: {e}") from e
 
@@ -420,7 +488,12 @@ class ClassTokens:
         """Write one ``<folder>/<slug>/learned_embeds.safetensors`` per class.
 
         Each file holds one key (the token) and loads into a plain diffusers pipeline with
-        ``pipe.load_textual_inversion(folder / slug)``.
+        ``pipe.load_textual_inversion(folder / slug)``. For SDXL each file is an SDXL embedding with the keys
+        ``clip_l`` and ``clip_g``, which plain diffusers loads into both text encoders with
+        ``sd = safetensors.torch.load_file(path)``, then
+        ``pipe.load_textual_inversion(sd["clip_g"], token=token, text_encoder=pipe.text_encoder_2,
+        tokenizer=pipe.tokenizer_2)`` and ``pipe.load_textual_inversion(sd["clip_l"], token=token,
+        text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)`` (:data:`DIFFUSERS_SDXL`).
         """
         out = []
         used: set[str] = set()
@@ -431,40 +504,87 @@ class ClassTokens:
             used.add(slug)
             sub = Path(folder) / slug
             path = sub / "learned_embeds.safetensors"
-            save_safetensors({token: emb.contiguous()}, str(path), {"format": "pt"}, what="token file", error=TokenFileError)
+            if self.embeddings_2 is not None:
+                tensors = {"clip_l": emb.contiguous(), "clip_g": self.embeddings_2[i].contiguous()}
+            else:
+                tensors = {token: emb.contiguous()}
+            save_safetensors(tensors, str(path), {"format": "pt"}, what="token file", error=TokenFileError)
             out.append(path)
         return out
 
     # -- pipelines ---------------------------------------------------------------------------------
     def apply(self, pipe, *, replace: bool = False) -> None:
-        """Add the tokens to ``pipe``'s tokenizer and text encoder (through ``load_textual_inversion``).
+        """Add the tokens to ``pipe``'s tokenizer and text encoder (through ``load_textual_inversion``); for
+        SDXL, ``embeddings`` to ``tokenizer`` / ``text_encoder`` and ``embeddings_2`` to ``tokenizer_2`` /
+        ``text_encoder_2``.
 
         Idempotent: tokens already present with the same values are skipped.
 
         Args:
-            pipe: a diffusers pipeline with ``tokenizer`` and ``text_encoder``.
+            pipe: a diffusers pipeline with ``tokenizer`` and ``text_encoder`` (and the ``_2`` pair for SDXL).
             replace: overwrite the rows of tokens that dafusion-aug added earlier with other values
                 (used when a process runs several experiments on one loaded pipeline).
 
         Raises:
-            TokenFileError: the embedding size does not match the text encoder, or a token is already in
-                the vocabulary with other values (and ``replace`` does not allow overwriting it).
+            TokenFileError: the tokens were made for another family (recorded in the file), SDXL needs two
+                embeddings per token, the embedding size does not match a text encoder, or a token is already
+                in the vocabulary with other values (and ``replace`` does not allow overwriting it).
         """
         tokenizer, encoder = getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None)
         if tokenizer is None or encoder is None:
             raise TokenFileError(f"pipeline {type(pipe).__name__} has no tokenizer/text_encoder to apply tokens to")
-        weight = encoder.get_input_embeddings().weight
-        if weight.shape[1] != self.dim:
-            raise TokenFileError(
-                f"token embeddings have dim {self.dim} but the text encoder's embeddings have dim {weight.shape[1]}; "
-                f"these tokens were trained for another model (base_model={self.metadata.get('base_model', '?')!r})"
-            )
-        if not hasattr(pipe, "_dafusion_base_vocab"):
-            pipe._dafusion_base_vocab = len(tokenizer)
+        targets = [("", tokenizer, encoder, self.embeddings)]
+        if self._check_family(pipe) == "sdxl":
+            targets.append(("_2", pipe.tokenizer_2, pipe.text_encoder_2, self.embeddings_2))
+        for suffix, tok, enc, embs in targets:
+            dim = enc.get_input_embeddings().weight.shape[1]
+            if dim != embs[0].shape[1]:
+                raise TokenFileError(
+                    f"token embeddings{suffix} have dim {embs[0].shape[1]} but the text encoder{' 2' if suffix else ''}'s embeddings have dim {dim}; "
+                    f"these tokens were trained for another model (base_model={self.metadata.get('base_model', '?')!r})"
+                )
+            if not hasattr(pipe, f"_dafusion_base_vocab{suffix}"):
+                setattr(pipe, f"_dafusion_base_vocab{suffix}", len(tok))
         ours: set[str] = getattr(pipe, "_dafusion_tokens", set())
+        added: set[str] = set()
+        for _, tok, enc, embs in targets:
+            new_tokens, new_embs = self._rows_to_add(tok, enc, embs, ours, replace)
+            if new_tokens:
+                rows = sum(len(self.expanded_tokens(i)) for i, t in enumerate(self.tokens) if t in new_tokens)
+                _grow_embeddings(enc, len(tok) + rows)
+                pipe.load_textual_inversion(new_embs, token=new_tokens, tokenizer=tok, text_encoder=enc)
+                added.update(new_tokens)
+        for i, t in enumerate(self.tokens):
+            if t in added:
+                ours.update(self.expanded_tokens(i))
+        pipe._dafusion_tokens = ours
+
+    def _check_family(self, pipe) -> str:
+        """The pipeline's family, after refusing tokens of another one.
+
+        Raises:
+            TokenFileError: the recorded family differs, or one embedding per token for an SDXL pipeline.
+        """
+        family = family_of(pipe)
+        what = f"the class tokens {self.tokens[:3]}{'...' if len(self) > 3 else ''} (base_model={self.metadata.get('base_model', '?')!r})"
+        if self.family is not None:
+            requires_family(self.family, family, what, TokenFileError)
+        elif family == "sdxl" and self.embeddings_2 is None:
+            raise TokenFileError(f"{what} have one embedding per token, but the pipeline is SDXL with two text encoders "
+                                 "(clip_l and clip_g); fit the tokens on the SDXL model (fit_tokens trains both)")
+        return family
+
+    def _rows_to_add(self, tokenizer, encoder, embeddings: list[torch.Tensor], ours: set[str], replace: bool):
+        """The tokens (and embeddings) that ``tokenizer`` / ``encoder`` still lack; rows of tokens dafusion-aug
+        added before are overwritten in place when ``replace``.
+
+        Raises:
+            TokenFileError: a token is a vocabulary word, or is present with other values and not replaceable.
+        """
+        weight = encoder.get_input_embeddings().weight
         vocab = tokenizer.get_vocab()
         new_tokens, new_embs = [], []
-        for i, emb in enumerate(self.embeddings):
+        for i, emb in enumerate(embeddings):
             names = self.expanded_tokens(i)
             present = [n in vocab for n in names]
             if not any(present):
@@ -493,14 +613,7 @@ class ClassTokens:
                 f"token {self.tokens[i]!r} (class {self.class_names[i]!r}) is already in the tokenizer vocabulary "
                 "with other values; use other token names, or a fresh pipeline"
             )
-        if new_tokens:
-            rows = sum(len(self.expanded_tokens(i)) for i, t in enumerate(self.tokens) if t in new_tokens)
-            _grow_embeddings(encoder, len(tokenizer) + rows)
-            pipe.load_textual_inversion(new_embs, token=new_tokens)
-            for i, t in enumerate(self.tokens):
-                if t in new_tokens:
-                    ours.update(self.expanded_tokens(i))
-        pipe._dafusion_tokens = ours
+        return new_tokens, new_embs
 
 
 def _grow_embeddings(encoder, size: int) -> None:

@@ -421,9 +421,14 @@ class DiffusionAugment(Transform):
         Euler-ancestral; see :func:`~dafusion_aug.diffuse`), so :func:`~dafusion_aug.precompute` plans
         batches of mixed strengths. A transform built from a model id or spec answers from the spec alone
         (:meth:`~dafusion_aug.PipelineSpec.scheduler_class`), loaded or not, so the Ray driver, which never
-        loads the model, plans the same batches as the local backend."""
+        loads the model, plans the same batches as the local backend. SDXL runs diffusers' own pipeline,
+        one call per strength (:meth:`~dafusion_aug.PipelineSpec.family`)."""
         if self.spec is not None:
-            return scheduler_mixes(self.spec.scheduler_class())
+            try:
+                sdxl = self.spec.family() == "sdxl"
+            except PipelineError:  # not loadable at all: loading says why, with the same message
+                return False
+            return not sdxl and scheduler_mixes(self.spec.scheduler_class())
         return self._pipe is not None and loop_unsupported(self._pipe) is None
 
     def _check_prompt_lengths(self, pipe, variants: Sequence[Variant]) -> None:

@@ -57,6 +57,22 @@ def tiny_folder(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session")
+def family_folders(tmp_path_factory):
+    """Tiny SD 2.x and SDXL pipelines saved with save_pretrained, by family (built on first use)."""
+    from dafusion_aug.testing import tiny_pipeline
+
+    made: dict[str, object] = {}
+
+    def folder(family: str):
+        if family not in made:
+            made[family] = tmp_path_factory.mktemp(f"tiny-{family}")
+            tiny_pipeline(seed=0, family=family).save_pretrained(made[family], safe_serialization=True)
+        return made[family]
+
+    return folder
+
+
 @pytest.fixture
 def fresh_pipe():
     from dafusion_aug.testing import tiny_pipeline

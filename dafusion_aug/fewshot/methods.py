@@ -117,12 +117,16 @@ def fit_subset_tokens(
     if erasures is None:
         tokens = fit_tokens(pipe, ImageList(subset, names), names, steps=fit_settings["steps"], **kw)
     else:
-        embs = []
+        embs, embs_2, family = [], [], {}
         for c, name in enumerate(names):
             with erasures[c].applied(pipe):
                 one = fit_tokens(pipe, ImageList([(im, 0) for im, y in subset if y == c], [name]), [name], steps=fit_settings["steps"], **kw)
             embs.append(one.embeddings[0])
-        tokens = ClassTokens(names, embs, metadata={"fit": "one run per class, each with its class erased", **fit_settings})
+            if one.embeddings_2 is not None:  # SDXL: the second text encoder's embedding too
+                embs_2.append(one.embeddings_2[0])
+            family = {"family": one.family} if one.family else {}
+        tokens = ClassTokens(names, embs, metadata={"fit": "one run per class, each with its class erased", **fit_settings, **family},
+                             embeddings_2=embs_2 or None)
     tokens.save(path)
     return tokens
 
