@@ -8,8 +8,8 @@ dafusion-aug runs three families, each through diffusers' own img2img pipeline:
 - ``"sdxl"``: SDXL base (two text encoders, pooled embeddings, size and crop conditioning, 1024 px).
 
 A folder's family comes from its ``model_index.json`` (and, to tell 2.x from 1.x, its ``unet/config.json``),
-read before any weight is loaded, so anything else (SD3, FLUX, Kandinsky, an inpainting or upscaling
-folder, the SDXL refiner) is refused with a message naming the families supported.
+read before any weight is loaded (an inpainting checkpoint of a family is that family, for masked edits), so
+anything else (SD3, FLUX, Kandinsky, an upscaling folder, the SDXL refiner) is refused with a message naming the families supported.
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ FAMILIES = ("sd1", "sd2", "sdxl")
 #: The families, in words, for error messages.
 SUPPORTED = "Stable Diffusion 1.x, Stable Diffusion 2.x and SDXL base (family 'sd1', 'sd2' or 'sdxl')"
 
-_SD_CLASSES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
-_SDXL_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+# inpainting checkpoints are of their family too: loaded as img2img, their 9-channel UNet runs the masked
+# edits of ``region="object" | "background"`` (issue 18); unmasked samples are refused by ``diffuse``
+_SD_CLASSES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
+_SDXL_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
 _SDXL_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
 _SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -58,7 +60,7 @@ def family_from_index(index: Mapping[str, Any], unet_config: Callable[[], Mappin
         ``"sd1"``, ``"sd2"`` or ``"sdxl"``.
 
     Raises:
-        PipelineError: another pipeline class (SD3, FLUX, Kandinsky, inpainting, ...), the SDXL refiner, or
+        PipelineError: another pipeline class (SD3, FLUX, Kandinsky, upscaling, ...), the SDXL refiner, or
             a folder missing a component its family needs (such as SDXL's ``text_encoder_2``).
     """
     name = index.get("_class_name")

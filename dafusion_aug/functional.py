@@ -200,6 +200,9 @@ def diffuse(
         return _diffuse_masked(pipe, images, list(prompts), negatives, strengths_l, list(seeds), _check_masks(masks, images),
                                dict(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, resolution=size,
                                     batch_size=batch_size, fallback_fp32=fallback_fp32, mixed_strengths=mixed_strengths))
+    if getattr(getattr(pipe, "unet", None), "config", {}).get("in_channels", 4) == 9:
+        raise ValueError("this model is an inpainting checkpoint (a 9-channel UNet): it edits only masked regions, so "
+                         "every sample needs a mask (DiffusionAugment(region='object' or 'background') with a Mask in the sample)")
     job = _Job(pipe, images, list(prompts), negatives, strengths_l, list(seeds), size, guidance_scale, num_inference_steps)
     results: list[np.ndarray | None] = [None] * n
     if why_not is None:

@@ -70,7 +70,6 @@ def _edit_index(src, dst, **changes):
     ("StableDiffusion3Pipeline", "'StableDiffusion3Pipeline'"),
     ("FluxPipeline", "'FluxPipeline'"),
     ("KandinskyV22Pipeline", "'KandinskyV22Pipeline'"),
-    ("StableDiffusionInpaintPipeline", "'StableDiffusionInpaintPipeline'"),
     ("StableDiffusionUpscalePipeline", "'StableDiffusionUpscalePipeline'"),
 ])
 def test_other_pipelines_are_refused_before_loading(tiny_folder, tmp_path, class_name, match, monkeypatch):

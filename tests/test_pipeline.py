@@ -281,7 +281,10 @@ from dafusion_aug import ClassTokens, DiffusionAugment
 from diffusers.utils import logging as d_logging
 from transformers.utils import logging as t_logging
 
-tokens = ClassTokens(["zero", "one"], [torch.randn(2, 64), torch.randn(2, 64)])  # two vectors: four new rows
+from dafusion_aug.pocket import model_path
+import json
+width = json.loads((model_path() / "text_encoder" / "config.json").read_text())["hidden_size"]
+tokens = ClassTokens(["zero", "one"], [torch.randn(2, width), torch.randn(2, width)])  # two vectors: four new rows
 aug = DiffusionAugment("pocket", tokens=tokens, p=1.0, num_variants=2, num_inference_steps=4, device="cpu")
 image, label = aug(Image.fromarray(np.zeros((32, 32, 3), np.uint8)), 1)
 assert image.size == (32, 32) and label == 1

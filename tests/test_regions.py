@@ -207,3 +207,16 @@ def test_a_ray_row_carries_the_edit_masks_and_the_filter_counts(make_aug, tiny_f
     assert int(out["written"][0]) == 1 and int(out["accepted"][0]) == 1
     made = aug.cache.get(var.key)
     assert np.array_equal(made[~edit], image[~edit]) and changed(made, image)[edit].any()
+
+
+def test_an_inpainting_checkpoint_refuses_unmasked_samples():
+    """A 9-channel UNet only edits masked regions: an unmasked sample is a clear error, not a shape error."""
+    from diffusers import StableDiffusionImg2ImgPipeline, UNet2DConditionModel
+
+    from dafusion_aug.testing import tiny_components
+
+    comps = tiny_components(0)
+    comps["unet"] = UNet2DConditionModel(**{**comps["unet"].config, "in_channels": 9}).eval()
+    pipe = StableDiffusionImg2ImgPipeline(**comps, requires_safety_checker=False)
+    with pytest.raises(ValueError, match="inpainting checkpoint .* needs a mask"):
+        diffuse(pipe, [np.asarray(random_image(0))], ["a"], [0.5], [0], num_inference_steps=2)
