@@ -76,15 +76,14 @@ def training_settings(args: argparse.Namespace) -> dict:
 def preserved_prompts(digit: int, args: argparse.Namespace) -> list[str]:
     """The prompts the erasure of ``digit`` keeps: the other digits' (``--preserve-others``) and the
     attribute-only check prompts (``--preserve-attributes``)."""
-    from dafusion_aug.pocket import CLASS_NAMES, attributes, prompt
-    from dafusion_aug.pocket.evaluate import attribute_prompts
+    from dafusion_aug.pocket import CLASS_NAMES, prompt
+    from dafusion_aug.pocket.evaluate import attribute_only_prompts
 
     kept = []
     if getattr(args, "preserve_others", False):
         kept += [p for d in range(10) if d != digit for p in (prompt(d), CLASS_NAMES[d])]
     if getattr(args, "preserve_attributes", False):
-        kept += [attribute_prompts(name, level, None) for name in attributes.ATTRIBUTES
-                 for level, word in enumerate(attributes.WORDS[name]) if word is not None]
+        kept += list(attribute_only_prompts())
     return kept
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..pipeline import PipelineSpec
+from ..pocket.evaluate import attribute_only_prompts
 from .classifier import small_cnn
 from .erasures import build_erasures
 from .protocol import run_fewshot
@@ -80,14 +81,7 @@ FULL = dataclasses.replace(QUICK, shots=(1, 2, 4, 8, 16), seeds=(0, 1, 2, 3, 4))
 ERASURE_PROMPTS = ("a photo of a {name}", "a photo of a handwritten digit {name}", "{name}")
 #: Class-free prompts every erasure keeps: one per attribute word of the pocket model ("a photo of a bold
 #: handwritten digit"), so that erasing "six" leaves "loop" and "bold" (pocket.attributes).
-ERASURE_PRESERVE = (
-    "a photo of a thin handwritten digit", "a photo of a regular handwritten digit", "a photo of a bold handwritten digit",
-    "a photo of a left-leaning handwritten digit", "a photo of an upright handwritten digit",
-    "a photo of a right-leaning handwritten digit", "a photo of a narrow handwritten digit",
-    "a photo of a wide handwritten digit", "a photo of a top-heavy handwritten digit",
-    "a photo of a bottom-heavy handwritten digit", "a photo of an open handwritten digit",
-    "a photo of a handwritten digit with a loop", "a photo of a handwritten digit with two loops",
-)
+ERASURE_PRESERVE = attribute_only_prompts()
 #: erase_concept settings for the pocket model v2 (docs/erasure.md): esd-x, 200 steps at lr 2e-3 with a
 #: 10-step DDIM schedule, and a preservation term of weight 4 over the other classes' prompts and the
 #: attribute prompts. Plain ESD (v1's 100 steps, no preservation) erased neighbours too on v2.

@@ -42,6 +42,7 @@ __all__ = [
     "txt2img_samples",
     "img2img_outputs",
     "attribute_prompts",
+    "attribute_only_prompts",
     "attribute_report",
     "save_grid",
     "evaluate",
@@ -160,6 +161,13 @@ def attribute_prompts(name: str, level: int, label: int | None) -> str:
     if label is None:
         return ATTRIBUTE_ONLY_TEMPLATES[0].format(adj=adj, suffix=suffix)
     return ATTRIBUTE_CLASS_TEMPLATES[0].format(adj=adj, name=CLASS_NAMES[label], suffix=suffix)
+
+
+def attribute_only_prompts() -> tuple[str, ...]:
+    """The check's prompt of every attribute word without a digit, in :func:`~dafusion_aug.pocket.attributes.attribute_words`
+    order ("a photo of a thin handwritten digit", ...): what the demo's erasures preserve."""
+    return tuple(attribute_prompts(name, level, None) for name in attributes.ATTRIBUTES
+                 for level, word in enumerate(attributes.WORDS[name]) if word is not None)
 
 
 @torch.no_grad()
