@@ -3,7 +3,6 @@ reads any labelled image data it is given (a folder, a list of pairs, a map-styl
 
 from __future__ import annotations
 
-import numbers
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -15,6 +14,7 @@ import torch
 from PIL import Image
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ._checks import check_int
 from ._images import image_array
 from ._samples import check_class_names, default_labels_getter, image_leaf_indices, label_index
 from .hashing import image_digest, stable_digest
@@ -221,8 +221,8 @@ def few_shot_indices(targets: Sequence[int], k: int, seed: int, num_classes: int
         ValueError: ``k < 1``, or a class has fewer than ``k`` examples.
     """
     for name, value in (("k", k), ("seed", seed), ("num_classes", num_classes)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
+        if value is not None:
+            check_int(value, name)
     targets = np.asarray(list(targets))
     k = int(k)
     if k < 1:

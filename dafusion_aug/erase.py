@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checkpoint import write_checkpoint
+from ._checks import check_int
 from ._io import read_safetensors, remove_temporaries
 from .erasure import Erasure, base_digests, normalize_concepts, unet_of
 from .errors import PipelineError
@@ -296,7 +297,7 @@ def train_esd(
     Returns:
         The trained tensors (float32, CPU) keyed by UNet parameter name, and the loss of every step.
     """
-    from tqdm.auto import tqdm
+    from ._progress import progress_bar
 
     params = dict(unet_of(pipe).named_parameters())
     # float32 master copies: Adam at lr 1e-5 would lose its updates in fp16 weights
@@ -304,7 +305,7 @@ def train_esd(
     opt = torch.optim.Adam(list(trained.values()), lr=learning_rate)
     start, losses = _resume(checkpoint_dir, resume, trained, opt, signature, steps)
     loss_of = _ESDStep(pipe, concepts, ddim_steps, start_guidance, negative_guidance, seed, preserve, preserve_weight)
-    bar = tqdm(total=steps, initial=start, disable=not progress, desc="erase", unit="step", dynamic_ncols=True)
+    bar = progress_bar(total=steps, initial=start, progress=progress, desc="erase", unit="step")
     try:
         for step in range(start, steps):
             loss = loss_of(step, trained)
@@ -329,9 +330,8 @@ def train_esd(
 def _check_args(method: str, steps: int, ddim_steps: int, checkpoint_every: int, learning_rate: float) -> None:
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
-    for name, value, lo in (("steps", steps, 1), ("ddim_steps", ddim_steps, 1), ("checkpoint_every", checkpoint_every, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-            raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+    for name, value in (("steps", steps), ("ddim_steps", ddim_steps), ("checkpoint_every", checkpoint_every)):
+        check_int(value, name, minimum=1)
     if not learning_rate > 0:
         raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}")
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._checks import check_int
 from .errors import FilterError
 from .hashing import stable_digest, stable_hash
 from .variants import fingerprint_callable
@@ -63,13 +64,10 @@ def check_filter(filter: Any, threshold: Any, max_tries: Any, fallback: Any) -> 
     if threshold is not None:
         bounded = isinstance(filter, (ClassifierFilter, CLIPFilter))
         threshold = _threshold(threshold, "filter_threshold", *((0.0, 1.0) if bounded else (None, None)))
-    if isinstance(max_tries, bool) or not isinstance(max_tries, numbers.Integral):
-        raise TypeError(f"max_tries must be an int, got {type(max_tries).__name__}: {max_tries!r}")
-    if max_tries < 1:
-        raise ValueError(f"max_tries must be an int >= 1, got {max_tries!r}")
+    max_tries = check_int(max_tries, "max_tries", minimum=1)
     if fallback not in FALLBACKS:
         raise ValueError(f"filter_fallback must be one of {FALLBACKS}, got {fallback!r}")
-    return threshold, int(max_tries), fallback
+    return threshold, max_tries, fallback
 
 
 def filter_fingerprint(filter: Callable, threshold: float | None, max_tries: int, fallback: str) -> tuple:

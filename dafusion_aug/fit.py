@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checkpoint import load_numbered, numbered_checkpoints, remove_checkpoints, save_numbered
+from ._checks import check_int
 from ._io import remove_temporaries
 from ._samples import check_class_names
 from .data import LabelledImages, as_dataset, class_names_of, read_labelled_images
@@ -92,16 +93,9 @@ class _SplicedEmbedding(nn.Module):
 
 
 def _check_args(num_vectors, initializer, steps, batch_size, learning_rate, templates, resolution, seed, checkpoint_every) -> list[str]:
-    def positive_int(value, name):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-
-    positive_int(num_vectors, "num_vectors")
-    positive_int(steps, "steps")
-    positive_int(batch_size, "batch_size")
-    positive_int(checkpoint_every, "checkpoint_every")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}: {seed!r}")
+    for name, value in (("num_vectors", num_vectors), ("steps", steps), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
+        check_int(value, name, minimum=1)
+    check_int(seed, "seed")
     if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not 0 < learning_rate < math.inf:
         raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}")
     if not isinstance(initializer, str) or not initializer.strip():

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torchvision import tv_tensors
 
+from ._checks import check_int
+
 __all__ = ["REGIONS", "ON_MISSING_MASK", "check_region", "mask_pictures", "boxes_mask", "edit_mask", "edit_digest",
            "paste_outside", "generation_masks"]
 
@@ -41,13 +43,10 @@ def check_region(region: Any, mask_grow: Any, on_missing_mask: Any) -> tuple[str
     """
     if region not in REGIONS:
         raise ValueError(f"region must be one of {REGIONS}, got {region!r}")
-    if isinstance(mask_grow, bool) or not isinstance(mask_grow, (int, np.integer)):
-        raise TypeError(f"mask_grow must be an int (pixels), got {type(mask_grow).__name__}: {mask_grow!r}")
-    if mask_grow < 0:
-        raise ValueError(f"mask_grow must be an int >= 0 (pixels), got {mask_grow!r}")
+    mask_grow = check_int(mask_grow, "mask_grow", minimum=0, unit="pixels")
     if on_missing_mask not in ON_MISSING_MASK:
         raise ValueError(f"on_missing_mask must be one of {ON_MISSING_MASK}, got {on_missing_mask!r}")
-    return region, int(mask_grow), on_missing_mask
+    return region, mask_grow, on_missing_mask
 
 
 def mask_pictures(mask: torch.Tensor, n: int, size: tuple[int, int], where: str = "mask") -> list[np.ndarray]:

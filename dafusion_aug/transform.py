@@ -26,6 +26,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torchvision.transforms.v2 import Transform
 
+from ._checks import check_int
 from ._denoise import loop_unsupported, scheduler_mixes
 from ._images import picture_count, to_canonical
 from ._samples import (
@@ -81,13 +82,6 @@ def _real(value: Any, name: str) -> float:
     return float(value)
 
 
-def _int(value: Any, name: str) -> int:
-    """``value`` as a Python int; any integer type is accepted (``np.int64`` too), floats are not."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
-    return int(value)
-
-
 def _check_classes(tokens: Any, class_names: Sequence[str] | None) -> tuple[ClassTokens | None, list[str] | None]:
     """The tokens (loaded from a file if need be) and the class names, which must agree with them."""
     if tokens is not None and not isinstance(tokens, ClassTokens):
@@ -102,7 +96,7 @@ def _check_classes(tokens: Any, class_names: Sequence[str] | None) -> tuple[Clas
 
 def _check_strengths(strength: Any, strength_probs: Any, num_inference_steps: Any) -> tuple[tuple[float, ...], tuple[float, ...], int]:
     """``(strengths, their probabilities, num_inference_steps)`` as plain Python numbers, checked."""
-    steps = _int(num_inference_steps, "num_inference_steps")
+    steps = check_int(num_inference_steps, "num_inference_steps")
     single = isinstance(strength, numbers.Real) and not isinstance(strength, bool)
     if not single and (isinstance(strength, (str, bytes)) or not hasattr(strength, "__iter__")):
         raise TypeError(f"strength must be a float or a sequence of floats, got {type(strength).__name__}: {strength!r}")
@@ -119,9 +113,7 @@ def _check_policy(guidance_scale: Any, num_variants: Any, p: Any, on_miss: Any) 
     guidance_scale = _real(guidance_scale, "guidance_scale")  # NaN turned guidance off, inf made every output bad
     if guidance_scale < 0:
         raise ValueError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}")
-    num_variants = _int(num_variants, "num_variants")
-    if num_variants < 1:
-        raise ValueError(f"num_variants must be an int >= 1, got {num_variants!r}")
+    num_variants = check_int(num_variants, "num_variants", minimum=1)
     p = _real(p, "p")
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must be in [0, 1], got {p!r}")
@@ -132,15 +124,13 @@ def _check_policy(guidance_scale: Any, num_variants: Any, p: Any, on_miss: Any) 
 
 def _check_generation(seed: Any, resolution: Any, batch_size: Any) -> tuple[int, int | None, int | None]:
     """``(seed, resolution, batch_size)`` as Python ints (``None`` kept), checked."""
-    seed = _int(seed, "seed")
+    seed = check_int(seed, "seed")
     if resolution is not None:
-        resolution = _int(resolution, "resolution")
+        resolution = check_int(resolution, "resolution")
         if resolution < 8 or resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8 (>= 8), got {resolution!r}")
     if batch_size is not None:
-        batch_size = _int(batch_size, "batch_size")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        batch_size = check_int(batch_size, "batch_size", minimum=1)
     return seed, resolution, batch_size
 
 

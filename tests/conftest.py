@@ -100,6 +100,34 @@ def with_header_length(path, length: int) -> None:
         f.write(length.to_bytes(8, "little") + header + data[8 + n :])
 
 
+def ray_matches_local(folder, tmp_path, n_items: int, concurrency: int) -> dict:
+    """Precompute ``n_items`` random images with the model folder ``folder`` twice, locally and on a local
+    Ray cluster, assert both caches hold the same keys with bit-identical images, and return Ray's summary."""
+    import ray
+
+    from dafusion_aug import DiffusionAugment, PipelineSpec, precompute
+
+    items = [(random_image(i), i % 3) for i in range(n_items)]
+
+    def make(cache):
+        return DiffusionAugment(PipelineSpec(str(folder), device="cpu"), class_names=CLASS_NAMES, num_inference_steps=4,
+                                guidance_scale=2.0, num_variants=2, p=1.0, cache=cache)
+
+    local = make(tmp_path / "local")
+    precompute(local, items, batch_size=3, progress=False)
+    remote = make(tmp_path / "ray")
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    try:
+        res = precompute(remote, items, backend="ray", batch_size=3, concurrency=concurrency, progress=False)
+    finally:
+        ray.shutdown()
+    keys = sorted(local.cache.keys())
+    assert keys == sorted(remote.cache.keys())
+    for k in keys:
+        assert np.array_equal(local.cache.get(k), remote.cache.get(k))
+    return res
+
+
 @pytest.fixture
 def make_aug(tiny_pipe, tmp_path):
     """Build a DiffusionAugment on the shared tiny pipeline with fast settings."""

@@ -284,6 +284,8 @@ def test_resume_from_a_checkpoint_starting_with_a_pickle_byte(tmp_path, pipe):
 def test_erase_concept_arguments(pipe):
     with pytest.raises(ValueError, match="steps must be"):
         erase_concept(pipe, "zebra", steps=0)
+    with pytest.raises(TypeError, match="ddim_steps must be an int, got float: 2.5"):
+        erase_concept(pipe, "zebra", ddim_steps=2.5)
     with pytest.raises(ValueError, match="non-empty"):
         erase_concept(pipe, {"zebra": []})
     with pytest.raises(TypeError, match="concepts must"):

@@ -464,30 +464,10 @@ def test_run_fewshot_on_sdxl(erase, tmp_path):
 
 @pytest.mark.slow
 def test_ray_backend_on_sdxl_matches_local(family_folders, tmp_path):
-    ray = pytest.importorskip("ray", reason='the Ray backend needs pip install "dafusion-aug[ray]"')
-    from conftest import CLASS_NAMES, random_image
+    pytest.importorskip("ray", reason='the Ray backend needs pip install "dafusion-aug[ray]"')
+    from conftest import ray_matches_local
 
-    from dafusion_aug import DiffusionAugment, precompute
-
-    items = [(random_image(i), i % 3) for i in range(3)]
-
-    def make(cache):
-        return DiffusionAugment(PipelineSpec(str(family_folders("sdxl")), device="cpu"), class_names=CLASS_NAMES, num_inference_steps=4,
-                                guidance_scale=2.0, num_variants=2, p=1.0, cache=cache)
-
-    local = make(tmp_path / "local")
-    precompute(local, items, batch_size=3, progress=False)
-    remote = make(tmp_path / "ray")
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-    try:
-        res = precompute(remote, items, backend="ray", batch_size=3, concurrency=1, progress=False)
-    finally:
-        ray.shutdown()
-    assert res["generated"] == 6
-    keys = sorted(local.cache.keys())
-    assert keys == sorted(remote.cache.keys())
-    for k in keys:
-        assert np.array_equal(local.cache.get(k), remote.cache.get(k))
+    assert ray_matches_local(family_folders("sdxl"), tmp_path, n_items=3, concurrency=1)["generated"] == 6
 
 
 @pytest.mark.parametrize("family, counts", [

@@ -321,6 +321,12 @@ def test_bad_arguments(pipe, items, kwargs, match):
         fit_tokens(pipe, items, NAMES, **{**FAST, **kwargs})
 
 
+@pytest.mark.parametrize("kwargs, match", [(dict(steps=2.0), "steps must be an int, got float: 2.0"), (dict(seed="0"), "seed must be an int, got str")])
+def test_non_integers_are_type_errors(pipe, items, kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        fit_tokens(pipe, items, NAMES, **{**FAST, **kwargs})
+
+
 def test_no_training_step_before_errors(pipe, items):
     calls = []
     with pytest.raises(FitError):

@@ -15,9 +15,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import CLASS_NAMES, FAST, ours, random_image
+from conftest import CLASS_NAMES, FAST, ours, random_image, ray_matches_local
 
-from dafusion_aug import AugmentationCache, DiffusionAugment, PipelineSpec, diffuse, precompute
+from dafusion_aug import AugmentationCache, DiffusionAugment, diffuse, precompute
 from dafusion_aug.data import ImageList
 from dafusion_aug.hashing import image_digest
 
@@ -186,26 +186,9 @@ def test_kill_9_leaves_no_corrupt_entry_and_the_rerun_completes(tiny_folder, tmp
 
 @pytest.mark.slow
 def test_ray_backend_matches_local(tiny_folder, tmp_path):
-    ray = pytest.importorskip("ray", reason='the Ray backend needs pip install "dafusion-aug[ray]"')
-    items = [(random_image(i), i % 3) for i in range(4)]
-
-    def make(cache):
-        return DiffusionAugment(PipelineSpec(str(tiny_folder), device="cpu"), class_names=CLASS_NAMES, num_inference_steps=4,
-                                guidance_scale=2.0, num_variants=2, p=1.0, cache=cache)
-
-    local = make(tmp_path / "local")
-    precompute(local, items, batch_size=3, progress=False)
-    remote = make(tmp_path / "ray")
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-    try:
-        res = precompute(remote, items, backend="ray", batch_size=3, concurrency=2, progress=False)
-    finally:
-        ray.shutdown()
+    pytest.importorskip("ray", reason='the Ray backend needs pip install "dafusion-aug[ray]"')
+    res = ray_matches_local(tiny_folder, tmp_path, n_items=4, concurrency=2)
     assert res["generated"] == 8 and res["ray_actors"] == 2
-    keys = sorted(local.cache.keys())
-    assert keys == sorted(remote.cache.keys())
-    for k in keys:
-        assert np.array_equal(local.cache.get(k), remote.cache.get(k))
 
 
 def test_ray_missing_names_the_extra(make_aug, monkeypatch):
