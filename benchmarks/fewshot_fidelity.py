@@ -2,10 +2,18 @@
 
     python benchmarks/fewshot_fidelity.py --demo dafusion-demo/quick --cache dafusion-demo/cache --tokens dafusion-demo/tokens
 
+Several result folders (each with its own token folder, same order) are pooled into one table:
+
+    python benchmarks/fewshot_fidelity.py --demo runs/erase-k1 runs/erase-k1-s2 --tokens runs/erase-k1/tokens \
+        runs/erase-k1-s2/tokens --cache runs/cache --erasures runs/erasures
+
 For each (k, seed) of the demo run (read from its ``results.json``), every variant of every training image
 is read back from the cache (nothing is generated) for each generative method and scored by
 ``dafusion_aug.pocket.judge_images``: the share the judge reads as the image's own label, per strength.
 A low share means label noise: the variant shows another digit (or none) under the real image's label.
+A second table gives how far the variants move from their real image: the mean absolute grey-level
+difference, in percent of the full range (0 = a copy), per strength; a faithful variant that is also a near
+copy adds little that the standard augmentation does not.
 """
 
 from __future__ import annotations
@@ -28,14 +36,34 @@ from dafusion_aug.pocket import digits, judge_images
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--demo", required=True, help="a demo result folder (with results.json)")
+    p.add_argument("--demo", required=True, nargs="+", help="demo result folders (with results.json), pooled")
     p.add_argument("--cache", required=True)
-    p.add_argument("--tokens", required=True, help="folder of the fitted tokens")
+    p.add_argument("--tokens", required=True, nargs="+", help="folder of the fitted tokens: one, or one per --demo folder")
     p.add_argument("--shots", type=int, nargs="+", default=None, help="default: the run's")
     p.add_argument("--erasures", default=None, help="folder of per-class erasures, for runs made with --erase")
     a = p.parse_args(argv)
+    if len(a.tokens) not in (1, len(a.demo)):
+        p.error(f"--tokens takes one folder or one per --demo folder ({len(a.demo)}), got {len(a.tokens)}")
     torch.set_num_threads(1)
-    results = json.loads((Path(a.demo) / "results.json").read_text())
+    totals: dict[tuple[str, int], dict[float, list[int]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+    change: dict[tuple[str, int], dict[float, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+    strengths_of_runs: list[float] = []
+    for demo, tokens in zip(a.demo, a.tokens * len(a.demo) if len(a.tokens) == 1 else a.tokens):
+        strengths_of_runs = score_run(Path(demo), Path(tokens), a, totals, change)
+    for title, table, fmt in (("share of variants the judge reads as their label", totals, lambda v: f"{100 * np.mean(v):.0f}%"),
+                              ("mean absolute change from the real image (% of the grey range)", change, lambda v: f"{np.mean(v):.1f}")):
+        print(f"\n{title}\n")
+        print("| method | k | " + " | ".join(f"strength {s:g}" for s in strengths_of_runs) + " | all |")
+        print("| --- | ---: |" + " ---: |" * (len(strengths_of_runs) + 1))
+        for (method, k), per in sorted(table.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            cells = [fmt(per[s]) if per.get(s) else "" for s in strengths_of_runs]
+            every = [h for hs in per.values() for h in hs]
+            print(f"| {method} | {k} | " + " | ".join(cells) + f" | {fmt(every)} (n={len(every)}) |")
+
+
+def score_run(demo: Path, tokens: Path, a: argparse.Namespace, totals: dict, change: dict) -> list[float]:
+    """Add one result folder's variants to ``totals`` (judge hits) and ``change``; return its strengths."""
+    results = json.loads((demo / "results.json").read_text())
     settings = results["settings"]
     # the token file each da-fusion row used (runs before it was recorded: every file of that k and seed)
     used = {(r["k"], r["seed"]): r["tokens"] for r in results["rows"] if r["method"] == "da-fusion" and r.get("tokens")}
@@ -53,16 +81,15 @@ def main(argv=None) -> None:
         p=gen["p"], strength=tuple(gen["strength"]), num_inference_steps=gen["num_inference_steps"],
         guidance_scale=gen["guidance_scale"], cache=a.cache, on_miss="real",
     )
-    totals: dict[tuple[str, int], dict[float, list[int]]] = collections.defaultdict(lambda: collections.defaultdict(list))
     for k in a.shots or settings["shots"]:
         for seed in settings["seeds"]:
             subset = [data[i] for i in few_shot_indices(data.targets, k, seed, len(names))]
             augs = {m: method_transform(m, spec, names, **common) for m in ("real-guidance", "real-guidance-agnostic")}
             if (k, seed) in used:
-                augs["da-fusion"] = method_transform("da-fusion", spec, names, tokens=Path(a.tokens) / used[(k, seed)], **common)
+                augs["da-fusion"] = method_transform("da-fusion", spec, names, tokens=tokens / used[(k, seed)], **common)
             else:
                 candidates = []
-                for path in sorted(glob.glob(str(Path(a.tokens) / f"k{k}-seed{seed}-*.safetensors"))):
+                for path in sorted(glob.glob(str(tokens / f"k{k}-seed{seed}-*.safetensors"))):
                     try:
                         aug = method_transform("da-fusion", spec, names, tokens=path, **common)
                         aug.cache_key(image_digest(np.asarray(subset[0][0])), subset[0][1], 0)
@@ -76,8 +103,9 @@ def main(argv=None) -> None:
                     augs["da-fusion"] = candidates[0][1]
             for method, aug in augs.items():
                 found, labels = [], []
-                strengths = []
+                strengths, moved = [], []
                 for image, label in subset:
+                    real = np.asarray(image.convert("RGB"), dtype=np.float32)
                     digest = image_digest(np.asarray(image))
                     for v in range(aug.num_variants):
                         var = aug.variant(digest, label, v)
@@ -86,17 +114,14 @@ def main(argv=None) -> None:
                             found.append(torch.from_numpy(np.array(arr)).permute(2, 0, 1))
                             labels.append(label)
                             strengths.append(var.strength)
+                            moved.append(100 * float(np.abs(np.asarray(arr, dtype=np.float32) - real).mean()) / 255)
                 if not found:
                     continue
                 ok = (judge_images(torch.stack(found)) == torch.tensor(labels)).tolist()
-                for s, hit in zip(strengths, ok):
+                for s, hit, d in zip(strengths, ok, moved):
                     totals[(method, k)][s].append(int(hit))
-    print("| method | k | " + " | ".join(f"strength {s:g}" for s in gen["strength"]) + " | all |")
-    print("| --- | ---: |" + " ---: |" * (len(gen["strength"]) + 1))
-    for (method, k), per in sorted(totals.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        cells = [f"{100 * np.mean(per[s]):.0f}%" if per.get(s) else "" for s in gen["strength"]]
-        every = [h for hs in per.values() for h in hs]
-        print(f"| {method} | {k} | " + " | ".join(cells) + f" | {100 * np.mean(every):.0f}% (n={len(every)}) |")
+                    change[(method, k)][s].append(d)
+    return list(gen["strength"])
 
 
 if __name__ == "__main__":
