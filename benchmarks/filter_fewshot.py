@@ -3,7 +3,7 @@
     python benchmarks/filter_fewshot.py --out runs/filters --erasures runs/demo/erasures --shots 1 --seeds 0 1 2 3 4
 
 Three :func:`~dafusion_aug.fewshot.run_fewshot` runs with the demo's quick per-run settings (small CNN,
-M = 5, p = 0.5, strengths 0.25-1.0, 15 steps) and ``erase=True`` (class c augmented by the model with c
+M = 5, p = 0.5, strengths 0.25-1.0, 15 steps; for ``da-fusion`` the demo's leakage-free token recipe) and ``erase=True`` (class c augmented by the model with c
 erased; the ten erasure files of ``dafusion-aug demo --build-erasures``, built if missing), sharing one
 variant cache:
 
@@ -39,14 +39,17 @@ from dafusion_aug.pocket import digits, judge_images
 
 
 def _settings(cfg, args) -> dict:
+    recipe = cfg.token_recipe(erase=True)  # da-fusion's tokens: the demo's leakage-free recipe
     return dict(shots=args.shots, seeds=args.seeds, methods=["baseline", *args.methods], num_variants=cfg.num_variants, p=cfg.p,
+                fit_steps=recipe["fit_steps"], fit_learning_rate=recipe["fit_learning_rate"], num_vectors=recipe["num_vectors"],
                 strength=cfg.strength, num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                 classifier=small_cnn(steps=cfg.classifier_steps, batch_size=cfg.classifier_batch_size, width=cfg.classifier_width,
                                      image_size=cfg.classifier_image_size))
 
 
-def fidelity(run_filter, data, names, erasures, kw, cache, threshold) -> dict[str, tuple[float, float, int]]:
-    """Per method: (share judged as their label, share fallen back, n) of the cached variants of every subset."""
+def fidelity(run_filter, data, names, erasures, kw, cache, threshold, token_files=None) -> dict[str, tuple[float, float, int]]:
+    """Per method: (share judged as their label, share fallen back, n) of the cached variants of every subset;
+    ``token_files`` maps (k, seed) to the token file each da-fusion run used."""
     spec = PipelineSpec("pocket")
     out = {}
     for method in kw["methods"][1:]:
@@ -60,6 +63,8 @@ def fidelity(run_filter, data, names, erasures, kw, cache, threshold) -> dict[st
                                  filter_threshold=threshold)
                 elif run_filter == "judge":
                     extra = dict(filter=demo_filter("judge", threshold), filter_threshold=threshold)
+                if method == "da-fusion":
+                    extra["tokens"] = token_files[(k, seed)]
                 aug = method_transform(method, spec, names, class_erasures=dict(enumerate(erasures)), num_variants=kw["num_variants"],
                                        p=kw["p"], strength=tuple(kw["strength"]), num_inference_steps=kw["num_inference_steps"],
                                        guidance_scale=kw["guidance_scale"], cache=cache, on_miss="error", **extra)
@@ -84,6 +89,8 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", default=["real-guidance", "real-guidance-agnostic"])
     p.add_argument("--filters", nargs="+", default=["none", "subset", "judge"])
     p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--cache", default=None, help="variant cache (default: OUT/cache); the demo's cache reuses its unfiltered variants")
+    p.add_argument("--tokens", default=None, help="folder of fitted tokens (default: OUT/tokens)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     data, spec, out = digits("B"), PipelineSpec("pocket"), Path(a.out)
@@ -91,14 +98,17 @@ def main(argv=None) -> int:
     files = build_erasures(spec, names, a.erasures, prompts=ERASURE_PROMPTS, progress=False, **ERASURE_SETTINGS)
     erasures = resolve_erasures(files, names)
     kw = _settings(QUICK, a)
+    cache = Path(a.cache) if a.cache else out / "cache"
+    tokens = Path(a.tokens) if a.tokens else out / "tokens"
     rows, fid = [], {}
     for name in a.filters:
         f = None if name == "none" else ("subset" if name == "subset" else demo_filter("judge", a.threshold))
-        res = run_fewshot(spec, data, None, out=out / name, cache=out / "cache", tokens_dir=out / "tokens", erase=True, erasures=files,
+        res = run_fewshot(spec, data, None, out=out / name, cache=cache, tokens_dir=tokens, erase=True, erasures=files,
                           filter=f, filter_threshold=None if f is None else a.threshold, progress=False, **kw)
         print(f"\n## filter: {name}\n\n{res.table()}")
         rows += [dict(r, method=f"{r['method']} / {name}") for r in res.rows]
-        fid[name] = fidelity(None if name == "none" else name, data, names, erasures, kw, out / "cache", a.threshold)
+        used = {(r["k"], r["seed"]): tokens / r["tokens"] for r in res.rows if r["method"] == "da-fusion"}
+        fid[name] = fidelity(None if name == "none" else name, data, names, erasures, kw, cache, a.threshold, used)
     print("\n## filtered minus unfiltered, paired by seed (accuracy points, 95% t interval)\n")
     print("| method | filter | k | difference | low | high |\n| --- | --- | ---: | ---: | ---: | ---: |")
     for m in a.methods:
