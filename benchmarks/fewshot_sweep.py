@@ -17,6 +17,7 @@ table and appends a line to ``OUT/sweep.jsonl``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -53,6 +54,8 @@ def main(argv=None) -> None:
     p.add_argument("--fit-lr", type=float)
     p.add_argument("--num-vectors", type=int, help="vectors per class token (default: the demo's recipe for the protocol)")
     p.add_argument("--classifier-steps", type=int)
+    p.add_argument("--no-standard-augmentation", action="store_true",
+                   help="a diagnostic: train every method without the classifier's random affine")
     p.add_argument("--prompt", default="a photo of a {name}")
     p.add_argument("--agnostic-prompt", default="a photo")
     p.add_argument("--erase", action="store_true")
@@ -69,13 +72,16 @@ def main(argv=None) -> None:
     if a.erase:
         folder = Path(a.erasures) if a.erasures else out / "erasures"
         erasures = build_erasures("pocket", data.class_names, folder, prompts=ERASURE_PROMPTS, **ERASURE_SETTINGS)
+    classifier = small_cnn(steps=a.classifier_steps or cfg.classifier_steps, batch_size=cfg.classifier_batch_size,
+                           width=cfg.classifier_width, image_size=cfg.classifier_image_size)
+    if a.no_standard_augmentation:
+        classifier = dataclasses.replace(classifier, name=classifier.name + "-noaug", standard_augmentation=None)
     recipe = cfg.token_recipe(a.erase)  # the demo's token recipe for this protocol, unless overridden
     settings = dict(
         methods=a.methods,
         shots=tuple(a.shots or cfg.shots),
         seeds=tuple(a.seeds or cfg.seeds),
-        classifier=small_cnn(steps=a.classifier_steps or cfg.classifier_steps, batch_size=cfg.classifier_batch_size,
-                             width=cfg.classifier_width, image_size=cfg.classifier_image_size),
+        classifier=classifier,
         num_variants=a.num_variants or cfg.num_variants,
         p=cfg.p if a.p is None else a.p,
         strength=tuple(a.strength or cfg.strength),
