@@ -208,7 +208,14 @@ def test_protocol_end_to_end_and_resume(tmp_path, tiny_pipe, toy_data, capsys):
         table = capsys.readouterr().out
         n = len(data.class_names) * kw["num_variants"]  # k = 1: one image per class
         for method in ("da-fusion", "real-guidance", "real-guidance-agnostic"):
-            assert any(line.startswith(f"| {method} | 1 |") and line.endswith(f"(n={n}) |") for line in table.splitlines()), table
+            rows = [line for line in table.splitlines() if line.startswith(f"| {method} | 1 |") and line.endswith(f"(n={n}) |")]
+            assert len(rows) == 2, table  # the judge's table and the change table
+            change = float(rows[1].split("|")[-2].split()[0])
+            assert 0 < change < 100, rows[1]
+        # two folders are pooled: the same run given twice counts every variant twice
+        fidelity.main(["--demo", str(run), str(run), "--cache", str(run / "cache"), "--tokens", str(run / "tokens")])
+        pooled = capsys.readouterr().out
+        assert f"(n={2 * n}) |" in pooled and f"(n={n}) |" not in pooled
 
 
 def test_protocol_is_reproducible(tmp_path, tiny_pipe, toy_data):
