@@ -430,6 +430,7 @@ def erase_concept(
         >>> erasure.save("erase-seven.safetensors")  # doctest: +SKIP
     """
     _check_args(method, steps, ddim_steps, checkpoint_every, learning_rate)
+    steps, ddim_steps, checkpoint_every = int(steps), int(ddim_steps), int(checkpoint_every)
     concept_map = normalize_concepts(concepts)
     kept = _check_preserve(preserve, preserve_weight, concept_map)
     pipe, base_fp = _base_pipeline(pipeline, device, dtype)

@@ -525,6 +525,7 @@ def fit_tokens(
     """
     # 1. Check the arguments, the data's form and the class names.
     tmpl = _check_args(num_vectors, initializer, steps, batch_size, learning_rate, templates, resolution, seed, checkpoint_every)
+    num_vectors, steps, batch_size, seed, checkpoint_every = map(int, (num_vectors, steps, batch_size, seed, checkpoint_every))
     dataset, names = _open_training_data(data, class_names)
     tokens, expanded = _class_tokens(names, num_vectors)
 

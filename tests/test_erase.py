@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -286,6 +287,8 @@ def test_erase_concept_arguments(pipe):
         erase_concept(pipe, "zebra", steps=0)
     with pytest.raises(TypeError, match="ddim_steps must be an int, got float: 2.5"):
         erase_concept(pipe, "zebra", ddim_steps=2.5)
+    as_numpy = erase_concept(pipe, "zebra", **{**FAST, "steps": np.int64(2), "ddim_steps": np.int32(2)})
+    assert as_numpy.content_hash() == erase_concept(pipe, "zebra", **FAST).content_hash()
     with pytest.raises(ValueError, match="non-empty"):
         erase_concept(pipe, {"zebra": []})
     with pytest.raises(TypeError, match="concepts must"):

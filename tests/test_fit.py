@@ -327,6 +327,13 @@ def test_non_integers_are_type_errors(pipe, items, kwargs, match):
         fit_tokens(pipe, items, NAMES, **{**FAST, **kwargs})
 
 
+def test_numpy_integers_are_plain_ints_to_fit_tokens(pipe, items):
+    as_numpy = fit_tokens(pipe, items, NAMES, **{**FAST, "steps": np.int64(FAST["steps"]), "batch_size": np.int32(FAST["batch_size"]),
+                                                 "seed": np.int64(0)})
+    plain = fit_tokens(pipe, items, NAMES, **FAST)
+    assert as_numpy.content_hash() == plain.content_hash()
+
+
 def test_no_training_step_before_errors(pipe, items):
     calls = []
     with pytest.raises(FitError):
