@@ -327,13 +327,15 @@ def train_esd(
     return {n: v.detach().to("cpu") for n, v in trained.items()}, losses
 
 
-def _check_args(method: str, steps: int, ddim_steps: int, checkpoint_every: int, learning_rate: float) -> None:
+def _check_args(method: str, steps: int, ddim_steps: int, checkpoint_every: int, learning_rate: float) -> tuple[int, int, int]:
+    """``(steps, ddim_steps, checkpoint_every)`` as Python ints, checked with the method and learning rate."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
-    for name, value in (("steps", steps), ("ddim_steps", ddim_steps), ("checkpoint_every", checkpoint_every)):
-        check_int(value, name, minimum=1)
+    ints = tuple(check_int(value, name, minimum=1) for name, value in
+                 (("steps", steps), ("ddim_steps", ddim_steps), ("checkpoint_every", checkpoint_every)))
     if not learning_rate > 0:
         raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}")
+    return ints
 
 
 def _check_preserve(preserve: Any, weight: Any, concepts: Mapping[str, Sequence[str]]) -> list[str]:
@@ -429,8 +431,7 @@ def erase_concept(
         >>> erasure = erase_concept("pocket", "seven", steps=100, learning_rate=2e-3, ddim_steps=10)  # doctest: +SKIP
         >>> erasure.save("erase-seven.safetensors")  # doctest: +SKIP
     """
-    _check_args(method, steps, ddim_steps, checkpoint_every, learning_rate)
-    steps, ddim_steps, checkpoint_every = int(steps), int(ddim_steps), int(checkpoint_every)
+    steps, ddim_steps, checkpoint_every = _check_args(method, steps, ddim_steps, checkpoint_every, learning_rate)
     concept_map = normalize_concepts(concepts)
     kept = _check_preserve(preserve, preserve_weight, concept_map)
     pipe, base_fp = _base_pipeline(pipeline, device, dtype)

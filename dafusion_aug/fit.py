@@ -92,10 +92,12 @@ class _SplicedEmbedding(nn.Module):
         return torch.where(mine.unsqueeze(-1), new, out)
 
 
-def _check_args(num_vectors, initializer, steps, batch_size, learning_rate, templates, resolution, seed, checkpoint_every) -> list[str]:
-    for name, value in (("num_vectors", num_vectors), ("steps", steps), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
-        check_int(value, name, minimum=1)
-    check_int(seed, "seed")
+def _check_args(num_vectors, initializer, steps, batch_size, learning_rate, templates, resolution, seed,
+                checkpoint_every) -> tuple[list[str], tuple[int, int, int, int, int]]:
+    """The templates, and ``(num_vectors, steps, batch_size, seed, checkpoint_every)`` as Python ints, checked."""
+    num_vectors, steps, batch_size, checkpoint_every = (check_int(value, name, minimum=1) for name, value in (
+        ("num_vectors", num_vectors), ("steps", steps), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)))
+    ints = (num_vectors, steps, batch_size, check_int(seed, "seed"), checkpoint_every)
     if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not 0 < learning_rate < math.inf:
         raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}")
     if not isinstance(initializer, str) or not initializer.strip():
@@ -108,7 +110,7 @@ def _check_args(num_vectors, initializer, steps, batch_size, learning_rate, temp
     for t in tmpl:
         if not isinstance(t, str) or t.count("{}") != 1:
             raise ValueError(f"each template must be a str with exactly one '{{}}' for the token, got {t!r}")
-    return tmpl
+    return tmpl, ints
 
 
 def _encoders(pipe) -> list[tuple[Any, Any]]:
@@ -524,8 +526,8 @@ def fit_tokens(
         >>> tokens.save("tokens.safetensors")  # doctest: +SKIP
     """
     # 1. Check the arguments, the data's form and the class names.
-    tmpl = _check_args(num_vectors, initializer, steps, batch_size, learning_rate, templates, resolution, seed, checkpoint_every)
-    num_vectors, steps, batch_size, seed, checkpoint_every = map(int, (num_vectors, steps, batch_size, seed, checkpoint_every))
+    tmpl, (num_vectors, steps, batch_size, seed, checkpoint_every) = _check_args(
+        num_vectors, initializer, steps, batch_size, learning_rate, templates, resolution, seed, checkpoint_every)
     dataset, names = _open_training_data(data, class_names)
     tokens, expanded = _class_tokens(names, num_vectors)
 
