@@ -47,22 +47,22 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     totals: dict[tuple[str, int], dict[float, list[int]]] = collections.defaultdict(lambda: collections.defaultdict(list))
     change: dict[tuple[str, int], dict[float, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
-    strengths_of_runs: list[float] = []
     for demo, tokens in zip(a.demo, a.tokens * len(a.demo) if len(a.tokens) == 1 else a.tokens):
-        strengths_of_runs = score_run(Path(demo), Path(tokens), a, totals, change)
+        score_run(Path(demo), Path(tokens), a, totals, change)
+    strengths = sorted({s for per in totals.values() for s in per})  # every strength any pooled run used
     for title, table, fmt in (("share of variants the judge reads as their label", totals, lambda v: f"{100 * np.mean(v):.0f}%"),
                               ("mean absolute change from the real image (% of the grey range)", change, lambda v: f"{np.mean(v):.1f}")):
         print(f"\n{title}\n")
-        print("| method | k | " + " | ".join(f"strength {s:g}" for s in strengths_of_runs) + " | all |")
-        print("| --- | ---: |" + " ---: |" * (len(strengths_of_runs) + 1))
+        print("| method | k | " + " | ".join(f"strength {s:g}" for s in strengths) + " | all |")
+        print("| --- | ---: |" + " ---: |" * (len(strengths) + 1))
         for (method, k), per in sorted(table.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-            cells = [fmt(per[s]) if per.get(s) else "" for s in strengths_of_runs]
+            cells = [fmt(per[s]) if per.get(s) else "" for s in strengths]
             every = [h for hs in per.values() for h in hs]
             print(f"| {method} | {k} | " + " | ".join(cells) + f" | {fmt(every)} (n={len(every)}) |")
 
 
-def score_run(demo: Path, tokens: Path, a: argparse.Namespace, totals: dict, change: dict) -> list[float]:
-    """Add one result folder's variants to ``totals`` (judge hits) and ``change``; return its strengths."""
+def score_run(demo: Path, tokens: Path, a: argparse.Namespace, totals: dict, change: dict) -> None:
+    """Add one result folder's variants to ``totals`` (judge hits) and ``change``."""
     results = json.loads((demo / "results.json").read_text())
     settings = results["settings"]
     # the token file each da-fusion row used (runs before it was recorded: every file of that k and seed)
@@ -121,7 +121,6 @@ def score_run(demo: Path, tokens: Path, a: argparse.Namespace, totals: dict, cha
                 for s, hit, d in zip(strengths, ok, moved):
                     totals[(method, k)][s].append(int(hit))
                     change[(method, k)][s].append(d)
-    return list(gen["strength"])
 
 
 if __name__ == "__main__":
