@@ -32,14 +32,16 @@ import time
 import torch
 
 from dafusion_aug import Erasure, PipelineSpec, few_shot_indices, fit_tokens
+from dafusion_aug.pipeline import PipelineSource
 from dafusion_aug.pocket import CLASS_NAMES, digits, judge, judge_images, judged_rates
 
 
 def img2img_pipeline(folder: str):
-    """The img2img pipeline of a pocket-layout model folder, in float32."""
-    from diffusers import StableDiffusionImg2ImgPipeline
+    """A private copy of the img2img pipeline of a pocket-layout model folder, in float32.
 
-    return StableDiffusionImg2ImgPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    Loaded the library's way (safetensors only, quietly); fresh, because callers add tokens or erase.
+    """
+    return PipelineSource(spec=PipelineSpec(folder, dtype="float32")).load(fresh=True)
 
 
 def ddim_sampler(img2img):

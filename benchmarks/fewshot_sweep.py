@@ -56,7 +56,8 @@ def main(argv=None) -> None:
     p.add_argument("--classifier-steps", type=int)
     p.add_argument("--no-standard-augmentation", action="store_true",
                    help="a diagnostic: train every method without the classifier's random affine")
-    p.add_argument("--prompt", default="a photo of a {name}")
+    p.add_argument("--prompt", nargs="+", default=["a photo of a {name}"],
+                   help="one template, or several: each variant picks one (real-guidance and da-fusion alike)")
     p.add_argument("--agnostic-prompt", default="a photo")
     p.add_argument("--erase", action="store_true")
     p.add_argument("--erasures", default=None, help="folder of per-class erasures to use or build (default: OUT/erasures)")
@@ -90,7 +91,7 @@ def main(argv=None) -> None:
         fit_steps=a.fit_steps or recipe["fit_steps"],
         fit_learning_rate=a.fit_lr or recipe["fit_learning_rate"],
         num_vectors=a.num_vectors or recipe["num_vectors"],
-        prompt=a.prompt,
+        prompt=a.prompt[0] if len(a.prompt) == 1 else list(a.prompt),
         agnostic_prompt=a.agnostic_prompt,
     )
     t0 = time.perf_counter()
