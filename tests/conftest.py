@@ -128,6 +128,29 @@ def ray_matches_local(folder, tmp_path, n_items: int, concurrency: int) -> dict:
     return res
 
 
+def nan_redo_case(pipe, monkeypatch, imgs, prompts, strengths, seeds, **kw):
+    """Run ``diffuse`` in bfloat16 with a VAE whose half-precision decode overflows on the first sample.
+
+    Returns ``(out, fp32)``: the batch's results, and sample 0 made alone in float32 from the same
+    (bfloat16-rounded) weights, which is what the redo must reproduce.
+    """
+    from dafusion_aug import diffuse
+
+    pipe.to(torch.bfloat16).to(torch.float32)  # the weights the fp32 redo will see
+    fp32 = diffuse(pipe, imgs[:1], prompts[:1], strengths[:1], seeds[:1], **kw)[0]
+    pipe.to(torch.bfloat16)
+    real = pipe.vae.decode
+
+    def overflowing(z, *args, **kwargs):
+        out = real(z, *args, **kwargs)
+        if pipe.vae.dtype == torch.bfloat16:
+            out[0][0] = float("nan")  # the first sample of every half-precision decode overflows
+        return out
+
+    monkeypatch.setattr(pipe.vae, "decode", overflowing)
+    return diffuse(pipe, imgs, prompts, strengths, seeds, **kw), fp32
+
+
 @pytest.fixture
 def make_aug(tiny_pipe, tmp_path):
     """Build a DiffusionAugment on the shared tiny pipeline with fast settings."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import CLASS_NAMES, random_image
+from conftest import CLASS_NAMES, nan_redo_case, random_image
 
 from dafusion_aug import DiffusionAugment, PipelineSpec, diffuse, precompute
 from dafusion_aug._denoise import decode, denoise, loop_unsupported
@@ -180,20 +180,7 @@ def test_mixed_strengths_must_be_a_bool_or_none(tiny_pipe):
 
 def test_nan_in_half_precision_is_redone_in_fp32_by_the_loop(fresh_pipe, monkeypatch):
     imgs, prompts, strengths, seeds = _mixed_case(3)
-    kw = dict(num_inference_steps=4, guidance_scale=2.0)
-    fresh_pipe.to(torch.bfloat16).to(torch.float32)  # the weights the fp32 redo will see
-    fp32 = diffuse(fresh_pipe, imgs[:1], prompts[:1], strengths[:1], seeds[:1], **kw)[0]  # sample 0 alone, in fp32
-    fresh_pipe.to(torch.bfloat16)
-    real = fresh_pipe.vae.decode
-
-    def overflowing(z, *args, **kwargs):
-        out = real(z, *args, **kwargs)
-        if fresh_pipe.vae.dtype == torch.bfloat16:
-            out[0][0] = float("nan")  # the first sample of every half-precision decode overflows
-        return out
-
-    monkeypatch.setattr(fresh_pipe.vae, "decode", overflowing)
-    out = diffuse(fresh_pipe, imgs, prompts, strengths, seeds, **kw)
+    out, fp32 = nan_redo_case(fresh_pipe, monkeypatch, imgs, prompts, strengths, seeds, num_inference_steps=4, guidance_scale=2.0)
     assert fresh_pipe.unet.dtype == torch.bfloat16  # back in half precision after the redo
     assert np.array_equal(out[0], fp32)  # redone alone, in float32
     assert all(o is not None for o in out)

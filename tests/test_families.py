@@ -199,21 +199,11 @@ def test_transform_cache_and_precompute_on_a_family_folder(family, family_folder
 
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])
 def test_nan_in_half_precision_is_redone_in_fp32(family, monkeypatch):
+    from conftest import nan_redo_case
+
     pipe = tiny_pipeline(family=family)
-    imgs, kw = _images(2, shapes=((48, 48),)), dict(num_inference_steps=4, guidance_scale=2.0)
-    pipe.to(torch.bfloat16).to(torch.float32)  # the weights the fp32 redo will see
-    fp32 = diffuse(pipe, imgs[:1], ["a cat"], 0.5, [1], **kw)[0]
-    pipe.to(torch.bfloat16)
-    real = pipe.vae.decode
-
-    def overflowing(z, *args, **kwargs):
-        out = real(z, *args, **kwargs)
-        if pipe.vae.dtype == torch.bfloat16:
-            out[0][0] = float("nan")  # the first sample of every half-precision decode overflows
-        return out
-
-    monkeypatch.setattr(pipe.vae, "decode", overflowing)
-    out = diffuse(pipe, imgs, ["a cat", "a dog"], 0.5, [1, 2], **kw)
+    imgs = _images(2, shapes=((48, 48),))
+    out, fp32 = nan_redo_case(pipe, monkeypatch, imgs, ["a cat", "a dog"], [0.5, 0.5], [1, 2], num_inference_steps=4, guidance_scale=2.0)
     assert pipe.unet.dtype == torch.bfloat16 and all(o is not None for o in out)
     assert np.array_equal(out[0], fp32)
 
