@@ -170,7 +170,7 @@ def diffuse(
         ValueError: the lists differ in length (never silently truncated), a strength or the resolution is
             invalid, or ``mixed_strengths=True`` with a pipeline or scheduler that cannot mix strengths.
 
-    Example:
+    Examples:
         >>> from dafusion_aug.testing import tiny_pipeline
         >>> img = np.zeros((32, 32, 3), np.uint8)
         >>> out = diffuse(tiny_pipeline(), [img, img], ["a cat", "a dog"], [0.5, 1.0], [1, 2], num_inference_steps=4)

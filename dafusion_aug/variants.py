@@ -353,12 +353,14 @@ def generation_fingerprint(
     ``device`` (see docs/design.md), ``batch_size``, and what decides only *whether* and *which* variant is
     used (``p``, ``num_variants``, ``on_miss``, ``labels_getter``, ``cache``).
 
+    ``tokens``, ``class_names``, ``prompt``, ``strength``, ``strength_probs``, ``guidance_scale``,
+    ``num_inference_steps``, ``negative_prompt``, ``resolution``, ``class_erasures`` and ``seed`` are as the
+    transform holds them. A prompt callable counts by its module, name, source code and the values it
+    closes over.
+
     Args:
         model: the model's fingerprint (:meth:`PipelineSpec.fingerprint` or :func:`pipeline_fingerprint`;
             it covers the weights, the scheduler and a spec's erasure file).
-        tokens, class_names, prompt, strength, strength_probs, guidance_scale, num_inference_steps,
-            negative_prompt, resolution, class_erasures, seed: as the transform holds them. A prompt
-            callable counts by its module, name, source code and the values it closes over.
         region: ``(region, mask_grow)`` of a region edit, ``None`` for ``region="all"``. Added to the digest
             only when set, so keys without it are those of earlier versions; a masked variant's key also
             holds its edit mask (:func:`~dafusion_aug.regions.edit_digest`).
