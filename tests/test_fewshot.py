@@ -103,7 +103,7 @@ def test_paired_differences_pair_by_seed_and_skip_unpaired():
     assert diffs[1]["mean"] == pytest.approx(-0.1)
     res = FewShotResult(rows, 0.95, {})
     table = res.compare("da-fusion", ["baseline", "real-guidance-agnostic"])  # the absent method is left out
-    assert "| da-fusion - baseline | 10.0 ± 0.0 | -10.0 (n=1) |" in table
+    assert "| da-fusion - baseline | +10.0 ± 0.0 | -10.0 (n=1) |" in table  # differences carry their sign
     assert "agnostic" not in table
     assert res.compare("da-fusion", ["nope"]) == ""
     report = res.report()
@@ -186,6 +186,7 @@ def test_protocol_end_to_end_and_resume(tmp_path, tiny_pipe, toy_data, capsys):
     assert res.files["grid"].is_file()
     assert "| da-fusion |" in res.table()
     assert "| da-fusion - baseline |" in res.files["summary"].read_text() and "| da-fusion - real-guidance-agnostic |" in res.compare()
+    assert "| da-fusion - real-guidance |" in res.compare()  # the leakage-free protocol's reference
     (token_file,) = (tmp_path / "run" / "tokens").glob("*.safetensors")
     # the da-fusion row names its token file (benchmarks/fewshot_fidelity.py reads the variants of exactly that one)
     assert [r.get("tokens") for r in res.rows] == [token_file.name if r["method"] == "da-fusion" else None for r in res.rows]

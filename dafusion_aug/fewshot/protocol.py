@@ -122,16 +122,20 @@ class FewShotResult:
         """The summary as a Markdown table (accuracy in %, mean ± CI half-width)."""
         return format_table(self.summary)
 
-    def compare(self, method: str = "da-fusion", references: Sequence[str] = ("baseline", "real-guidance-agnostic")) -> str:
-        """``method`` minus each reference, paired by seed, as a Markdown table (accuracy points, mean ± CI).
+    def compare(
+        self, method: str = "da-fusion", references: Sequence[str] = ("baseline", "real-guidance", "real-guidance-agnostic")
+    ) -> str:
+        """``method`` minus each reference, paired by seed, as a Markdown table (accuracy points, signed mean ± CI).
 
         A row whose interval lies above 0 says ``method`` beat that reference at that k on these seeds.
-        Methods that did not run are left out.
+        Methods that did not run are left out. The default references are those the demo's claims are
+        about: standard augmentation, Real Guidance (with the class erased in the leakage-free protocol)
+        and the class-agnostic prompt.
         """
         present = {r["method"] for r in self.rows}
         diffs = [d for ref in references if method in present and ref in present and ref != method
                  for d in paired_differences(self.rows, method, ref, self.confidence)]
-        return format_table(diffs) if diffs else ""
+        return format_table(diffs, signed=True) if diffs else ""
 
     def report(self) -> str:
         """:meth:`table`, then :meth:`compare` under a one-line caption (what ``summary.md`` holds)."""

@@ -198,8 +198,9 @@ def paired_differences(
     return summarize(diffs, confidence, key)
 
 
-def format_table(summary: Sequence[Mapping[str, Any]], percent: bool = True) -> str:
-    """A Markdown table: one row per method, one column per k, cells ``mean ± half-width``."""
+def format_table(summary: Sequence[Mapping[str, Any]], percent: bool = True, signed: bool = False) -> str:
+    """A Markdown table: one row per method, one column per k, cells ``mean ± half-width`` (``signed``: the
+    mean with its sign, ``+1.2``, for differences)."""
     methods: list[str] = []
     for s in summary:
         if s["method"] not in methods:
@@ -207,6 +208,7 @@ def format_table(summary: Sequence[Mapping[str, Any]], percent: bool = True) -> 
     shots = sorted({int(s["k"]) for s in summary})
     cell = {(s["method"], int(s["k"])): s for s in summary}
     scale = 100.0 if percent else 1.0
+    number = "{:+.1f}" if signed else "{:.1f}"
     lines = ["| method | " + " | ".join(f"k = {k}" for k in shots) + " |", "| --- |" + " ---: |" * len(shots)]
     for m in methods:
         parts = []
@@ -215,9 +217,9 @@ def format_table(summary: Sequence[Mapping[str, Any]], percent: bool = True) -> 
             if s is None:
                 parts.append("")
             elif math.isnan(s["half_width"]):
-                parts.append(f"{s['mean'] * scale:.1f} (n={s['n']})")
+                parts.append(f"{number.format(s['mean'] * scale)} (n={s['n']})")
             else:
-                parts.append(f"{s['mean'] * scale:.1f} ± {s['half_width'] * scale:.1f}")
+                parts.append(f"{number.format(s['mean'] * scale)} ± {s['half_width'] * scale:.1f}")
         lines.append(f"| {m} | " + " | ".join(parts) + " |")
     return "\n".join(lines)
 
