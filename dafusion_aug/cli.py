@@ -340,7 +340,8 @@ def _add_demo(sub) -> None:
     )
     p.add_argument("--out", default="dafusion-demo", help="output folder; caches live here too")
     p.add_argument("--full", action="store_true", help="k in {1, 2, 4, 8, 16} and 5 seeds (about 25 CPU-minutes)")
-    p.add_argument("--erase", action="store_true", help="leakage-free protocol: class c is augmented with c erased (builds 10 erasures first)")
+    p.add_argument("--erase", action="store_true", help="leakage-free protocol: class c is augmented with c erased (builds 10 erasures first; about 1.5 CPU-hours "
+                   "in quick mode, mostly fitting ten tokens per k and seed)")
     p.add_argument("--build-erasures", action="store_true", help="only build (or find) the per-class erasure files under OUT/erasures")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the model is small, and one thread is not slowed by other jobs)")
     p.add_argument("--region", choices=["all", "object", "background"], default="all", help="edit only each digit's ink or its background")
