@@ -32,7 +32,6 @@ from dafusion_aug.fewshot import (
     QUICK,
     build_erasures,
     run_fewshot,
-    small_cnn,
 )
 from dafusion_aug.pocket import digits
 
@@ -73,8 +72,7 @@ def main(argv=None) -> None:
     if a.erase:
         folder = Path(a.erasures) if a.erasures else out / "erasures"
         erasures = build_erasures("pocket", data.class_names, folder, prompts=ERASURE_PROMPTS, **ERASURE_SETTINGS)
-    classifier = small_cnn(steps=a.classifier_steps or cfg.classifier_steps, batch_size=cfg.classifier_batch_size,
-                           width=cfg.classifier_width, image_size=cfg.classifier_image_size)
+    classifier = cfg.classifier(a.classifier_steps)
     if a.no_standard_augmentation:
         classifier = dataclasses.replace(classifier, name=classifier.name + "-noaug", standard_augmentation=None)
     recipe = cfg.token_recipe(a.erase)  # the demo's token recipe for this protocol, unless overridden

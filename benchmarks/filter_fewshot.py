@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from dafusion_aug import PipelineSpec, few_shot_indices
-from dafusion_aug.fewshot import QUICK, build_erasures, method_transform, run_fewshot, small_cnn
+from dafusion_aug.fewshot import QUICK, build_erasures, method_transform, run_fewshot
 from dafusion_aug.fewshot.demo import ERASURE_PROMPTS, ERASURE_SETTINGS, demo_filter
 from dafusion_aug.fewshot.erasures import resolve_erasures
 from dafusion_aug.fewshot.methods import subset_filter
@@ -43,8 +43,7 @@ def _settings(cfg, args) -> dict:
     return dict(shots=args.shots, seeds=args.seeds, methods=["baseline", *args.methods], num_variants=cfg.num_variants, p=cfg.p,
                 fit_steps=recipe["fit_steps"], fit_learning_rate=recipe["fit_learning_rate"], num_vectors=recipe["num_vectors"],
                 strength=cfg.strength, num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                classifier=small_cnn(steps=cfg.classifier_steps, batch_size=cfg.classifier_batch_size, width=cfg.classifier_width,
-                                     image_size=cfg.classifier_image_size))
+                classifier=cfg.classifier())
 
 
 def fidelity(run_filter, data, names, erasures, kw, cache, threshold, token_files=None) -> dict[str, tuple[float, float, int]]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..pipeline import PipelineSpec
 from ..pocket.evaluate import attribute_only_prompts
-from .classifier import small_cnn
+from .classifier import ClassifierSpec, small_cnn
 from .erasures import build_erasures
 from .protocol import run_fewshot
 from .report import require_modules
@@ -53,6 +53,11 @@ class DemoSettings:
     erase_fit_learning_rate: float | None = None
     erase_fit_num_vectors: int | None = None
     grid_classes: tuple[int, ...] = (0, 2, 4, 7)
+
+    def classifier(self, steps: int | None = None) -> ClassifierSpec:
+        """The demo's classifier: :func:`small_cnn` with these settings (``steps`` overrides ``classifier_steps``)."""
+        return small_cnn(steps=steps or self.classifier_steps, batch_size=self.classifier_batch_size, width=self.classifier_width,
+                         image_size=self.classifier_image_size)
 
     def token_recipe(self, erase: bool) -> dict[str, Any]:
         """``run_fewshot``'s token arguments for one protocol: ``fit_steps``, ``fit_learning_rate``, ``num_vectors``."""
@@ -203,9 +208,7 @@ def run_demo(
         tokens_dir=out / "tokens",
         shots=cfg.shots,
         seeds=cfg.seeds,
-        classifier=small_cnn(
-            steps=cfg.classifier_steps, batch_size=cfg.classifier_batch_size, width=cfg.classifier_width, image_size=cfg.classifier_image_size
-        ),
+        classifier=cfg.classifier(),
         num_variants=cfg.num_variants,
         p=cfg.p,
         strength=cfg.strength,
