@@ -111,6 +111,15 @@ def test_paired_differences_pair_by_seed_and_skip_unpaired():
 
 
 # -- argument checks -----------------------------------------------------------------------------------
+def test_demo_classifier_takes_the_settings_and_checks_an_override():
+    from dafusion_aug.fewshot.demo import QUICK
+
+    assert QUICK.classifier().steps == QUICK.classifier_steps
+    assert QUICK.classifier(7).steps == 7
+    with pytest.raises(ValueError, match="steps.*0"):  # not silently the default
+        QUICK.classifier(0)
+
+
 def test_check_grid_errors_name_the_argument():
     targets = [0, 0, 1, 1]
     with pytest.raises(ValueError, match="methods must be among .*'mixup'"):

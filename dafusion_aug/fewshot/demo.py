@@ -56,7 +56,7 @@ class DemoSettings:
 
     def classifier(self, steps: int | None = None) -> ClassifierSpec:
         """The demo's classifier: :func:`small_cnn` with these settings (``steps`` overrides ``classifier_steps``)."""
-        return small_cnn(steps=steps or self.classifier_steps, batch_size=self.classifier_batch_size, width=self.classifier_width,
+        return small_cnn(steps=self.classifier_steps if steps is None else steps, batch_size=self.classifier_batch_size, width=self.classifier_width,
                          image_size=self.classifier_image_size)
 
     def token_recipe(self, erase: bool) -> dict[str, Any]:
