@@ -30,7 +30,8 @@ import dafusion_aug
 import dafusion_aug.fit as _fit
 from dafusion_aug.data import ImageList
 
-#: The copies' augmentation: the classifier's random affine, a little wider (digits on black: fill 0).
+#: The copies' augmentation: wider than the classifier's ``fewshot.classifier.random_affine`` (±10°, 0.9-1.1, shift 0.1)
+#: and with a shear, which that batched-tensor twin lacks (digits on black: fill 0).
 AFFINE = v2.RandomAffine(degrees=15, translate=(0.1, 0.1), scale=(0.85, 1.15), shear=(-15, 15), fill=0)
 
 
