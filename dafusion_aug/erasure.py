@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from ._io import read_safetensors, save_safetensors
+from ._io import FLOAT_DTYPES, TensorHeader, check_tensor_headers, read_safetensors, save_safetensors
 from .errors import ErasureFileError, PipelineError
 from .families import family_of, requires_family
 from .hashing import stable_digest
@@ -33,6 +33,13 @@ from .hashing import stable_digest
 __all__ = ["Erasure", "base_digests", "normalize_concepts", "unet_of"]
 
 _FORMAT = "dafusion-aug/erasure/1"
+# Sane sizes, checked from the header before any tensor is read (the UNet, unknown at load, is checked on apply).
+#: elements of one tensor: SDXL's largest UNet parameter (a 1280 x 1280 x 3 x 3 conv) has 14.7 M
+_MAX_ELEMENTS = 2**27
+#: tensors per file: SDXL's whole UNet has about 1,700 parameters
+_MAX_TENSORS = 10_000
+#: all tensors together: SDXL's whole UNet in float32 is 10.3 GB
+_MAX_BYTES = 2**34
 _NARROWER = {"float32": ("float32", "float16", "bfloat16"), "float16": ("float16",), "bfloat16": ("bfloat16",)}
 
 
@@ -61,6 +68,18 @@ def base_digests(tensors: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, st
     """
     base = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     return base, {d: _values_digest(tensors, getattr(torch, d)) for d in _NARROWER.get(base, (base,))}
+
+
+def _check_header(path: str, what: str, tensors: Mapping[str, TensorHeader], meta: Mapping[str, str]) -> None:
+    """Refuse an erasure file from its header, before any tensor is read, unless every tensor could be a UNet
+    parameter: floating-point, at most 4 dimensions (a conv weight) and 2**27 elements, at most 10,000
+    tensors and 16 GiB in all. Whether each matches the parameter it names is checked when it is applied.
+
+    Raises:
+        ErasureFileError: naming the tensor, its shape and the limit.
+    """
+    check_tensor_headers(tensors, path, what, error=ErasureFileError, dtypes=FLOAT_DTYPES, ranks=range(5),
+                         max_elements=_MAX_ELEMENTS, max_tensors=_MAX_TENSORS, max_bytes=_MAX_BYTES)
 
 
 def _stamp(params: Mapping[str, torch.Tensor], names: Sequence[str]) -> tuple | None:
@@ -184,10 +203,12 @@ class Erasure:
         """Read an erasure file written by :meth:`save`.
 
         Raises:
-            ErasureFileError: missing, a pickle (never loaded), corrupt, or not an erasure file.
+            ErasureFileError: missing, a pickle (never loaded), corrupt, truncated, not an erasure file, or its
+                header declares tensors no UNet has (not floating-point, over 4 dimensions or 2**27 elements,
+                over 10,000 tensors or 16 GiB in all), refused before any tensor data is read.
         """
         path = os.fspath(path)
-        tensors, meta = read_safetensors(path, "erasure file", error=ErasureFileError)
+        tensors, meta = read_safetensors(path, "erasure file", error=ErasureFileError, check=_check_header)
         if not str(meta.get("dafusion_format", "")).startswith("dafusion-aug/erasure/"):
             raise ErasureFileError(f"{path!r} is a safetensors file but not an erasure file (no dafusion_format metadata)")
         try:

@@ -14,6 +14,8 @@ through ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import re
@@ -24,7 +26,15 @@ from typing import Any
 import torch
 
 from . import __version__
-from ._io import looks_like_pickle, read_safetensors, save_safetensors
+from ._io import (
+    FLOAT_DTYPES,
+    TensorHeader,
+    check_tensor_headers,
+    format_size,
+    looks_like_pickle,
+    read_safetensors,
+    save_safetensors,
+)
 from .errors import TokenFileError
 from .families import FAMILIES, family_of, requires_family
 from .hashing import stable_digest
@@ -43,6 +53,15 @@ DIFFUSERS_SDXL = ('pipe.load_textual_inversion(sd["clip_g"], token=token, text_e
 _MULTI_CLASS_HINT = (f"plain diffusers loads a multi-class file with {DIFFUSERS_MULTI_CLASS}, where "
                      "sd = safetensors.torch.load_file(path) (or torch.load(path, weights_only=True) for a .pt / .bin file)")
 _A1111_KEYS = ("emb_params", "string_to_param")
+# Sane sizes, checked from a file's header (or size) before anything is read: an embedding is kilobytes.
+#: vectors per token: a CLIP prompt holds 77 positions, so no prompt uses more than a few dozen
+_MAX_VECTORS = 1024
+#: an embedding's width: the widest text encoder in reach (T5-XXL); CLIP ViT-L is 768, ViT-bigG 1280
+_MAX_WIDTH = 4096
+#: tokens (classes) per file; ImageNet-21k has 21,841 classes
+_MAX_TOKENS = 100_000
+#: a whole token file: its tensors (safetensors) or the file itself (``.pt`` / ``.bin``)
+_MAX_TOKEN_BYTES = 2**30
 
 
 def _torch_load(path: str, what: str) -> Any:
@@ -50,10 +69,14 @@ def _torch_load(path: str, what: str) -> Any:
     and plain containers (never arbitrary objects).
 
     Raises:
-        TokenFileError: the file is missing or holds anything else.
+        TokenFileError: the file is missing, over 1 GiB (refused unread), or holds anything else.
     """
     if not os.path.isfile(path):
         raise TokenFileError(f"{what} not found: {path!r}")
+    size = os.path.getsize(path)
+    if size > _MAX_TOKEN_BYTES:  # torch.load reads every storage into memory; embeddings are kilobytes
+        raise TokenFileError(f"{what} {path!r} is {format_size(size)}, more than the {format_size(_MAX_TOKEN_BYTES)} a token "
+                             "file may take (embeddings are kilobytes); refused unread")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... for bad files
@@ -87,6 +110,52 @@ def _dafusion_match(name: str, keys: Sequence[str]) -> str | None:
         if key in keys:
             return key
     return None
+
+
+def _declared_width(path: str, what: str, meta: Mapping[str, str], key: str) -> int | None:
+    """The width a token file's metadata declares under ``key`` (``dim``, ``dim_2``), ``None`` when absent.
+
+    Raises:
+        TokenFileError: the value is not a positive integer.
+    """
+    if key not in meta:
+        return None
+    value = meta[key]
+    if not (value.isascii() and value.isdigit()) or int(value) < 1:
+        raise TokenFileError(f"{what} {path!r} has malformed metadata: {key!r} must be a positive integer, got {value!r}"[:300])
+    return int(value)
+
+
+def _embedding_problem(t: TensorHeader, dim: int | None, dim_2: int | None, max_rows: int) -> str | None:
+    """Why a token file's tensor cannot be embeddings (``dim_2`` is ``clip_g``'s width), or ``None``."""
+    width, want = t.shape[-1], dim_2 if t.name == "clip_g" else dim
+    if want is not None and width != want:
+        return f"an embedding's width (its last dimension) must be the dim the file declares, {want}, got {width:,}"
+    if width > _MAX_WIDTH:
+        return f"an embedding's width (its last dimension) must be at most {_MAX_WIDTH}, got {width:,}"
+    if len(t.shape) == 2 and t.shape[0] > max_rows:
+        return f"it may have at most {max_rows:,} rows ({_MAX_VECTORS} vectors per token), got {t.shape[0]:,}"
+    return None
+
+
+def _check_token_header(path: str, what: str, tensors: Mapping[str, TensorHeader], meta: Mapping[str, str]) -> None:
+    """Refuse a token file from its header, before any tensor is read, unless every tensor could be embeddings:
+    floating-point, ``[dim]`` or ``[num_vectors, dim]``, at most 1024 vectors per token (an SDXL file's
+    ``clip_l`` / ``clip_g`` stack the rows of all its tokens), a width of at most 4096 that equals the ``dim``
+    (``dim_2`` for ``clip_g``) the metadata declares, at most 100,000 tensors and 1 GiB in all.
+
+    Raises:
+        TokenFileError: naming the tensor, its shape and the limit.
+    """
+    dim = _declared_width(path, what, meta, "dim")
+    dim_2, max_rows = dim, _MAX_VECTORS
+    if meta.get("family") == "sdxl":
+        dim_2 = _declared_width(path, what, meta, "dim_2")
+        with contextlib.suppress(json.JSONDecodeError, TypeError):  # malformed tokens metadata: named by load, later
+            max_rows *= max(1, len(json.loads(meta.get("tokens", "[]"))))
+    check_tensor_headers(tensors, path, what, error=TokenFileError, dtypes=FLOAT_DTYPES, ranks=(1, 2),
+                         max_tensors=_MAX_TOKENS, max_bytes=_MAX_TOKEN_BYTES,
+                         rule=functools.partial(_embedding_problem, dim=dim, dim_2=dim_2, max_rows=max_rows))
 
 
 def _check_metadata_list(path: str, key: str, value: Any) -> None:
@@ -316,12 +385,14 @@ class ClassTokens:
         safetensors embedding (its class is named after the file, as A1111 does; see :meth:`from_a1111`).
 
         Raises:
-            TokenFileError: missing, corrupt, a pickle, inconsistent contents, or several tensors without
-                dafusion-aug's metadata (the order of their classes, the labels, is unknown; the keys found
-                are named).
+            TokenFileError: missing, corrupt, truncated, a pickle, inconsistent contents, several tensors without
+                dafusion-aug's metadata (the order of their classes, the labels, is unknown; the keys found are
+                named), or a header declaring tensors no embedding has (not floating-point, not ``[dim]`` /
+                ``[num_vectors, dim]``, a width other than the declared ``dim`` or over 4096, over 1024 vectors
+                per token, over 100,000 tensors or 1 GiB in all), refused before any tensor data is read.
         """
         path = os.fspath(path)
-        tensors, meta = read_safetensors(path, "token file", pickle_hint=_PICKLE_HINT)
+        tensors, meta = read_safetensors(path, "token file", pickle_hint=_PICKLE_HINT, check=_check_token_header)
         if not tensors:
             raise TokenFileError(f"token file {path!r} holds no tensors")
         if "tokens" not in meta:
@@ -410,15 +481,16 @@ class ClassTokens:
             ``[num_vectors, dim]`` tensor (stored as float32).
 
         Raises:
-            TokenFileError: missing, unreadable, not loadable with ``weights_only=True``, or not an A1111
-                embedding (the keys found are named).
+            TokenFileError: missing, unreadable, not loadable with ``weights_only=True``, not an A1111
+                embedding (the keys found are named), a ``.pt`` over 1 GiB or a safetensors header declaring
+                tensors no embedding has (see :meth:`load`), refused unread.
             TypeError, ValueError: ``class_name`` is not a non-empty str.
         """
         path = os.fspath(path)
         if class_name is not None and (not isinstance(class_name, str) or not class_name.strip()):
             raise TypeError(f"class_name must be a non-empty str or None, got {class_name!r}")
         if os.path.isfile(path) and not looks_like_pickle(path):
-            data, _ = read_safetensors(path, "A1111 embedding")
+            data, _ = read_safetensors(path, "A1111 embedding", check=_check_token_header)
         else:
             data = _torch_load(path, "A1111 embedding")
         found = _a1111_embedding(data, path)
@@ -450,8 +522,9 @@ class ClassTokens:
             The classes named by ``class_names`` (a subset of the file's is fine), in that order.
 
         Raises:
-            TokenFileError: missing, not loadable with ``weights_only=True``, not a dict of token -> tensor,
-                an A1111 embedding (see :meth:`from_a1111`), or a class of ``class_names`` it has no token for.
+            TokenFileError: missing, over 1 GiB (refused unread), not loadable with ``weights_only=True``, not a
+                dict of token -> tensor, an A1111 embedding (see :meth:`from_a1111`), or a class of
+                ``class_names`` it has no token for.
             ValueError: ``class_names`` missing for a file of several classes.
         """
         path = os.fspath(path)

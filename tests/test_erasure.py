@@ -108,3 +108,32 @@ def test_any_erasure_file_round_trips(tmp_path_factory, erasure):
     assert (back.concepts, back.method, back.base_dtype, back.base_digests, back.base_model) == \
         (erasure.concepts, erasure.method, erasure.base_dtype, erasure.base_digests, erasure.base_model)
     assert back.metadata == json.loads(json.dumps(erasure.metadata))
+
+
+# -- issue 33 (item 3): a header declaring huge tensors is refused before any data is read -----------------
+NAME = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+ERASURE_META = {"format": "pt", "dafusion_format": "dafusion-aug/erasure/1", "concepts": '{"zebra": ["zebra"]}'}
+
+
+@pytest.mark.parametrize(
+    "tensors, match",
+    [
+        ({NAME: ("F32", (1, 2**29))}, rf"'{NAME}' of shape \(1, 536870912\) F32 \(2.0 GiB\): it may have at most 134,217,728 "
+                                      r"elements, got 536,870,912"),
+        ({NAME: ("F32", (1, 2**31))}, rf"'{NAME}' of shape \(1, 2147483648\) F32 \(8.0 GiB\): it may have at most 134,217,728 "),
+        ({f"{NAME}.{i}": ("F32", (2**27,)) for i in range(33)},
+         r"33 tensors of 16.5 GiB in all \(the largest .* F32 \(512.0 MiB\)\), over the limit of 16.0 GiB"),
+        ({NAME: ("F32", (1, 1, 1, 1, 8))}, r"its number of dimensions must be one of \[0, 1, 2, 3, 4\], got 5"),
+        ({NAME: ("I64", (8, 8))}, r"each must be a floating-point tensor \(BF16, F16, F32, F64\), got I64"),
+    ],
+    ids=["2^29", "2^31", "16.5-GiB-in-all", "rank-5", "int64"],
+)
+def test_an_erasure_file_declaring_huge_tensors_is_refused_unread(tmp_path, monkeypatch, tensors, match):
+    """A sparse file whose header declares a 1 x 2**29 float32 tensor took 14-78 s and 8 GB to load (1 x 2**31:
+    a bare MemoryError); no UNet parameter has over 2**27 elements, no UNet is over 16 GiB in float32."""
+    from test_io import forbid_tensor_reads, write_sparse_safetensors
+
+    path = write_sparse_safetensors(tmp_path / "e.safetensors", tensors, ERASURE_META)
+    forbid_tensor_reads(monkeypatch)
+    with pytest.raises(ErasureFileError, match=rf"erasure file '{path}' declares .*{match}.*; refused before reading any tensor data"):
+        Erasure.load(path)

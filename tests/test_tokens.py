@@ -509,3 +509,70 @@ def test_multi_class_file_loads_in_plain_diffusers_with_the_documented_line(tmp_
     toks.apply(ours)
     for token in toks.tokens:
         assert torch.equal(_prompt_embeds(theirs, f"a photo of a {token}"), _prompt_embeds(ours, f"a photo of a {token}"))
+
+
+# -- issue 33 (item 3): a header declaring a huge tensor is refused before any data is read ----------------
+@pytest.mark.parametrize("log2", [29, 31])
+@pytest.mark.parametrize("layout", ["dafusion-aug", "diffusers", "a1111", "sdxl"])
+def test_a_token_file_declaring_a_huge_tensor_is_refused_unread(tmp_path, monkeypatch, layout, log2):
+    """A 1 x 2**29 float32 tensor in a sparse file took 14-78 s and 8 GB of memory to load; 1 x 2**31 died with
+    a bare MemoryError. An embedding is kilobytes: the header's shapes are checked before anything is read."""
+    from test_io import forbid_tensor_reads, write_sparse_safetensors
+
+    huge = ("F32", (1, 2**log2))
+    name, tensors, meta = {
+        "dafusion-aug": ("<cat>", {"<cat>": huge}, {"tokens": '["<cat>"]', "class_names": '["cat"]', "dim": "32"}),
+        "diffusers": ("<cat>", {"<cat>": huge}, None),
+        "a1111": ("emb_params", {"emb_params": huge}, None),
+        "sdxl": ("clip_g", {"clip_l": ("F32", (1, 32)), "clip_g": huge},
+                 {"tokens": '["<cat>"]', "family": "sdxl", "dim": "32", "dim_2": "64"}),
+    }[layout]
+    path = write_sparse_safetensors(tmp_path / "t.safetensors", tensors, meta)
+    forbid_tensor_reads(monkeypatch)
+    want = {"dafusion-aug": "the dim the file declares, 32", "sdxl": "the dim the file declares, 64"}.get(layout, "at most 4096")
+    match = rf"token file '{path}' declares tensor '{name}' of shape \(1, {2**log2}\) F32 .*{want}.*refused before reading"
+    with pytest.raises(TokenFileError, match=match):
+        ClassTokens.load(path)
+    if layout == "a1111":
+        with pytest.raises(TokenFileError, match=match.replace("token file", "A1111 embedding")):
+            ClassTokens.from_a1111(path)
+
+
+@pytest.mark.parametrize(
+    "tensors, meta, match",
+    [
+        ({"<cat>": ("F32", (1, 64))}, {"dim": "32"}, r"'<cat>' of shape \(1, 64\) F32 \(256 B\): an embedding's width \(its "
+                                                      r"last dimension\) must be the dim the file declares, 32, got 64"),
+        ({"<cat>": ("F32", (2000, 32))}, {"dim": "32"}, r"'<cat>' of shape \(2000, 32\) .*: it may have at most 1,024 rows "
+                                                        r"\(1024 vectors per token\), got 2,000"),
+        ({"<cat>": ("F32", (1, 1, 32))}, {}, r"'<cat>' of shape \(1, 1, 32\) .*: its number of dimensions must be one of \[1, 2\], got 3"),
+        ({f"<c{i}>": ("F32", (1024, 4096)) for i in range(80)}, {"dim": "4096"},
+         r"declares 80 tensors of 1.2 GiB in all \(the largest '<c0>' of shape \(1024, 4096\) F32 \(16.0 MiB\)\), over the limit of 1.0 GiB"),
+        ({"<cat>": ("F32", (1, 32))}, {"dim": "wide"}, r"'dim' must be a positive integer, got 'wide'"),
+    ],
+    ids=["other-dim", "too-many-vectors", "rank-3", "too-large-in-all", "malformed-dim"],
+)
+def test_token_file_headers_are_checked_against_the_declared_dim_and_sane_sizes(tmp_path, monkeypatch, tensors, meta, match):
+    """Before, a [1, 64] tensor in a file declaring dim=32 loaded (and failed when applied), 2000 vectors per
+    token loaded, and a 1 GiB file of embeddings was read whole."""
+    from test_io import forbid_tensor_reads, write_sparse_safetensors
+
+    tokens = json.dumps(list(tensors))
+    path = write_sparse_safetensors(tmp_path / "t.safetensors", tensors, {"tokens": tokens, "class_names": tokens, **meta})
+    forbid_tensor_reads(monkeypatch)
+    with pytest.raises(TokenFileError, match=match):
+        ClassTokens.load(path)
+
+
+@pytest.mark.parametrize("importer", ["from_dafusion", "from_a1111"])
+def test_a_huge_pt_token_file_is_refused_unread(tmp_path, monkeypatch, importer):
+    """The .pt / .bin importers went straight to torch.load, which reads every storage into memory."""
+    from test_io import forbid_tensor_reads
+
+    path = tmp_path / "tokens.pt"
+    with open(path, "wb") as f:
+        f.write(b"PK\x03\x04")
+        f.truncate(2**31)  # a sparse 2 GiB file
+    forbid_tensor_reads(monkeypatch)
+    with pytest.raises(TokenFileError, match=r"tokens.pt' is 2.0 GiB, more than the 1.0 GiB a token file may take .* refused unread"):
+        getattr(ClassTokens, importer)(path)
