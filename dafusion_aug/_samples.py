@@ -4,11 +4,14 @@ One place for the rules that :class:`~dafusion_aug.DiffusionAugment`, :func:`~da
 :func:`~dafusion_aug.fit_tokens` share, so that a sample the transform augments is one precompute can fill
 and a label means the same class everywhere:
 
-- the label is found like torchvision's default ``labels_getter`` (``_find_labels_default_heuristic`` of
-  ``v2.MixUp`` and ``v2.SanitizeBoundingBoxes``): a dict's ``"labels"`` key (or ``"label"``, or a key
-  containing ``label``), or, in a tuple or list, the first item after the first that is not image-like
-  (tv_tensors such as a ``Mask`` or ``BoundingBoxes``, PIL images and pixel-shaped arrays are skipped), and
-  from a target dict (``(image, {"boxes": ..., "labels": ...})``) its ``"labels"``; or a callable;
+- the label is found by torchvision's default ``labels_getter`` (``_find_labels_default_heuristic`` of
+  ``v2.MixUp``, ``v2.CutMix`` and ``v2.SanitizeBoundingBoxes``): a dict's label-like key (``"labels"`` in
+  any case, else the first key containing ``label``), or, in a tuple or list, item ``[1]``: a tensor is the
+  label, a target dict (``(image, {"boxes": ..., "labels": ...})``) gives its label-like key. Where
+  torchvision finds no label and raises, there is none (``None``), with two additions: a bare class at
+  item ``[1]`` (an int or a class name, what a ``Dataset`` returns before batching) is the label, and the
+  ``Mask`` / ``BoundingBoxes`` / ``KeyPoints`` right after the image are skipped (``(image, Mask, label)``).
+  Another image, a video or a PIL image at item ``[1]`` means no label: nothing further down is guessed;
 - the images are the PIL images and ``tv_tensors.Image`` leaves of the sample, or, when it holds none, its
   first plain tensor of three or more dimensions that is not the label (torchvision's rule); every leading
   dimension of a tensor is a batch dimension, and picture ``j`` of every image leaf is sample ``j``;
@@ -26,10 +29,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils._pytree import tree_flatten
 from torchvision import tv_tensors
 
-from ._images import is_image_leaf, looks_like_picture, picture_count
+from ._images import is_image_leaf, picture_count
 from .regions import boxes_mask, mask_pictures
 
 __all__ = [
@@ -54,40 +58,44 @@ Label = int | tuple[int, ...] | None
 
 
 def _label_key(mapping: Mapping) -> Any:
-    """torchvision's label-like key: ``"labels"`` (any case), else ``"label"``, else the first key containing
-    ``label``; ``None`` when there is none."""
+    """torchvision's label-like key: ``"labels"`` (any case), else the first key containing ``label`` (any
+    case); ``None`` when there is none."""
     keys = [k for k in mapping if isinstance(k, str)]
-    for matches in (lambda k: k.lower() == "labels", lambda k: k.lower() == "label", lambda k: "label" in k.lower()):
-        for key in keys:
-            if matches(key):
-                return key
-    return None
+    return next((k for k in keys if k.lower() == "labels"), next((k for k in keys if "label" in k.lower()), None))
+
+
+#: What a segmentation or detection sample puts between the image and its label: skipped at item [1].
+_ANNOTATIONS = tuple(getattr(tv_tensors, name) for name in ("Mask", "BoundingBoxes", "KeyPoints") if hasattr(tv_tensors, name))
 
 
 def default_labels_getter(sample: Any) -> Any:
     """The labels of a sample, found the way torchvision's default ``labels_getter`` finds them.
 
     Args:
-        sample: a dict (its label-like key), or a tuple or list whose first item is the image: the first
-            later item that is not image-like (a ``tv_tensors.Mask``, ``BoundingBoxes``, another image, a
-            pixel-shaped array) is the label, or, when it is a dict (a detection target), that dict's
-            label-like key. ``(image, Mask, label)`` and ``(image, {"boxes": b, "labels": l})`` both work.
+        sample: a dict (its label-like key), or a tuple or list whose first item is the image: item ``[1]``
+            is the label (a tensor, an int, a class name), or, when it is a dict (a detection target), that
+            dict's label-like key. ``Mask``, ``BoundingBoxes`` and ``KeyPoints`` right after the image are
+            skipped, so ``(image, Mask, label)`` works too.
 
     Returns:
-        The labels as found (not yet checked), or ``None`` when the sample has none.
+        The labels as found (not yet checked), or ``None`` where torchvision finds none: no label-like key,
+        or another image, a video or a PIL image at item ``[1]`` (torchvision's big sample as a list).
+
+    Example:
+        >>> default_labels_getter((image, {"boxes": boxes, "labels": labels})) is labels  # doctest: +SKIP
+        True
     """
     if isinstance(sample, Mapping):
         key = _label_key(sample)
         return sample[key] if key is not None else None
-    if isinstance(sample, (tuple, list)) and len(sample) >= 2:
-        for item in sample[1:]:
-            if looks_like_picture(item):
-                continue
-            if isinstance(item, Mapping):
-                key = _label_key(item)
-                return item[key] if key is not None else None
-            return item
-    return None
+    if not isinstance(sample, (tuple, list)) or len(sample) < 2:
+        return None
+    item = next((x for x in sample[1:] if not isinstance(x, _ANNOTATIONS)), None)
+    if isinstance(item, Mapping):
+        key = _label_key(item)
+        return item[key] if key is not None else None
+    # another image or a video: torchvision finds no label either, and nothing further down is guessed
+    return None if isinstance(item, (Image.Image, tv_tensors.TVTensor)) else item
 
 
 def check_labels_getter(labels_getter: str | LabelsGetter | None) -> LabelsGetter | None:
@@ -206,7 +214,9 @@ def labels_per_sample(labels: Any, n: int, class_names: Sequence[str] | None) ->
     if labels is None:
         return [None] * n
     if not isinstance(labels, (list, tuple)) or len(labels) != n:
-        raise ValueError(f"a batch of {n} images needs {n} labels, got {labels!r}")
+        found = repr(labels)[:200]
+        raise ValueError(f"a batch of {n} images needs {n} labels, got {found}; if that is not the sample's label, pass "
+                         "labels_getter=None (no labels) or a callable sample -> labels")
     return [label_index(x, class_names, f"label[{i}]") for i, x in enumerate(labels)]
 
 

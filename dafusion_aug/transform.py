@@ -181,11 +181,10 @@ class DiffusionAugment(Transform):
         dtype: the model's dtype when dafusion-aug loads it: ``"float32"`` by default, ``"float16"`` on CUDA
             only (on the CPU it is refused with a ``ValueError``), ``"bfloat16"`` (not for an already-loaded
             pipeline).
-        labels_getter: ``"default"`` (torchvision's rule: a dict's ``"labels"``/``"label"`` key; in a tuple
-            or list the first item after the image that is not image-like, so ``(image, label)``,
-            ``(image, Mask, label)`` and ``(image, {"boxes": b, "labels": l})`` all work), a callable
-            ``sample -> labels`` (e.g. ``lambda s: s[1]["labels"][0]`` to make a detection target's first
-            object the image's class), or ``None`` when no label is needed.
+        labels_getter: ``"default"`` (torchvision's rule: a dict's label-like key, a tuple's item ``[1]``; a
+            ``Mask`` or boxes there are skipped, another image means no label: ``(image, label)``, ``(image, Mask,
+            label)``, ``(image, {"boxes": b, "labels": l})``), a callable ``sample -> labels`` (``lambda s:
+            s[1]["labels"][0]`` makes a detection target's first object the image's class), or ``None`` (no labels).
         resolution: generation size; default the model's native resolution.
         batch_size: most images per UNet call when generating (per pipeline call on the per-strength path).
         class_erasures: ``label or class name -> Erasure or erasure file``: class c is augmented by the model
@@ -218,7 +217,9 @@ class DiffusionAugment(Transform):
     boxes, videos, strings) comes back as the same object. A tensor's leading dimensions are batch
     dimensions (``(B, C, H, W)``, ``(B1, B2, C, H, W)``): each picture gets its own decision, and picture
     ``j`` of every image leaf of the sample shares decision ``j`` and label ``j`` (an unbatched image is
-    picture 0).
+    picture 0). Picture ``j`` gets the variant (key, seed, strength, prompt) and cache entry of a call on sample
+    ``j`` alone with that decision; generated in one batch, its pixels may differ from a generation alone, as
+    batched convolutions and matmuls sum in another order: at most 3 grey levels, 0.1 on average (docs/design.md).
 
     Not scriptable with ``torch.jit.script``: like torchvision's v2-only transforms (``MixUp``,
     ``SanitizeBoundingBoxes``), it exists only in eager mode.
@@ -495,14 +496,9 @@ class DiffusionAugment(Transform):
             with contextlib.ExitStack() as stack:
                 if erasure is not None:
                     stack.enter_context(erasure.applied(pipe))
-                made = diffuse(
-                    pipe,
-                    [images[i] for i in members],
-                    [variants[i].prompt for i in members],
-                    [variants[i].strength for i in members],
-                    [variants[i].seed for i in members],
-                    **dict(kwargs, masks=None if kwargs["masks"] is None else [variants[i].edit for i in members]),
-                )
+                made = diffuse(pipe, [images[i] for i in members], [variants[i].prompt for i in members],
+                               [variants[i].strength for i in members], [variants[i].seed for i in members],
+                               **dict(kwargs, masks=None if kwargs["masks"] is None else [variants[i].edit for i in members]))
             for i, arr in zip(members, made):
                 out[i] = arr
         return out
@@ -547,17 +543,23 @@ class DiffusionAugment(Transform):
         """Draw, from the global torch RNG, whether each sample is replaced and by which variant.
 
         Args:
-            flat_inputs: the sample's image leaves; their largest picture count (every leading dimension
-                of a tensor is a batch dimension) is the number of samples.
+            flat_inputs: the sample's leaves, or just its images: their largest picture count (every leading
+                dimension is a batch dimension) is ``n``; a region edit reads its ``Mask`` or ``BoundingBoxes``.
 
         Returns:
-            ``{"apply": [bool] * n, "variant": [int] * n}``.
+            ``{"apply": [bool] * n, "variant": [int] * n, "labels": [None] * n, "edits": [mask or None] * n}``,
+            everything :meth:`transform` reads; ``forward`` puts the sample's labels into ``"labels"``.
+
+        Raises:
+            ValueError: a region edit without a mask (``on_missing_mask="error"``) or with a bad one.
         """
-        n = max((picture_count(leaf) for leaf in flat_inputs), default=1)
+        images = [flat_inputs[i] for i in image_leaf_indices(flat_inputs, None)]
+        n = max((picture_count(leaf) for leaf in images), default=1)
+        edits = self._edit_masks(flat_inputs, images[0], n) if images else [None] * n  # checked, applied or not
         u = torch.rand(n, 2).tolist()  # one RNG call: [apply?, which variant] per sample
         apply = [row[0] < self.p for row in u]
         variants = [min(int(row[1] * self.num_variants), self.num_variants - 1) for row in u]
-        return {"apply": apply, "variant": variants}
+        return {"apply": apply, "variant": variants, "labels": [None] * n, "edits": edits}
 
     def forward(self, *inputs: Any) -> Any:
         """Find the images and labels of a sample (like ``v2.MixUp``), draw the parameters, transform the images."""
@@ -570,10 +572,8 @@ class DiffusionAugment(Transform):
         if not image_idx:
             check_no_image(flat, labels)
             return sample
-        params = self.make_params([flat[i] for i in image_idx])
+        params = self.make_params([x for x in flat if x is not labels])  # the same images as image_idx
         params["labels"] = self.sample_labels(labels, len(params["apply"]))
-        if self.region != "all":  # checked for every sample, applied or not, so a bad mask fails early
-            params["edits"] = self._edit_masks(sample, flat[image_idx[0]], len(params["apply"]))
         for i in image_idx:
             flat[i] = self.transform(flat[i], params)
         return tree_unflatten(flat, spec)
@@ -583,9 +583,9 @@ class DiffusionAugment(Transform):
 
         Args:
             inpt: a PIL image, a ``(C, H, W)`` / ``(..., C, H, W)`` tensor or a ``tv_tensors.Image``.
-            params: :meth:`make_params`' result plus ``"labels"`` (one label per picture, see
-                :meth:`sample_labels`) and, for a region edit, ``"edits"`` (one edit mask or ``None`` per
-                picture, see :meth:`edit_masks`); the input's picture ``j`` uses entry ``j``.
+            params: :meth:`make_params`' result: ``"apply"``, ``"variant"``, ``"labels"`` (one label per
+                picture, see :meth:`sample_labels`; ``None`` for no label) and ``"edits"`` (one edit mask or
+                ``None`` per picture, see :meth:`edit_masks`); the input's picture ``j`` uses entry ``j``.
 
         Returns:
             An object of the input's type, mode, size, dtype and range (the input itself when nothing changed).
@@ -601,7 +601,7 @@ class DiffusionAugment(Transform):
         where = [j for j in range(len(arrays)) if params["apply"][j]]
         if not where:
             return inpt
-        edits = params.get("edits") or [None] * n
+        edits = params["edits"]
         for j in where:
             if edits[j] is not None and edits[j].shape != arrays[j].shape[:2]:
                 raise ValueError(f"mask must have the image's size (H, W) = {arrays[j].shape[:2]}, got {edits[j].shape} "

@@ -5,12 +5,14 @@ the same for the transform and for ``precompute``.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import FAST, random_image
 from PIL import Image
+from torch.utils._pytree import tree_flatten
 from torchvision import tv_tensors
 
 from dafusion_aug import precompute
@@ -162,3 +164,72 @@ def test_precompute_fills_detection_samples_the_transform_reads(make_aug, tmp_pa
     lines = [json.loads(x) for x in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
     assert [x["label"] for x in lines] == [[0, 2], [1, 2], [2, 2]]
     assert lines[0]["class_name"] == ["cat", "zebra"] and lines[0]["file"].startswith("several-labels/")
+
+
+# -- issue 33: the label heuristic is torchvision's own; a prompt that needs no class needs no label ----------
+def _torchvision_sample(image) -> dict:
+    """torchvision's big sample (``_make_transform_sample`` of its test_transforms_v2.py): the image under test,
+    then an unbatched tv_tensors.Image, a Video, a PIL image, boxes, a mask and junk, a bare int among it."""
+    h, w = image.shape[-2:]
+    return dict(image_or_video=image, image_tv_tensor=tv_tensors.Image(torch.randint(0, 256, (3, h, w), dtype=torch.uint8)),
+                video_tv_tensor=tv_tensors.Video(torch.rand(2, 3, h, w)), image_pil=random_image(33, (w, h)),
+                bounding_boxes=_boxes(), segmentation_mask=tv_tensors.Mask(torch.zeros(h, w, dtype=torch.uint8)),
+                int=0, float=0.0, bool=True, none=None, str="str", path=Path.cwd(), object=object(),
+                tensor=torch.empty(5), array=np.empty(5))
+
+
+@pytest.mark.parametrize("container", [list, tuple])
+def test_torchvision_sample_as_a_list_has_no_label(make_aug, container):
+    """Issue 33: torchvision's big sample as a list or tuple, with a batch of 2 images first, raised "a batch of 2
+    images needs 2 labels, got 0" even with a prompt that needs no class: the bare int far down the list was taken
+    for the label. torchvision reads item [1] (here an unbatched image) and finds none; so do we."""
+    batch = tv_tensors.Image(torch.randint(0, 256, (2, 3, H, W), dtype=torch.uint8))
+    sample = container(_torchvision_sample(batch).values())
+    torch.manual_seed(0)
+    out = make_aug(**FAST, prompt="a photo", class_names=None)(sample)
+    flat, spec = tree_flatten(sample)
+    flat_out, spec_out = tree_flatten(out)
+    assert spec_out == spec
+    for i, (before, after) in enumerate(zip(flat, flat_out)):
+        if i in (0, 1, 3):  # the batch, the unbatched image, the PIL image: augmented, of the same type
+            assert type(after) is type(before) and after is not before
+        else:
+            assert after is before
+    with pytest.raises(ValueError, match="needs the class, but the sample has no label"):
+        make_aug(**FAST)(sample)
+
+
+def _torchvision_labels(sample):
+    from torchvision.transforms.v2._utils import _find_labels_default_heuristic
+
+    try:
+        return _find_labels_default_heuristic(sample)
+    except ValueError:  # "Could not infer where the labels are in the sample": no label
+        return None
+
+
+@pytest.mark.parametrize(
+    "make_sample",
+    [
+        lambda img, t: (img, t),
+        lambda img, t: [img, {"boxes": _boxes(), "labels": t}],
+        lambda img, t: {"image": img, "LABELS": t},
+        lambda img, t: {"image": img, "class_label": t, "label": torch.tensor([0, 0])},
+        lambda img, t: {"image": img, "target": t},
+        lambda img, t: (img, {"boxes": _boxes()}),
+        lambda img, t: list(_torchvision_sample(tv_tensors.Image(torch.rand(2, 3, H, W))).values()) + [t],
+        lambda img, t: (img, tv_tensors.Video(torch.rand(2, 3, H, W)), t),
+        lambda img, t: (img, random_image(34, (W, H)), t),
+    ],
+    ids=["pair", "detection", "labels-any-case", "first-key-containing-label", "no-label-key", "target-without-labels",
+         "torchvision-big-sample", "image-video-label", "image-pil-label"],
+)
+def test_labels_getter_default_is_torchvisions_heuristic(make_sample):
+    """Issue 33: where torchvision's default labels_getter finds labels, ours finds the same object; where it finds
+    none, ours finds none (a tuple's item [1] is another image, a video, ...) instead of guessing further down.
+    The two additions, a bare class at item [1] and masks or boxes before the label, are in
+    test_labels_are_found_the_way_torchvision_finds_them."""
+    from dafusion_aug._samples import default_labels_getter
+
+    sample = make_sample(tv_tensors.Image(torch.rand(2, 3, H, W)), torch.tensor([1, 2]))
+    assert default_labels_getter(sample) is _torchvision_labels(sample)
