@@ -28,6 +28,9 @@ __all__ = [
     "small_cnn",
     "resnet50_linear",
     "random_affine",
+    "random_colour",
+    "compose",
+    "scene_augmentation",
     "random_crop_flip",
     "resolve_classifier",
     "train_classifier",
@@ -81,8 +84,15 @@ class ClassifierSpec:
 
 
 # -- standard augmentations (batch-wise, global RNG) --------------------------------------------------
-def random_affine(degrees: float = 10.0, scale: tuple[float, float] = (0.9, 1.1), shift: float = 0.1) -> BatchAugment:
-    """Per-image random rotation, zoom and shift (borders filled with 0): the standard augmentation for digits."""
+def random_affine(degrees: float = 10.0, scale: tuple[float, float] = (0.9, 1.1), shift: float = 0.1,
+                  padding: str = "zeros") -> BatchAugment:
+    """Per-image random rotation, zoom and shift: the standard augmentation for digits.
+
+    ``padding`` fills the borders as ``grid_sample``'s ``padding_mode`` does: ``"zeros"`` (black, right
+    for white-on-black digits) or ``"reflection"`` / ``"border"`` (for pictures with a background).
+    """
+    if padding not in ("zeros", "reflection", "border"):
+        raise ValueError(f"padding must be 'zeros', 'reflection' or 'border', got {padding!r}")
 
     def apply(x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
@@ -92,9 +102,49 @@ def random_affine(degrees: float = 10.0, scale: tuple[float, float] = (0.9, 1.1)
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
         theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
         grid = nn.functional.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-        return nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
 
     return apply
+
+
+def random_colour(shuffle: bool = True, grey: float = 0.3, brightness: tuple[float, float] = (0.7, 1.3)) -> BatchAugment:
+    """Per-image colour augmentation: a random permutation of the channels, greyscale (ITU-R 601 luma) with
+    probability ``grey``, and a brightness factor drawn from ``brightness`` (results clipped to [0, 1])."""
+    if not 0.0 <= grey <= 1.0:
+        raise ValueError(f"grey must be a probability in [0, 1], got {grey!r}")
+    if not 0.0 < brightness[0] <= brightness[1]:
+        raise ValueError(f"brightness must be a range (low, high) with 0 < low <= high, got {brightness!r}")
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        if shuffle:
+            order = torch.argsort(torch.rand(b, 3), dim=1)
+            x = torch.gather(x, 1, order[:, :, None, None].expand_as(x))
+        if grey > 0:
+            to_grey = (torch.rand(b) < grey).view(b, 1, 1, 1)
+            x = torch.where(to_grey, (x * luma.to(x.dtype)).sum(1, keepdim=True).expand_as(x), x)
+        factor = torch.rand(b) * (brightness[1] - brightness[0]) + brightness[0]
+        return (x * factor.view(b, 1, 1, 1).to(x.dtype)).clamp(0.0, 1.0)
+
+    return apply
+
+
+def compose(*augments: BatchAugment) -> BatchAugment:
+    """Batch augmentations applied one after the other."""
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        for augment in augments:
+            x = augment(x)
+        return x
+
+    return apply
+
+
+def scene_augmentation() -> BatchAugment:
+    """What a practitioner would use on the scene world's coloured pictures: :func:`random_affine` with
+    reflected borders, then :func:`random_colour` (channel shuffle, 30 % greyscale, brightness 0.7..1.3)."""
+    return compose(random_affine(padding="reflection"), random_colour())
 
 
 def random_crop_flip(min_scale: float = 0.5) -> BatchAugment:
@@ -128,7 +178,8 @@ class _SmallCNN(nn.Module):
         return self.head(self.features(x * 2.0 - 1.0))
 
 
-def small_cnn(steps: int = 300, batch_size: int = 32, learning_rate: float = 1e-3, width: int = 16, image_size: int = 32) -> ClassifierSpec:
+def small_cnn(steps: int = 300, batch_size: int = 32, learning_rate: float = 1e-3, width: int = 16, image_size: int = 32,
+              colour: bool = False) -> ClassifierSpec:
     """A three-block CNN trained from scratch on small images, with :func:`random_affine` as standard augmentation.
 
     Args:
@@ -137,12 +188,15 @@ def small_cnn(steps: int = 300, batch_size: int = 32, learning_rate: float = 1e-
         learning_rate: Adam learning rate.
         width: channels of the first block (then 2x and 4x).
         image_size: input side; images are resized to it (16 keeps 8x8-born digits whole at a quarter of the cost).
+        colour: use :func:`scene_augmentation` (affine and colour, for the scene world's pictures) instead.
 
     Returns:
-        A :class:`ClassifierSpec` named ``"small-cnn"``.
+        A :class:`ClassifierSpec` named ``"small-cnn"`` (``"small-cnn-colour"`` with ``colour``, so the
+        protocol's rows of the two never mix).
     """
+    name, augment = ("small-cnn-colour", scene_augmentation()) if colour else ("small-cnn", random_affine())
     return ClassifierSpec(
-        "small-cnn", functools.partial(_SmallCNN, width=width), image_size, random_affine(), steps=steps, batch_size=batch_size,
+        name, functools.partial(_SmallCNN, width=width), image_size, augment, steps=steps, batch_size=batch_size,
         learning_rate=learning_rate,
     )
 

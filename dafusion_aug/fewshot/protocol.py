@@ -40,9 +40,11 @@ from .methods import (
     subset_filter,
     with_masks,
 )
+from .oracle import UPPER_BOUNDS, SceneOracle
 from .report import (
     augmentation_grid,
     format_table,
+    oracle_share,
     paired_differences,
     plot_summary,
     require_modules,
@@ -62,9 +64,9 @@ def check_grid(methods: Sequence[str], shots: Sequence[int], seeds: Sequence[int
     """
     if not methods or not shots or not seeds:
         raise ValueError(f"methods, shots and seeds must be non-empty, got methods={list(methods)}, shots={list(shots)}, seeds={list(seeds)}")
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m not in METHODS + UPPER_BOUNDS]
     if bad:
-        raise ValueError(f"methods must be among {list(METHODS)}, got unknown {bad}")
+        raise ValueError(f"methods must be among {list(METHODS + UPPER_BOUNDS)}, got unknown {bad}")
     for name, values in (("methods", methods), ("shots", shots), ("seeds", seeds)):
         if len(set(values)) != len(values):
             raise ValueError(f"{name} must not repeat entries, got {list(values)}")
@@ -143,7 +145,25 @@ class FewShotResult:
         comparison = self.compare()
         if comparison:
             text += f"\nda-fusion minus each reference, paired by seed (accuracy points, mean ± {self.confidence:.0%} CI):\n\n{comparison}\n"
+        shares = self.oracle_shares()
+        if shares:
+            text += "\nshare of the reachable gain, (method - baseline) / (oracle-scene - baseline), over paired seeds:\n\n" + shares + "\n"
         return text
+
+    def oracle_shares(self) -> str:
+        """A Markdown table of :func:`~dafusion_aug.fewshot.report.oracle_share` for every generative method
+        that ran beside ``baseline`` and ``oracle-scene`` (empty when either is missing)."""
+        present = list(dict.fromkeys(r["method"] for r in self.rows))
+        if "oracle-scene" not in present or "baseline" not in present:
+            return ""
+        methods = [m for m in present if m in GENERATIVE]
+        table = {m: oracle_share(self.rows, m) for m in methods}
+        shots = sorted({k for v in table.values() for k in v})
+        if not shots:
+            return ""
+        lines = ["| method | " + " | ".join(f"k = {k}" for k in shots) + " |", "| --- |" + " ---: |" * len(shots)]
+        lines += [f"| {m} | " + " | ".join("" if k not in v else f"{v[k]:.0%}" for k in shots) + " |" for m, v in table.items()]
+        return "\n".join(lines)
 
     def __repr__(self) -> str:
         return f"FewShotResult({len(self.rows)} rows, files={ {k: str(v) for k, v in self.files.items()} })"
@@ -308,6 +328,8 @@ class _Experiment:
         self.spec = resolve_classifier(classifier)
         self.pool = Inputs(train, self.spec.image_size)
         check_grid(methods, shots, seeds, self.pool.labels, names, test is not None)
+        if "oracle-scene" in methods:
+            SceneOracle(train)  # a pool that cannot redraw its scenes is refused before any work
         self.tests = Inputs(test, self.spec.image_size) if test is not None else None
         out.mkdir(parents=True, exist_ok=True)
         self.out, self.erase, self.batch_size, self.confidence = out, bool(erase), batch_size, confidence
@@ -410,7 +432,11 @@ class _Experiment:
         """Train and score one (method, k, seed); the row of the results."""
         t0 = time.perf_counter()
         self.filter_counts = {}
-        augment = self.prepare(method, subset, k, seed) if method != "baseline" else None
+        augment: Any = None
+        if method == "oracle-scene":  # an upper bound that reads the renderer (oracle.py)
+            augment = SceneOracle(self.pool.dataset, self.generation["num_variants"], self.generation["p"], seed)
+        elif method != "baseline":
+            augment = self.prepare(method, subset, k, seed)
         t1 = time.perf_counter()
         counter = Counter(augment)
         torch.manual_seed(stable_hash("fewshot-classifier", k, seed))  # same init for every method: paired

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from .._io import atomic_write_bytes
+from .oracle import UPPER_BOUNDS
 
-__all__ = ["t_quantile", "mean_confidence_interval", "summarize", "paired_differences", "format_table", "write_rows", "plot_summary", "augmentation_grid"]
+__all__ = ["t_quantile", "mean_confidence_interval", "summarize", "paired_differences", "oracle_share", "format_table", "write_rows", "plot_summary", "augmentation_grid"]
 
 
 # -- statistics ---------------------------------------------------------------------------------------
@@ -220,8 +221,31 @@ def format_table(summary: Sequence[Mapping[str, Any]], percent: bool = True, sig
                 parts.append(f"{number.format(s['mean'] * scale)} (n={s['n']})")
             else:
                 parts.append(f"{number.format(s['mean'] * scale)} ± {s['half_width'] * scale:.1f}")
-        lines.append(f"| {m} | " + " | ".join(parts) + " |")
+        label = f"{m} (upper bound: reads the renderer)" if m in UPPER_BOUNDS else m
+        lines.append(f"| {label} | " + " | ".join(parts) + " |")
     return "\n".join(lines)
+
+
+def oracle_share(rows: Iterable[Mapping[str, Any]], method: str, oracle: str = "oracle-scene", reference: str = "baseline",
+                 key: str = "accuracy") -> dict[int, float]:
+    """How much of the reachable gain ``method`` takes, per k: ``mean(method - reference) / mean(oracle - reference)``
+    over the seeds all three share (NaN where the oracle gains nothing).
+
+    Example:
+        >>> rows = [dict(method=m, k=1, seed=0, accuracy=a) for m, a in [("baseline", 0.5), ("m", 0.6), ("oracle-scene", 0.7)]]
+        >>> round(oracle_share(rows, "m")[1], 3)
+        0.5
+    """
+    by = {(r["method"], int(r["k"]), int(r["seed"])): float(r[key]) for r in rows}
+    out: dict[int, float] = {}
+    for k in sorted({k for (_, k, _) in by}):
+        seeds = [s for (m, kk, s) in by if m == method and kk == k and (oracle, k, s) in by and (reference, k, s) in by]
+        if not seeds:
+            continue
+        gain = math.fsum(by[(method, k, s)] - by[(reference, k, s)] for s in seeds)
+        reachable = math.fsum(by[(oracle, k, s)] - by[(reference, k, s)] for s in seeds)
+        out[k] = gain / reachable if reachable > 0 else math.nan
+    return out
 
 
 # -- files --------------------------------------------------------------------------------------------
