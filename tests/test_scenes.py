@@ -173,3 +173,43 @@ def test_reports_label_the_oracle_and_give_each_method_its_share_of_the_reachabl
     text = FewShotResult(rows, 0.95, {}).report()
     assert "share of the reachable gain" in text and "| da-fusion | 20% |" in text
     assert "share of the reachable gain" not in FewShotResult([r for r in rows if r["method"] != "oracle-scene"], 0.95, {}).report()
+
+
+def test_the_v3_bank_holds_redraws_and_grey_pictures_with_their_captions():
+    from dafusion_aug.pocket.bank import scene_bank
+
+    bank = scene_bank(copies=3, grey_copies=1)
+    a = scenes("A")
+    n = len(a)
+    assert len(bank) == 3 * n and bank.images.shape == (3 * n, 3, 32, 32)
+    assert bank.labels.tolist() == a.targets * 3 and bank.grey_share() == pytest.approx(1 / 3)
+    assert torch.equal(bank.images[0], a.tensors()[0][0])  # the own scene first
+    assert bank.scenes[n] == a.redrawn_scene(0, 1) and bank.scenes[n] != a.scene(0)
+    assert torch.equal(bank.images[2 * n], digits("A").tensors()[0][0])  # then the grey world, as is
+    rng = random.Random(1)
+    grey = [bank.caption(2 * n + i, rng) for i in range(200)]
+    assert any("white" in c and "plain black background" in c for c in grey)
+    assert not any(w in c.split() for c in grey for w in ("striped", "disc", "pink"))
+    for bad in ({"copies": 0}, {"copies": 2, "grey_copies": 2}):
+        with pytest.raises(ValueError, match="copies"):
+            scene_bank(**bad)
+
+
+def test_quick_training_of_the_scene_world_writes_a_v3_model_with_the_scene_words(tmp_path):
+    import json
+
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from dafusion_aug.pocket import arch
+    from dafusion_aug.pocket.train import main
+
+    assert main(["--out", str(tmp_path), "--quick", "--world", "scenes", "--no-progress"]) == 0
+    report = json.loads((tmp_path / "training.json").read_text())
+    assert report["pocket_version"] == 3 and report["config"]["world"] == "scenes" and report["bank"]["grey_share"] == 0.5
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(str(tmp_path / "model"))
+    assert pipe.tokenizer.get_vocab() == arch.build_tokenizer(world="scenes").get_vocab()
+    for word in ("striped", "speckled", "disc", "pink"):
+        assert len(pipe.tokenizer.tokenize(word)) == 1, word
+    assert arch.build_tokenizer().get_vocab() != pipe.tokenizer.get_vocab()  # v2's tokenizer is unchanged
+    with pytest.raises(ValueError, match="world must be one of"):
+        arch.build_tokenizer(world="photos")

@@ -17,13 +17,14 @@ import os
 import random
 from collections.abc import Iterable
 
-from . import attributes
+from . import attributes, scenes
 from .data import CLASS_NAMES
 
 __all__ = [
     "CLASS_TEMPLATES",
     "AGNOSTIC_CAPTIONS",
     "EVAL_TEMPLATE",
+    "WORLDS",
     "tokenizer_corpus",
     "build_tokenizer",
     "build_vae",
@@ -108,27 +109,42 @@ _EXTRA_WORDS = (
 )
 
 
-def tokenizer_corpus() -> list[str]:
-    """Return the sentences the pocket tokenizer's BPE merges are learned from."""
+#: The worlds a pocket model is trained on: v2's grey digits, v3's scenes (:mod:`dafusion_aug.pocket.scenes`).
+WORLDS = ("digits", "scenes")
+
+
+def _check_world(world: str) -> str:
+    if world not in WORLDS:
+        raise ValueError(f"world must be one of {list(WORLDS)}, got {world!r}")
+    return world
+
+
+def tokenizer_corpus(world: str = "digits") -> list[str]:
+    """Return the sentences the pocket tokenizer's BPE merges are learned from (``world="scenes"``: v2's and
+    every word of the v3 captions)."""
     corpus = [t.format(word) for t in CLASS_TEMPLATES for word in CLASS_NAMES]
     corpus += list(AGNOSTIC_CAPTIONS)
     corpus.append(_EXTRA_WORDS)
     corpus += [" ".join(attributes.attribute_words())] * 20  # every attribute word becomes one token
+    if _check_world(world) == "scenes":
+        corpus += [t.format(word) for t in scenes.CLASS_ONLY for word in CLASS_NAMES] + list(scenes.AGNOSTIC)
+        corpus += [" ".join(scenes.vocabulary())] * 20
     return corpus
 
 
-def build_tokenizer(save_to: str | os.PathLike | None = None):
+def build_tokenizer(save_to: str | os.PathLike | None = None, world: str = "digits"):
     """Build the pocket ``CLIPTokenizer`` (every corpus word becomes one token; others fall back to characters).
 
     Args:
         save_to: optional folder to write ``vocab.json`` and ``merges.txt`` into.
+        world: ``"digits"`` (v2) or ``"scenes"`` (v3: the scene words too).
 
     Returns:
         A ``transformers.CLIPTokenizer`` with ``model_max_length`` :data:`MAX_LENGTH`.
     """
     from .._bpe import build_clip_tokenizer
 
-    return build_clip_tokenizer(tokenizer_corpus(), num_merges=1000, model_max_length=MAX_LENGTH, save_to=save_to)
+    return build_clip_tokenizer(tokenizer_corpus(world), num_merges=1000, model_max_length=MAX_LENGTH, save_to=save_to)
 
 
 def build_vae():

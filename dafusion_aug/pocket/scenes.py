@@ -55,6 +55,7 @@ __all__ = [
     "caption",
     "scene_words",
     "sample_caption",
+    "GREY_WORDS",
     "vocabulary",
     "SceneDataset",
     "scenes",
@@ -306,8 +307,13 @@ CLASS_ONLY = ("a {}", "a digit {}", "a photo of a {}", "the number {}", "{}")
 AGNOSTIC = ("a digit", "a photo of a digit", "a number", "a picture")
 
 
-def sample_caption(scene: Scene, label: int, rng: random.Random) -> str:
-    """Draw a training caption for a picture of ``label`` in ``scene`` (the v3 caption rule).
+#: The phrases of a grey-world picture (a white digit on a black background, as :func:`~dafusion_aug.pocket.digits`).
+GREY_WORDS = {"glyph": "white", "background": "a plain black background", "clutter": ""}
+
+
+def sample_caption(scene: Scene | None, label: int, rng: random.Random) -> str:
+    """Draw a training caption for a picture of ``label`` in ``scene`` (the v3 caption rule); ``scene=None``
+    is a grey-world picture, described by :data:`GREY_WORDS` ("a white seven on a plain black background").
 
     Empty with :data:`P_EMPTY`; agnostic with :data:`P_AGNOSTIC` ("a digit"); the digit alone with
     :data:`P_CLASS_ONLY` ("a seven"); scene words without the digit with :data:`P_SCENE_ONLY`; otherwise
@@ -333,7 +339,7 @@ def sample_caption(scene: Scene, label: int, rng: random.Random) -> str:
     if u < P_EMPTY + P_AGNOSTIC + P_CLASS_ONLY:
         return rng.choice(CLASS_ONLY).format(CLASS_NAMES[label])
     with_digit = u >= P_EMPTY + P_AGNOSTIC + P_CLASS_ONLY + P_SCENE_ONLY
-    words = scene_words(scene)
+    words = GREY_WORDS if scene is None else scene_words(scene)
     parts = [name for name in ("glyph", "background", "clutter") if words[name] and rng.random() < P_PART]
     if not parts:
         parts = [rng.choice([name for name in ("glyph", "background", "clutter") if words[name]])]
@@ -427,6 +433,12 @@ class SceneDataset(torch.utils.data.Dataset):
         index = self._position(index)
         return Image.fromarray(self.array(index), mode="RGB"), self.targets[index]
 
+    def redrawn_scene(self, index: int, seed: int) -> Scene:
+        """The scene of :meth:`redraw` ``(index, seed)``: the glyph's side and place kept, all else drawn anew."""
+        index = self._position(index)
+        old = self._scenes[index]
+        return draw_scene(_rng(2, _PARTS[self.part], self.indices[index], int(seed)), old.side, old.x, old.y)
+
     def redraw(self, index: int, seed: int) -> Image.Image:
         """The same glyph, same side and place, in a freshly drawn scene (new colours, background, clutter).
 
@@ -437,10 +449,7 @@ class SceneDataset(torch.utils.data.Dataset):
         Returns:
             A PIL RGB 32x32 image.
         """
-        index = self._position(index)
-        old = self._scenes[index]
-        new = draw_scene(_rng(2, _PARTS[self.part], self.indices[index], int(seed)), old.side, old.x, old.y)
-        return Image.fromarray(self.array(index, new), mode="RGB")
+        return Image.fromarray(self.array(index, self.redrawn_scene(index, seed)), mode="RGB")
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All items at once: float32 ``(N, 3, 32, 32)`` in [0, 1] and int64 ``(N,)``."""

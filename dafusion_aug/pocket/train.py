@@ -27,6 +27,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,13 +36,16 @@ import torch
 from torch import nn
 
 from . import arch, attributes
+from .bank import scene_bank
 from .data import digits, random_affine
 from .judge import judge_accuracy, save_judge, train_judge
+from .scenes import scenes
 
 __all__ = [
     "TrainConfig",
     "train_vae",
     "encode_latents",
+    "encode_bank",
     "train_diffusion",
     "save_pipeline",
     "write_vocab_files",
@@ -54,7 +58,12 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of the whole rebuild (the defaults made the shipped weights)."""
+    """Hyper-parameters of the whole rebuild (the defaults made the shipped weights).
+
+    ``world="scenes"`` trains pocket v3 on :func:`~dafusion_aug.pocket.bank.scene_bank` (``latent_copies``
+    pictures per part-A digit, ``grey_copies`` of them grey-world ones) instead of v2's grey digits with
+    affine copies and attribute captions.
+    """
 
     seed: int = 0
     judge_steps: int = 300
@@ -69,6 +78,8 @@ class TrainConfig:
     warmup_steps: int = 100
     ema_decay: float = 0.999
     threads: int = 2
+    world: str = "digits"
+    grey_copies: int = 3
 
     @classmethod
     def quick(cls) -> TrainConfig:
@@ -77,7 +88,8 @@ class TrainConfig:
             judge_steps=5,
             vae_steps=5,
             vae_batch_size=16,
-            latent_copies=1,
+            latent_copies=2,
+            grey_copies=1,
             unet_steps=5,
             batch_size=16,
             warmup_steps=1,
@@ -92,13 +104,15 @@ def _cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train_vae(images: torch.Tensor, cfg: TrainConfig, progress: bool = True):
+def train_vae(images: torch.Tensor, cfg: TrainConfig, progress: bool = True, affine: bool = True):
     """Train the pocket ``AutoencoderKL`` on augmented part-A images.
 
     Args:
         images: float ``(N, 3, 32, 32)`` in [0, 1].
         cfg: the hyper-parameters (``vae_*``, ``seed``).
         progress: show a tqdm bar.
+        affine: augment every batch with the mild random affine (its black borders suit grey digits only;
+            a scene bank brings its own variety).
 
     Returns:
         The trained VAE in eval mode (its ``scaling_factor`` is still the default; see :func:`encode_latents`).
@@ -115,7 +129,7 @@ def train_vae(images: torch.Tensor, cfg: TrainConfig, progress: bool = True):
     bar = tqdm(range(cfg.vae_steps), desc="vae", disable=not progress, mininterval=10.0)
     for _ in bar:
         idx = torch.randint(0, len(images), (cfg.vae_batch_size,), generator=gen)
-        x = random_affine(images[idx], gen) * 2.0 - 1.0
+        x = (random_affine(images[idx], gen) if affine else images[idx]) * 2.0 - 1.0
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
         rec = (recon - x).abs().mean() + (recon - x).pow(2).mean()
@@ -178,6 +192,25 @@ def encode_latents(
     return mean, std, scaling, levels
 
 
+@torch.no_grad()
+def encode_bank(vae, images: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Encode every picture once (a scene bank holds its copies already) and set the scaling factor.
+
+    Returns:
+        ``(means, stds, scaling_factor)``, as :func:`encode_latents` gives them.
+    """
+    gen = torch.Generator().manual_seed(seed + 2)
+    means, stds = [], []
+    for i in range(0, len(images), 256):
+        dist = vae.encode(images[i : i + 256] * 2.0 - 1.0).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    mean, std = torch.cat(means), torch.cat(stds)
+    scaling = float(1.0 / (mean + std * torch.randn(mean.shape, generator=gen)).std())
+    vae.register_to_config(scaling_factor=scaling)
+    return mean, std, scaling
+
+
 def train_diffusion(
     means: torch.Tensor,
     stds: torch.Tensor,
@@ -187,6 +220,7 @@ def train_diffusion(
     cfg: TrainConfig,
     progress: bool = True,
     levels: dict[str, np.ndarray] | None = None,
+    captions: Callable[[int, random.Random], str] | None = None,
 ):
     """Train the UNet and the text encoder jointly with DDPM noise prediction (SD's betas).
 
@@ -199,6 +233,7 @@ def train_diffusion(
         progress: show a tqdm bar.
         levels: every latent's attribute levels (``{name: (M,)}``) for the attribute captions; None
             trains on digit-only captions.
+        captions: ``captions(i, rng)`` draws latent i's caption instead (pocket v3's scene captions).
 
     Returns:
         ``(unet, text_encoder, losses)``: the EMA copies of both models in eval mode, and the mean loss of
@@ -231,12 +266,13 @@ def train_diffusion(
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
         noisy = noise_sched.add_noise(latents, noise, t)
-        captions = [
+        texts = [
+            captions(int(i), rng) if captions is not None else
             arch.sample_caption(int(labels[i]), rng, None if levels is None else {k: int(v[i]) for k, v in levels.items()})
             for i in idx
         ]
-        unique = sorted(set(captions))  # encode each distinct caption once, then gather
-        where = torch.tensor([unique.index(c) for c in captions])
+        unique = sorted(set(texts))  # encode each distinct caption once, then gather
+        where = torch.tensor([unique.index(c) for c in texts])
         hidden = text_encoder(arch.caption_ids(unique, tokenizer))[0][where]
         pred = unet(noisy, t, encoder_hidden_states=hidden).sample
         loss = nn.functional.mse_loss(pred, noise)
@@ -257,7 +293,7 @@ def train_diffusion(
     return ema_unet, ema_text, losses
 
 
-def save_pipeline(vae, unet, text_encoder, tokenizer, folder: str | Path) -> Path:
+def save_pipeline(vae, unet, text_encoder, tokenizer, folder: str | Path, world: str = "digits") -> Path:
     """Save the pocket model as a ``StableDiffusionImg2ImgPipeline`` folder.
 
     The UNet and VAE weights are stored in float16 (half the size); the text encoder stays float32 so
@@ -266,6 +302,7 @@ def save_pipeline(vae, unet, text_encoder, tokenizer, folder: str | Path) -> Pat
     Args:
         vae, unet, text_encoder, tokenizer: the trained components.
         folder: the output folder (replaced files, others kept).
+        world: the world the tokenizer was built for (:data:`arch.WORLDS`).
 
     Returns:
         The folder.
@@ -285,21 +322,22 @@ def save_pipeline(vae, unet, text_encoder, tokenizer, folder: str | Path) -> Pat
     )
     folder = Path(folder)
     pipe.save_pretrained(str(folder), safe_serialization=True)
-    write_vocab_files(tokenizer, folder / "tokenizer")
+    write_vocab_files(tokenizer, folder / "tokenizer", world)
     return folder
 
 
-def write_vocab_files(tokenizer, folder: str | Path) -> None:
+def write_vocab_files(tokenizer, folder: str | Path, world: str = "digits") -> None:
     """Add ``vocab.json`` and ``merges.txt`` next to ``tokenizer.json`` (older transformers need them).
 
     Args:
         tokenizer: the pocket tokenizer that was saved (built by :func:`arch.build_tokenizer`).
         folder: the saved tokenizer folder.
+        world: the world it was built for.
 
     Raises:
         ValueError: when ``tokenizer`` is not the pocket tokenizer (its vocabulary differs).
     """
-    rebuilt = arch.build_tokenizer(save_to=folder)
+    rebuilt = arch.build_tokenizer(save_to=folder, world=world)
     if rebuilt.get_vocab() != tokenizer.get_vocab():
         raise ValueError("the tokenizer differs from the pocket tokenizer; cannot write its vocab files")
 
@@ -322,21 +360,25 @@ def run(cfg: TrainConfig, out: Path, progress: bool = True) -> dict[str, object]
     torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, object] = {
-        "pocket_version": 2,
+        "pocket_version": 3 if arch._check_world(cfg.world) == "scenes" else 2,
         "config": asdict(cfg),
         "torch": torch.__version__,
         "timings_s": {},
     }
     timings: dict[str, float] = report["timings_s"]  # type: ignore[assignment]
     start = time.perf_counter()
-    part_a, part_b = digits("A"), digits("B")
-    xa, ya = part_a.tensors()
-    xb, yb = part_b.tensors()
+    bank = scene_bank(cfg.latent_copies, cfg.grey_copies, cfg.seed) if cfg.world == "scenes" else None
+    xa, ya = digits("A").tensors() if bank is None else (bank.images, bank.labels)
+    xb, yb = (digits("B") if bank is None else scenes("B")).tensors()
+    if bank is not None:
+        report["bank"] = {"pictures": len(bank), "grey_share": round(bank.grey_share(), 4)}
 
     t0 = time.perf_counter()
     net = train_judge(xa, ya, steps=cfg.judge_steps, seed=cfg.seed, progress=progress)
     timings["judge"] = time.perf_counter() - t0
     report["judge_accuracy_part_b"] = judge_accuracy(net, xb, yb)
+    if bank is not None:  # the v3 judge reads both worlds
+        report["judge_accuracy_grey_part_b"] = judge_accuracy(net, *digits("B").tensors())
     save_judge(
         net,
         out / "judge.safetensors",
@@ -348,7 +390,7 @@ def run(cfg: TrainConfig, out: Path, progress: bool = True) -> dict[str, object]
     )
 
     t0 = time.perf_counter()
-    vae = train_vae(xa, cfg, progress=progress)
+    vae = train_vae(xa, cfg, progress=progress, affine=bank is None)
     timings["vae"] = time.perf_counter() - t0
     recon_b = reconstruct(vae, xb)
     report["vae_mse_part_b"] = float((recon_b - xb).pow(2).mean())
@@ -360,8 +402,12 @@ def run(cfg: TrainConfig, out: Path, progress: bool = True) -> dict[str, object]
     )
 
     t0 = time.perf_counter()
-    means, stds, scaling, levels = encode_latents(vae, xa, cfg.latent_copies, cfg.seed)
-    labels = ya.repeat(cfg.latent_copies)
+    if bank is None:
+        means, stds, scaling, levels = encode_latents(vae, xa, cfg.latent_copies, cfg.seed)
+        labels = ya.repeat(cfg.latent_copies)
+    else:  # the bank's pictures are the copies already; their captions come from their scenes
+        means, stds, scaling = encode_bank(vae, xa, cfg.seed)
+        labels, levels = ya, None
     timings["encode"] = time.perf_counter() - t0
     report["vae_scaling_factor"] = scaling
     print(
@@ -370,15 +416,16 @@ def run(cfg: TrainConfig, out: Path, progress: bool = True) -> dict[str, object]
     )
 
     t0 = time.perf_counter()
-    tokenizer = arch.build_tokenizer()
+    tokenizer = arch.build_tokenizer(world=cfg.world)
     unet, text_encoder, losses = train_diffusion(
-        means, stds, labels, scaling, tokenizer, cfg, progress=progress, levels=levels
+        means, stds, labels, scaling, tokenizer, cfg, progress=progress, levels=levels,
+        captions=None if bank is None else bank.caption,
     )
     timings["unet_text"] = time.perf_counter() - t0
     report["diffusion_loss_per_100_steps"] = [round(v, 5) for v in losses]
     print(f"[unet+text] {timings['unet_text']:.0f}s, loss {losses[0]:.4f} -> {losses[-1]:.4f}", flush=True)
 
-    folder = save_pipeline(vae, unet, text_encoder, tokenizer, out / "model")
+    folder = save_pipeline(vae, unet, text_encoder, tokenizer, out / "model", world=cfg.world)
     timings["total"] = time.perf_counter() - start
     report["parameters"] = {
         "vae": _count(vae),
@@ -418,10 +465,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--threads", type=int, default=defaults.threads)
+    parser.add_argument("--world", choices=arch.WORLDS, default=defaults.world,
+                        help="digits: pocket v2's grey digits (the shipped model); scenes: pocket v3's scene world")
     parser.add_argument("--no-progress", action="store_true", help="hide the tqdm bars")
     args = parser.parse_args(argv)
     cfg = TrainConfig.quick() if args.quick else TrainConfig()
-    cfg.seed, cfg.threads = args.seed, args.threads
+    cfg.seed, cfg.threads, cfg.world = args.seed, args.threads, args.world
     for name in ("judge_steps", "vae_steps", "unet_steps", "batch_size", "lr"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
