@@ -30,8 +30,8 @@ import torch
 
 from ._checks import check_int
 from .errors import FilterError
+from .fingerprints import fingerprint_callable
 from .hashing import stable_digest, stable_hash
-from .variants import fingerprint_callable
 
 __all__ = ["ClassifierFilter", "CLIPFilter", "FALLBACKS", "check_filter", "filter_fingerprint", "retry_seed",
            "judge", "filter_variants"]
@@ -55,10 +55,12 @@ def check_filter(filter: Any, threshold: Any, max_tries: Any, fallback: Any) -> 
     Raises:
         TypeError: ``filter`` is not callable, or ``max_tries`` is not an int.
         ValueError: a threshold that is not finite (or outside [0, 1] for a built-in filter), ``max_tries < 1``,
-            or an unknown fallback.
+            an unknown fallback, or a filter that cannot be part of a cache key (see :func:`filter_fingerprint`).
     """
     if filter is not None and not callable(filter):
         raise TypeError(f"filter must be a callable (images, labels) -> keep mask or scores, got {type(filter).__name__}: {filter!r}")
+    if filter is not None and not callable(getattr(filter, "fingerprint", None)):
+        fingerprint_callable(filter, "filter")  # refused here, not at the first sample
     if threshold is None:
         threshold = getattr(filter, "threshold", None)
     if threshold is not None:
@@ -71,12 +73,22 @@ def check_filter(filter: Any, threshold: Any, max_tries: Any, fallback: Any) -> 
 
 
 def filter_fingerprint(filter: Callable, threshold: float | None, max_tries: int, fallback: str) -> tuple:
-    """What decides a filtered variant besides its generation: the filter (its ``fingerprint()``, or a
-    function's source and closure values), the threshold, ``max_tries`` and the fallback."""
+    """What decides a filtered variant besides its generation: the filter, the threshold, ``max_tries`` and
+    the fallback.
+
+    The filter counts by its own ``fingerprint()`` when it has one (the built-in filters: their weights),
+    else by :func:`~dafusion_aug.fingerprints.fingerprint_callable`: its code, and the values it closes
+    over and reads (a model by its weights, a module-level threshold by its value).
+
+    Raises:
+        ValueError: the filter reads a value with no stable digest (a lock, a ``torch.Generator``, an
+            object whose state is not in its attributes) and has no ``fingerprint()``: a key that ignored
+            it could serve another filter's variants.
+    """
     if hasattr(filter, "fingerprint") and callable(filter.fingerprint):
         fp = filter.fingerprint()
     else:
-        fp = fingerprint_callable(filter)
+        fp = fingerprint_callable(filter, "filter")
     return ("filter", fp, threshold, max_tries, fallback)
 
 
@@ -197,7 +209,7 @@ class ClassifierFilter:
         for name, t in sorted(self.model.state_dict().items()):
             h.update(name.encode())
             h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        transform = None if self.transform is None else fingerprint_callable(self.transform)
+        transform = None if self.transform is None else fingerprint_callable(self.transform, "ClassifierFilter's transform")
         return stable_digest("ClassifierFilter", type(self.model).__qualname__, h.hexdigest(), transform, self.threshold)
 
     def __repr__(self) -> str:

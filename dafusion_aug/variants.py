@@ -19,20 +19,17 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import inspect
 import math
 import numbers
-import re
 import string
-import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 
 from ._samples import Label, check_one_class, label_index
+from .fingerprints import fingerprint_callable
 from .hashing import stable_digest, stable_hash
 
 if TYPE_CHECKING:
@@ -63,8 +60,6 @@ DEFAULT_STRENGTHS = (0.25, 0.5, 0.75, 1.0)
 #: Part of every cache key; raise it when a change makes old cached variants wrong. 2 (issue 15): the
 #: generation fingerprint covers ``seed`` (under 1, a cache could hold another seed's pixels).
 CACHE_FORMAT_VERSION = 2
-
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 PromptSpec = str | Sequence[str] | Mapping[Any, str | Sequence[str]] | Callable[[str, int | None], str]
 
@@ -269,66 +264,6 @@ def prompt_options(prompt: PromptSpec, label: Label, class_names: Sequence[str] 
 
 
 # -- fingerprint and keys ---------------------------------------------------------------------------------
-def _closed_over(fn: Callable) -> list[Any]:
-    """The values a function reads besides its arguments and source: defaults and closure cells."""
-    cells = []
-    for cell in getattr(fn, "__closure__", None) or ():
-        try:
-            cells.append(cell.cell_contents)
-        except ValueError:  # an empty cell (a name assigned after the function was made)
-            cells.append(None)
-    return [getattr(fn, "__defaults__", None), getattr(fn, "__kwdefaults__", None), cells]
-
-
-def _fingerprint_callable(fn: Callable, depth: int = 0) -> str:
-    """What decides a prompt callable's output: its module, name and source, and the values it closes over.
-
-    A function counts by its source plus its defaults and closure values (``lambda n, l: f"{style} {n}"``
-    gives other prompts for another ``style``); a ``functools.partial`` by its function and arguments; a
-    callable object by its class's source and its attributes; a bound method by its function and object.
-    Values are hashed through their ``repr`` when they are not plain data, and callables among them the
-    same way (three levels deep), so nothing depends on a memory address.
-    """
-    def value(x: Any) -> Any:
-        if x is None or isinstance(x, (str, int, float, np.generic)):
-            return x
-        if isinstance(x, (list, tuple)):
-            return [value(y) for y in x]
-        if isinstance(x, (set, frozenset)):
-            return sorted(repr(value(y)) for y in x)
-        if isinstance(x, dict):
-            return {str(k): value(y) for k, y in x.items()}
-        if isinstance(x, types.ModuleType):
-            return f"<module {x.__name__}>"
-        if isinstance(x, type):
-            return f"<class {x.__module__}.{x.__qualname__}>"
-        if callable(x) and depth < 3:
-            return _fingerprint_callable(x, depth + 1)
-        return _ADDRESS.sub("", repr(x))  # "<Foo object at 0x7f...>" differs in every process
-
-    if isinstance(fn, functools.partial):
-        return stable_digest("partial", _fingerprint_callable(fn.func, depth + 1), value(list(fn.args)), value(dict(fn.keywords)))
-    if inspect.ismethod(fn):
-        return stable_digest("method", _fingerprint_callable(fn.__func__, depth + 1), value(getattr(fn.__self__, "__dict__", {})))
-    if inspect.isfunction(fn) or inspect.isbuiltin(fn):
-        code, state = getattr(fn, "__code__", None), value(_closed_over(fn))
-        owner = fn
-    else:  # an object with __call__: its class's code and its attributes
-        code, state = None, value(getattr(fn, "__dict__", {}))
-        owner = type(fn)
-    try:
-        src = inspect.getsource(owner)
-    except (OSError, TypeError):
-        src = code.co_code.hex() if code is not None else ""
-    return stable_digest(getattr(owner, "__module__", ""), getattr(owner, "__qualname__", type(owner).__name__), src, state)
-
-
-def fingerprint_callable(fn: Callable) -> str:
-    """A callable's fingerprint for cache keys (prompt callables, filters): module, name, source and the
-    values it closes over, never a memory address."""
-    return _fingerprint_callable(fn)
-
-
 def generation_fingerprint(
     model: str,
     *,
@@ -355,8 +290,8 @@ def generation_fingerprint(
 
     ``tokens``, ``class_names``, ``prompt``, ``strength``, ``strength_probs``, ``guidance_scale``,
     ``num_inference_steps``, ``negative_prompt``, ``resolution``, ``class_erasures`` and ``seed`` are as the
-    transform holds them. A prompt callable counts by its module, name, source code and the values it
-    closes over.
+    transform holds them. A prompt callable counts by what decides its output: its code and the values it
+    closes over and reads (:func:`~dafusion_aug.fingerprints.fingerprint_callable`).
 
     Args:
         model: the model's fingerprint (:meth:`PipelineSpec.fingerprint` or :func:`pipeline_fingerprint`;
@@ -371,7 +306,7 @@ def generation_fingerprint(
     Returns:
         A sha256 hex digest.
     """
-    prompt_fp = _fingerprint_callable(prompt) if callable(prompt) and not isinstance(prompt, str) else prompt
+    prompt_fp = fingerprint_callable(prompt, "prompt") if callable(prompt) and not isinstance(prompt, str) else prompt
     extra = [] if region is None else [("region", region[0], int(region[1]))]
     extra += [] if filter is None else [list(filter)]
     return stable_digest(

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import pickle
+import runpy
+import subprocess
+import sys
+import threading
+import types
 
 import numpy as np
 import pytest
 import torch
 from conftest import FAST, random_image
 
-from dafusion_aug import ClassifierFilter, CLIPFilter, FilterError
+from dafusion_aug import CacheError, ClassifierFilter, CLIPFilter, FilterError
 from dafusion_aug.filters import retry_seed
 from dafusion_aug.hashing import image_digest
+from dafusion_aug.variants import fingerprint_callable
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,6 +78,140 @@ def test_the_filter_is_part_of_the_cache_key(make_aug):
                 make_aug(filter=brightness, filter_threshold=0.5, filter_fallback="best"), plain]
     assert len({a.cache_key(digest, 1, 0) for a in variants}) == len(variants)
     assert make_aug(filter=brightness, filter_threshold=0.5).fingerprint() == variants[0].fingerprint()
+
+
+def keep_by(model):
+    """A keep-everything filter that runs ``model``: its verdicts are the same, but its key must name the model."""
+    @torch.no_grad()
+    def keep(images, labels):
+        return [bool(model(torch.zeros(1, model.in_features)).isfinite().all()) for _ in images]
+    return keep
+
+
+def _two_models():
+    """Two models that differ in one weight, past what a tensor's repr prints (it elides the middle)."""
+    torch.manual_seed(0)
+    first = torch.nn.Linear(40, 40)
+    second = torch.nn.Linear(40, 40)
+    second.load_state_dict(first.state_dict())
+    with torch.no_grad():
+        second.weight[20, 20] += 0.5
+    return first, second
+
+
+def test_a_filter_closing_over_a_model_counts_by_its_weights(make_aug):
+    """Issue 33: a filter's closure counted by its repr, so two models that differ in one weight shared keys,
+    and a transform with the second read the variants the first had accepted."""
+    first, second = _two_models()
+    twin = torch.nn.Linear(40, 40)
+    twin.load_state_dict(first.state_dict())
+    image = random_image(4)
+    writer = make_aug(**FAST, filter=keep_by(first))
+    writer(image, 1)
+    assert len(list(writer.cache.keys())) == 1
+    with pytest.raises(CacheError, match="not in the cache"):  # not the first model's variants
+        make_aug(**FAST, filter=keep_by(second), on_miss="error")(image, 1)
+    make_aug(**FAST, filter=keep_by(twin), on_miss="error")(image, 1)  # the same weights read what was written
+    assert writer.fingerprint() == make_aug(**FAST, filter=keep_by(twin)).fingerprint()
+    assert writer.fingerprint() != make_aug(**FAST, filter=keep_by(second)).fingerprint()
+    assert make_aug(**FAST, filter=keep_by(second.train())).fingerprint() != make_aug(**FAST, filter=keep_by(second.eval())).fingerprint()
+
+
+#: A module-level setting a filter reads (issue 33: globals were not in its key).
+KEEP_ABOVE = 0.0
+settings = types.ModuleType("filter_settings")  # stands for a config module of your own
+settings.LEVEL = 0.0
+
+
+def bright_enough(images, labels):
+    return [img.mean() / 255 >= KEEP_ABOVE for img in images]
+
+
+def bright_enough_by_settings(images, labels):
+    return [img.mean() / 255 >= settings.LEVEL for img in images]
+
+
+def test_a_filter_counts_by_the_module_globals_it_reads(make_aug, monkeypatch):
+    before = make_aug(filter=bright_enough).fingerprint()
+    monkeypatch.setattr(sys.modules[__name__], "KEEP_ABOVE", 0.5)
+    assert make_aug(filter=bright_enough).fingerprint() != before
+    monkeypatch.setattr(sys.modules[__name__], "KEEP_ABOVE", 0.0)
+    assert make_aug(filter=bright_enough).fingerprint() == before
+    by_settings = make_aug(filter=bright_enough_by_settings).fingerprint()
+    monkeypatch.setattr(settings, "LEVEL", 0.5)
+    assert make_aug(filter=bright_enough_by_settings).fingerprint() != by_settings
+    # two lambdas on one line share their source: their constants tell them apart
+    low, high = (lambda images, labels: [img.mean() > 10 for img in images]), (lambda images, labels: [img.mean() > 90 for img in images])
+    assert make_aug(filter=low).fingerprint() != make_aug(filter=high).fingerprint()
+
+
+def _script(tmp_path):
+    """A script that builds a filter over a saved model and a settings object holding a set, and prints the
+    filter's fingerprint."""
+    first, _ = _two_models()
+    torch.save(first.state_dict(), tmp_path / "model.pt")
+    script = tmp_path / "key.py"
+    script.write_text(
+        "import dataclasses\n"
+        "import torch\n"
+        "from dafusion_aug.variants import fingerprint_callable\n"
+        "@dataclasses.dataclass\n"
+        "class Settings:\n"
+        "    labels: set\n"
+        "def make(settings, model):\n"
+        "    def keep(images, labels):\n"
+        "        return [y in settings.labels and bool(model(torch.zeros(1, 40)).sum() > -1e9) for y in labels]\n"
+        "    return keep\n"
+        "model = torch.nn.Linear(40, 40)\n"
+        f"model.load_state_dict(torch.load({str(tmp_path / 'model.pt')!r}))\n"
+        "settings = Settings({'cat', 'dog', 'zebra', 'horse', 'bird', 'ship', 'truck', 'frog'})\n"
+        "KEY = fingerprint_callable(make(settings, model))\n"
+        "print(KEY)\n"
+    )
+    return script
+
+
+def test_a_filter_fingerprint_is_the_same_in_another_process(tmp_path):
+    """No memory address, no hash-seeded order: a cache written by one process is read by the next (before, an
+    object's repr stood for it, and a set's order in it changes with the hash seed)."""
+    script = _script(tmp_path)
+    with contextlib.redirect_stdout(io.StringIO()):
+        here = runpy.run_path(str(script), run_name="__main__")["KEY"]
+    env = {**os.environ, "PYTHONHASHSEED": "123", "OMP_NUM_THREADS": "1"}
+    there = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, check=True).stdout.strip()
+    assert here == there
+    first, second = _two_models()
+    assert fingerprint_callable(keep_by(first)) != fingerprint_callable(keep_by(second))
+
+
+class _Sampled:
+    """A filter with its own random state and its own key (the documented way)."""
+
+    def __init__(self, seed):
+        self.seed, self.generator = seed, torch.Generator().manual_seed(seed)
+
+    def __call__(self, images, labels):
+        return [bool(torch.rand(1, generator=self.generator) < 2) for _ in images]
+
+    def fingerprint(self):
+        return f"sampled/{self.seed}"
+
+
+def test_a_filter_that_cannot_be_digested_is_refused_at_construction(make_aug):
+    generator = torch.Generator().manual_seed(0)
+
+    def coin(images, labels):
+        return [bool(torch.rand(1, generator=generator) < 0.5) for _ in images]
+
+    with pytest.raises(ValueError, match=r"filter `.*coin` cannot be part of a cache key: it reads closure "
+                                         r"`generator`, a torch\._C\.Generator .*Give the filter a fingerprint\(\) method"):
+        make_aug(filter=coin)
+    lock = threading.Lock()
+    with pytest.raises(ValueError, match=r"reads global `lock`|reads closure `lock`"):
+        make_aug(filter=lambda images, labels: [lock.locked() is False for _ in images])
+    # the way out the message names: the filter says its own key
+    assert make_aug(filter=_Sampled(0)).fingerprint() != make_aug(filter=_Sampled(1)).fingerprint()
+    assert make_aug(filter=_Sampled(0)).fingerprint() == make_aug(filter=_Sampled(0)).fingerprint()
 
 
 def test_precompute_filters_in_batches_and_counts(make_aug):
