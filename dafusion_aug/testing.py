@@ -319,7 +319,9 @@ def _samples(image: Any, label: Any, needs_class: bool) -> dict[str, Any]:
         samples["detection (image, target) with one object"] = (image, {"boxes": boxes[:1], "labels": one})
     if needs_class:
         return samples
-    samples.update({"bare image": image, "segmentation (image, Mask)": (image, mask), "torchvision sample": big})
+    samples.update({"bare image": image, "segmentation (image, Mask)": (image, mask), "torchvision sample": big,
+                    # torchvision's smoke test also passes its big sample as a list and a tuple (item [1] no label)
+                    "torchvision sample as a list": list(big.values()), "torchvision sample as a tuple": tuple(big.values())})
     if count == 1:
         several = torch.tensor([label, label]) if isinstance(label, int) and not isinstance(label, bool) else [label, label]
         samples["detection (image, target) with several objects"] = (image, {"boxes": boxes, "labels": several})
@@ -388,7 +390,7 @@ def check_transform(transform: Any, image: Any, label: Any = 1, *, needs_class: 
     unbatched ``tv_tensors.Image``, a ``Video``, a ``Mask``, ``BoundingBoxes`` and junk: ints, floats, bools,
     ``None``, a str, a path, an object, a 1-D tensor and array). With ``needs_class=False`` (a transform
     whose prompt needs no class) also a bare image, ``(image, Mask)``, detection targets with several
-    object labels and torchvision's sample without a label. For each: the structure is rebuilt, every image
+    object labels and torchvision's sample without a label, as a dict, a list and a tuple. For each: the structure is rebuilt, every image
     keeps its type, mode, size, shape, dtype, device and [0, 1] range, and every other leaf comes back as the
     very same object. Then the transform must pickle (what spawned DataLoader workers receive), and a copy
     rebuilt from its pickled state must give identical outputs for the same torch seed and, when it has
