@@ -345,6 +345,8 @@ def _check_preserve(preserve: Any, weight: Any, concepts: Mapping[str, Sequence[
     prompts = [preserve] if isinstance(preserve, str) else preserve
     if not isinstance(prompts, Sequence) or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise TypeError(f"preserve must be a prompt or a list of non-empty prompts, got {preserve!r}")
+    if len(prompts) == 0:  # an empty list would silently be plain ESD, whatever preserve_weight says
+        raise ValueError(f"preserve must hold at least one prompt, got {preserve!r}; pass preserve=None (the default) for plain ESD")
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
         raise ValueError(f"preserve_weight must be a finite number > 0, got {weight!r}")
     erased = {p for ps in concepts.values() for p in ps}
@@ -417,7 +419,7 @@ def erase_concept(
         checkpoint_every: steps between checkpoints.
         resume: continue from ``checkpoint_dir``'s checkpoint when there is one.
         preserve: prompts whose noise predictions must not change (e.g. the other classes' prompts);
-            None or empty: plain ESD.
+            None: plain ESD (an empty list is refused, so a list that came out empty by mistake is not plain ESD silently).
         preserve_weight: weight of the preservation term (> 0; used only with ``preserve``).
 
     Returns:

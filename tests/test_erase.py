@@ -348,6 +348,9 @@ def test_preserve_arguments(pipe):
         erase_concept(pipe, "zebra", preserve="horse", preserve_weight=0.0, **FAST)
     with pytest.raises(ValueError, match="being erased"):
         erase_concept(pipe, "zebra", preserve=["zebra"], **FAST)
+    for empty in ([], ()):  # issue 33: an empty list is not silently plain ESD
+        with pytest.raises(ValueError, match=r"preserve must hold at least one prompt, got (\[\]|\(\)); pass preserve=None"):
+            erase_concept(pipe, "zebra", preserve=empty, preserve_weight=4.0, **FAST)
     plain, kept = erase_concept(pipe, "zebra", **FAST), erase_concept(pipe, "zebra", preserve="horse", **FAST)
     assert "preserve" not in plain.metadata  # plain ESD files and checkpoints keep their names
     assert kept.metadata["preserve"] == ["horse"] and not torch.equal(*(e.tensors[n] for e in (plain, kept) for n in [next(iter(plain.tensors))]))

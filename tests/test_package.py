@@ -111,8 +111,9 @@ def _wheel_tools_missing() -> str | None:
 
 @pytest.mark.skipif(_wheel_tools_missing() is not None, reason=_wheel_tools_missing() or "")
 def test_the_wheel_installs_and_runs_in_a_fresh_environment(tmp_path):
-    """Build the wheel, install it (no dependencies: they come from the system's site-packages, so torch is not
-    downloaded again) into a fresh virtual environment, and use it from there as a user would."""
+    """Build the wheel, install it (no dependencies: they come from the site-packages of the environment running
+    the test, so torch is not downloaded again) into a fresh virtual environment, and use it from there as a
+    user would."""
     import os
     import subprocess
     import sys
@@ -129,8 +130,16 @@ def test_the_wheel_installs_and_runs_in_a_fresh_environment(tmp_path):
         assert inside in names, inside
     assert not any(n.startswith(("tests/", "examples/", "benchmarks/")) or "__pycache__" in n for n in names)
 
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"
+    # The dependencies come from the environment running this test, wherever that is (a venv, conda, the
+    # system Python): ``--system-site-packages`` would expose the *base* interpreter's packages, not an
+    # active venv's. Plain path lines, so that its .pth files (an editable install of this checkout) are not run.
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True, timeout=120).stdout.strip()
+    outer = [p for p in sys.path if p and Path(p).name in ("site-packages", "dist-packages") and Path(p).is_dir()]
+    assert outer, sys.path
+    (Path(purelib) / "_outer_environment.pth").write_text("\n".join(outer) + "\n")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "--quiet", str(wheel)],
                    check=True, capture_output=True, timeout=300)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}  # nothing but the venv's copy
@@ -161,3 +170,15 @@ def test_importing_a_submodule_first_keeps_the_public_function():
             "assert dafusion_aug.precompute is m.precompute and m.plan_batches")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
+
+
+def test_no_function_passes_120_lines():
+    """The house rule (issue 33: ``run_fewshot`` had 123): a longer function is two functions."""
+    import ast
+
+    long = []
+    for path in _package_sources():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 120:
+                long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert long == []

@@ -277,13 +277,10 @@ def run_fewshot(
         >>> print(res.table())  # doctest: +SKIP
     """
     require_modules({"matplotlib": "matplotlib"}, "run_fewshot (its plots)", "demo")  # before any work, not after the first run
-    if erase and fit_initializer is None:
-        fit_initializer = "the"  # a class-name start would carry class knowledge into the token
     generation = dict(num_variants=num_variants, p=p, strength=list(strength), num_inference_steps=num_inference_steps,
                       guidance_scale=guidance_scale, prompt=prompt, agnostic_prompt=agnostic_prompt)
     generation.update(_edit_settings(region, mask_grow, masks, filter, filter_threshold, max_tries, filter_fallback))
-    fitting = dict(steps=fit_steps, batch_size=fit_batch_size, learning_rate=fit_learning_rate, num_vectors=num_vectors,
-                   initializer=fit_initializer or "class_name")
+    fitting = _fit_settings(fit_steps, fit_batch_size, fit_learning_rate, num_vectors, fit_initializer, erase)
     experiment = _Experiment(
         pipeline, train, test, class_names, out=Path(out), methods=list(methods), shots=list(shots), seeds=list(seeds),
         classifier=classifier, generation=generation, fitting=fitting, erase=erase, erasures=erasures,
@@ -292,6 +289,16 @@ def run_fewshot(
     experiment.masks, experiment.filter = masks, filter
     rows = experiment.run(progress, _on_run)
     return experiment.finish(rows, grid_classes)
+
+
+def _fit_settings(steps: int, batch_size: int, learning_rate: float, num_vectors: int, initializer: str | None,
+                  erase: bool) -> dict[str, Any]:
+    """da-fusion's token recipe as JSON; the initializer defaults to "the" with ``erase`` (a class-name start
+    would carry class knowledge into the token), else to the class name."""
+    if erase and initializer is None:
+        initializer = "the"
+    return dict(steps=steps, batch_size=batch_size, learning_rate=learning_rate, num_vectors=num_vectors,
+                initializer=initializer or "class_name")
 
 
 def _edit_settings(region: str, mask_grow: int, masks: Callable | None, filter: Any, threshold: float | None,
