@@ -92,6 +92,11 @@ BACKGROUNDS: tuple[str, ...] = ("plain", "striped", "checkered", "dotted", "shad
 #: Clutter shapes.
 CLUTTER_SHAPES: tuple[str, ...] = ("disc", "square", "bar")
 
+#: Range of the patterns' period, in pixels (stripes: one dark and one light band; checks: two cells; dots:
+#: the gap between dots). No texture is finer than 4 px, the side of one cell of the 8x8 latent grid.
+PERIODS = (8.0, 12.0)
+#: Side of a speckled background's cells, in pixels.
+SPECKLE = 4
 #: Range of the glyph's side, in pixels.
 GLYPH_SIDES = (18, 24)
 #: Range of the backgrounds' brightness (a factor on their colours).
@@ -176,7 +181,7 @@ def draw_scene(rng: np.random.Generator, side: int | None = None, x: int | None 
     # each background colour at most CONTRAST of the glyph's luma, so the glyph stays visible in grey too
     top = [CONTRAST * _luma(GLYPH_COLOURS[glyph]) / _luma(BACKGROUND_COLOURS[n]) for n in (first, second)]
     dims = tuple(float(min(d, t)) for d, t in zip(rng.uniform(*BACKGROUND_DIM, size=2), top))
-    angle, period, phase = float(rng.uniform(0, np.pi)), float(rng.uniform(4.0, 8.0)), float(rng.uniform())
+    angle, period, phase = float(rng.uniform(0, np.pi)), float(rng.uniform(*PERIODS)), float(rng.uniform())
     field_seed = int(rng.integers(2**31))
     clutter = []
     for _ in range(int(rng.choice(3, p=[0.4, 0.35, 0.25]))):
@@ -198,11 +203,11 @@ def _pattern(scene: Scene) -> np.ndarray:
     if kind == "striped":
         return (np.sin(2 * np.pi * (along / scene.period + scene.phase)) > 0).astype(np.float64)
     if kind == "checkered":
-        cell = scene.period * 0.75
+        cell = scene.period / 2.0
         offset = scene.phase * cell
         return (((xs + offset) // cell + (ys + offset) // cell) % 2).astype(np.float64)
     if kind == "dotted":
-        gap = scene.period + 1.0
+        gap = scene.period
         dx = (xs + scene.phase * gap) % gap - gap / 2
         dy = (ys + scene.phase * gap) % gap - gap / 2
         return (dx * dx + dy * dy <= (gap / 4.0) ** 2).astype(np.float64)
@@ -214,7 +219,8 @@ def _pattern(scene: Scene) -> np.ndarray:
         smooth = np.asarray(Image.fromarray(coarse, mode="F").resize((SIZE, SIZE), Image.BICUBIC), dtype=np.float64)
         return 1.0 / (1.0 + np.exp(-(smooth - np.median(smooth)) * 12.0))
     if kind == "speckled":
-        return np.kron(field.uniform(size=(SIZE // 2, SIZE // 2)) < 0.5, np.ones((2, 2))).astype(np.float64)
+        cells = SIZE // SPECKLE
+        return np.kron(field.uniform(size=(cells, cells)) < 0.5, np.ones((SPECKLE, SPECKLE))).astype(np.float64)
     raise ValueError(f"scene.background must be one of {list(BACKGROUNDS)}, got {kind!r}")
 
 
