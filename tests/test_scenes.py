@@ -213,3 +213,13 @@ def test_quick_training_of_the_scene_world_writes_a_v3_model_with_the_scene_word
     assert arch.build_tokenizer().get_vocab() != pipe.tokenizer.get_vocab()  # v2's tokenizer is unchanged
     with pytest.raises(ValueError, match="world must be one of"):
         arch.build_tokenizer(world="photos")
+
+
+def test_training_leaves_the_callers_thread_count_alone(tmp_path, monkeypatch):
+    from dafusion_aug.pocket import train
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(train, "_run", lambda cfg, out, progress: {"threads": torch.get_num_threads()})
+    target = 2 if before != 2 else 1
+    assert train.run(train.TrainConfig(threads=target), tmp_path) == {"threads": target}
+    assert torch.get_num_threads() == before

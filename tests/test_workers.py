@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -64,7 +65,8 @@ def _aug(folder, cache, **kw):
 def test_same_seed_same_pixels_in_another_process(tiny_folder):
     import hashlib
 
-    out = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_folder), "-"], capture_output=True, text=True, check=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))  # the same sums as this process
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_folder), "-"], capture_output=True, text=True, check=True, env=env)
     aug = _aug(tiny_folder, None)
     torch.manual_seed(0)
     h = hashlib.sha256()
@@ -76,7 +78,9 @@ def test_same_seed_same_pixels_in_another_process(tiny_folder):
 
 def test_two_processes_filling_one_cache_leave_only_whole_files(tiny_folder, tmp_path):
     cache = tmp_path / "shared"
-    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(tiny_folder), str(cache)]) for _ in range(2)]
+    # the same thread count as this process (conftest's), or batched sums may round apart by a grey level
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(tiny_folder), str(cache)], env=env) for _ in range(2)]
     assert all(p.wait(timeout=300) == 0 for p in procs)
     store = AugmentationCache(cache)
     keys = list(store.keys())

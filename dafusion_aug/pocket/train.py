@@ -357,7 +357,15 @@ def run(cfg: TrainConfig, out: Path, progress: bool = True) -> dict[str, object]
     Returns:
         The report written to ``training.json`` (timings, parameter counts, losses, checks).
     """
+    previous = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, out, progress)
+    finally:  # the caller's thread count is the caller's (a test run in-process must not change the next test's sums)
+        torch.set_num_threads(previous)
+
+
+def _run(cfg: TrainConfig, out: Path, progress: bool) -> dict[str, object]:
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, object] = {
         "pocket_version": 3 if arch._check_world(cfg.world) == "scenes" else 2,
