@@ -3,6 +3,7 @@
 Example:
     python -m dafusion_aug.pocket.train --world scenes --out runs/v3-pilot --vae-steps 1500 --unet-steps 1000
     python benchmarks/scene_samples.py runs/v3-pilot runs/pilot_digits.png runs/pilot_scenes.png
+    python benchmarks/scene_samples.py runs/v3b runs/v3b_digits.png runs/v3b_scenes.png 32   # + 32 per digit, judged
 """
 
 import sys
@@ -43,3 +44,13 @@ def sheet(batches, path):
     Image.fromarray((arr * 255).round().astype(np.uint8)).resize((arr.shape[1] * 3, arr.shape[0] * 3), Image.NEAREST).save(path)
 sheet(rows, sys.argv[2])
 sheet(sc, sys.argv[3])
+if len(sys.argv) > 4:  # per-digit rates with more samples, for two class-only templates of the v3 captions
+    n = int(sys.argv[4])
+    for template in ("a {}", "a photo of a {}"):
+        rates = []
+        for d in range(10):
+            g = [torch.Generator().manual_seed(10000 * d + i) for i in range(n)]
+            x = pipe([template.format(CLASS_NAMES[d])] * n, num_inference_steps=20, guidance_scale=7.5, generator=g,
+                     output_type="np").images
+            rates.append(float((net(torch.from_numpy(x).permute(0, 3, 1, 2)).argmax(1) == d).float().mean()))
+        print(f"{template!r}: per digit {[round(r, 2) for r in rates]}, mean {sum(rates) / 10:.3f}")
