@@ -11,7 +11,7 @@ import functools
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,10 @@ from torch import nn
 
 from .data import IMAGE_SIZE, random_affine
 
-__all__ = ["JudgeNet", "JUDGE_FILE", "judge", "judge_images", "judge_accuracy", "train_judge", "save_judge"]
+__all__ = [
+    "JudgeNet", "JUDGE_FILE", "judge", "judge_images", "judge_accuracy", "train_judge", "fit_classifier", "save_judge",
+    "read_judge_file",
+]
 
 #: Where the shipped judge weights live.
 JUDGE_FILE = Path(__file__).resolve().parent / "judge.safetensors"
@@ -75,18 +78,13 @@ def judge(path: str | os.PathLike | None = None) -> JudgeNet:
     Raises:
         FileNotFoundError: when the weights file is missing.
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = Path(path) if path is not None else JUDGE_FILE
     if not path.is_file():
         raise FileNotFoundError(
             f"judge weights not found at {path}; rebuild them with `python -m dafusion_aug.pocket.train`"
         )
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    meta, state = read_judge_file(path)
     net = JudgeNet(width=int(meta.get("width", 16)))
-    state = {k: v.float() for k, v in load_file(str(path)).items()}
     net.load_state_dict(state)
     return net.eval()
 
@@ -186,19 +184,39 @@ def train_judge(
     Returns:
         The trained network, in eval mode.
     """
-    from tqdm.auto import tqdm
-
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     net = JudgeNet(width=width)
+
+    def batch_loss() -> torch.Tensor:
+        idx = torch.randint(0, len(images), (batch_size,), generator=gen)
+        logits = net(_augment(images[idx], gen))
+        return nn.functional.cross_entropy(logits, labels[idx], label_smoothing=0.05)
+
+    return fit_classifier(net, batch_loss, steps, lr, desc="judge", progress=progress)
+
+
+def fit_classifier(
+    net: nn.Module, batch_loss: Callable[[], torch.Tensor], steps: int, lr: float, desc: str, progress: bool = True
+) -> nn.Module:
+    """The judges' training loop: AdamW (weight decay 5e-4) under a one-cycle schedule, ``steps`` steps.
+
+    Args:
+        net: the network (put in train mode, returned in eval mode).
+        batch_loss: draws one batch and returns its loss (it owns the sampling and the augmentation).
+        steps: optimizer steps.
+        lr: the peak learning rate.
+        desc: the progress bar's label.
+        progress: show a tqdm bar.
+    """
+    from tqdm.auto import tqdm
+
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.15)
     net.train()
-    bar = tqdm(range(steps), desc="judge", disable=not progress, mininterval=5.0)
+    bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=5.0)
     for _ in bar:
-        idx = torch.randint(0, len(images), (batch_size,), generator=gen)
-        logits = net(_augment(images[idx], gen))
-        loss = nn.functional.cross_entropy(logits, labels[idx], label_smoothing=0.05)
+        loss = batch_loss()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -207,11 +225,12 @@ def train_judge(
     return net.eval()
 
 
-def save_judge(net: JudgeNet, path: str | os.PathLike, metadata: dict[str, object] | None = None) -> Path:
-    """Write the judge's weights as float16 safetensors.
+def save_judge(net: nn.Module, path: str | os.PathLike, metadata: dict[str, object] | None = None) -> Path:
+    """Write a judge's weights as float16 safetensors, atomically (a temporary file, then a rename).
 
     Args:
-        net: the trained judge.
+        net: the trained judge (:class:`JudgeNet`, or the scene judge: any network whose ``features[0][0]``
+            is its first convolution).
         path: the output file.
         metadata: extra metadata (values are JSON-encoded unless strings).
 
@@ -230,5 +249,17 @@ def save_judge(net: JudgeNet, path: str | os.PathLike, metadata: dict[str, objec
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata=meta)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    os.replace(tmp, path)
     return path
+
+
+def read_judge_file(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """``(metadata, float32 state dict)`` of a file written by :func:`save_judge` (safetensors, never a pickle)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return meta, {k: v.float() for k, v in load_file(str(path)).items()}

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ import torch
 from torch import nn
 
 from .data import split_indices
-from .judge import _block
+from .judge import _block, fit_classifier, read_judge_file, save_judge
 from .scenes import (
     BACKGROUND_COLOURS,
     BACKGROUNDS,
@@ -165,24 +164,16 @@ def train_scene_judge(
     Returns:
         The trained network, in eval mode.
     """
-    from tqdm.auto import tqdm
-
     images, targets = render_training_scenes(count, seed)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    net = SceneJudgeNet().train()
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.15)
-    bar = tqdm(range(steps), desc="scene judge", disable=not progress, mininterval=5.0)
-    for _ in bar:
+    net = SceneJudgeNet()
+
+    def batch_loss() -> torch.Tensor:
         idx = torch.randint(0, count, (batch_size,), generator=gen)
-        loss = _loss(net(_augment(images[idx], gen)), {k: v[idx] for k, v in targets.items()})
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    return net.eval()
+        return _loss(net(_augment(images[idx], gen)), {k: v[idx] for k, v in targets.items()})
+
+    return fit_classifier(net, batch_loss, steps, lr, desc="scene judge", progress=progress)
 
 
 @torch.no_grad()
@@ -214,20 +205,13 @@ def scene_judge_accuracy(net: nn.Module, images: torch.Tensor, scene_list: list[
     return out
 
 
-def save_scene_judge(net: SceneJudgeNet, path: str | os.PathLike, metadata: dict[str, object] | None = None) -> Path:
-    """Write the scene judge as float16 safetensors (the heads' names in the metadata)."""
-    from safetensors.torch import save_file
+def _head_names() -> dict[str, list[str]]:
+    return {k: list(v[0]) for k, v in HEADS.items()}
 
-    meta = {"format": "pt", "width": str(net.features[0][0].out_channels), "heads": json.dumps({k: list(v[0]) for k, v in HEADS.items()}),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
-    state = {k: v.detach().to(torch.float16 if v.is_floating_point() else v.dtype).contiguous() for k, v in net.state_dict().items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return path
+
+def save_scene_judge(net: SceneJudgeNet, path: str | os.PathLike, metadata: dict[str, object] | None = None) -> Path:
+    """Write the scene judge as float16 safetensors, atomically (the heads' names in the metadata)."""
+    return save_judge(net, path, {"heads": _head_names(), **(metadata or {})})
 
 
 def load_scene_judge(path: str | os.PathLike) -> SceneJudgeNet:
@@ -237,17 +221,12 @@ def load_scene_judge(path: str | os.PathLike) -> SceneJudgeNet:
         FileNotFoundError: the file is missing.
         ValueError: its heads are not this version's (the scene world changed since it was trained).
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"scene judge not found at {path}; train one with `python benchmarks/scene_words.py` (it writes one where it finds none)")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    heads = {k: list(v[0]) for k, v in HEADS.items()}
-    if json.loads(meta.get("heads", "null")) != heads:
+    meta, state = read_judge_file(path)
+    if json.loads(meta.get("heads", "null")) != _head_names():
         raise ValueError(f"the scene judge at {path} reads other heads than this version's scene world; train it again")
     net = SceneJudgeNet(width=int(meta.get("width", 24)))
-    net.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    net.load_state_dict(state)
     return net.eval()
