@@ -13,6 +13,11 @@ Usage:
     python benchmarks/bench_fit.py --model sd15-arch --resolution 256 --batch-size 1 --classes 2 --steps 2 --repeats 1
     python benchmarks/bench_fit.py --model sdxl-arch --resolution 256 --batch-size 1 --classes 2 --per-class 1 --steps 4 --repeats 1
 
+With ``--lora-rank R`` the comparison is instead ``fit_tokens(lora_rank=R)`` (tokens and a class LoRA, issue 32)
+against token-only ``fit_tokens`` on the same run, alternating, and the LoRA's file size:
+
+    python benchmarks/bench_fit.py --model sd15-arch --resolution 256 --batch-size 1 --classes 2 --steps 4 --repeats 2 --lora-rank 10
+
 For SDXL (``sdxl-arch``: SDXL base's architecture with random weights, ``testing.full_size_pipeline``) the
 reference trains both text encoders' whole embedding matrices per class and conditions the UNet as the
 SDXL pipeline does (both encoders' penultimate states, encoder 2's pooled embedding, size ``time_ids``).
@@ -217,12 +222,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
     ap.add_argument("--project", type=int, default=1000, help="steps of the run to extrapolate end-to-end time to")
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs of each; the best time counts")
+    ap.add_argument("--lora-rank", type=int, default=0, help="compare fit_tokens(lora_rank=R) with token-only fit_tokens instead")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     pipe = _pipeline(args.model)
     items, names = _data(args.model, args.classes, args.per_class)
     size = args.resolution or native_resolution(pipe)
     print(f"model={args.model} classes={len(names)} images={len(items)} steps={args.steps} batch={args.batch_size} size={size} threads={args.threads}")
+    if args.lora_rank:
+        return compare_lora(pipe, items, names, args, size)
     ours, ref = [], []
     for _ in range(args.repeats):
         clocks = [_clock()]
@@ -249,6 +257,29 @@ def main() -> None:
         f"projected to {args.project} steps (wall): fit_tokens {total_o:.1f} s (setup {setup_o:.1f} s), "
         f"reference {total_r:.1f} s (setup {setup_r:.1f} s), ratio {total_r / total_o:.2f}x"
     )
+
+
+def compare_lora(pipe, items, names, args, size: int) -> None:
+    """Per-step CPU time of fit_tokens with a rank-R LoRA vs token-only (the same run otherwise), and the file size."""
+    import tempfile
+    from pathlib import Path
+
+    runs: dict[int, list] = {0: [], args.lora_rank: []}
+    lora = None
+    for _ in range(args.repeats):
+        for rank in runs:
+            clocks = [_clock()]
+            out = fit_tokens(pipe, items, names, steps=args.steps, batch_size=args.batch_size, learning_rate=5e-3, resolution=size,
+                             progress=False, lora_rank=rank, _on_step=lambda step, loss, clocks=clocks: clocks.append(_clock()))
+            runs[rank].append(_summary(clocks))
+            lora = out.lora or lora
+            print(f"  lora_rank={rank}: step {runs[rank][-1][3] * 1e3:.0f} ms CPU, {runs[rank][-1][2] * 1e3:.0f} ms wall")
+    base, with_lora = (min(r[3] for r in runs[k]) for k in runs)
+    with tempfile.TemporaryDirectory() as tmp:
+        nbytes = lora.save(Path(tmp) / "lora.safetensors").stat().st_size
+    print(f"per step, CPU: tokens only {base * 1e3:.0f} ms, tokens + LoRA rank {args.lora_rank} {with_lora * 1e3:.0f} ms: "
+          f"ratio {with_lora / base:.2f}x (mark <= 1.5x)")
+    print(f"LoRA: {lora.num_parameters:,} parameters in {len(lora.layers)} layers, file {nbytes / 1e6:.2f} MB (mark <= 10 MB)")
 
 
 if __name__ == "__main__":

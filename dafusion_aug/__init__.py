@@ -31,6 +31,7 @@ _WHERE = {
     "ErasureFileError": "errors",
     "FilterError": "errors",
     "FitError": "errors",
+    "LoraFileError": "errors",
     "PipelineError": "errors",
     "TokenFileError": "errors",
     "run_fewshot": "fewshot",
@@ -42,6 +43,7 @@ _WHERE = {
     "load_pipeline": "pipeline",
     "precompute": "precompute",
     "ClassTokens": "tokens",
+    "ClassLora": "lora",
     "DiffusionAugment": "transform",
 }
 
@@ -49,6 +51,7 @@ __all__ = [
     "AugmentationCache",
     "AugmentedDataset",
     "CacheError",
+    "ClassLora",
     "ClassTokens",
     "ClassifierFilter",
     "CLIPFilter",
@@ -58,6 +61,7 @@ __all__ = [
     "ErasureFileError",
     "FilterError",
     "FitError",
+    "LoraFileError",
     "PipelineError",
     "PipelineSpec",
     "TokenFileError",
@@ -82,6 +86,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs read; at run time __getattr__ i
         ErasureFileError,
         FilterError,
         FitError,
+        LoraFileError,
         PipelineError,
         TokenFileError,
     )
@@ -89,6 +94,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs read; at run time __getattr__ i
     from .filters import ClassifierFilter, CLIPFilter
     from .fit import fit_tokens
     from .functional import diffuse
+    from .lora import ClassLora
     from .pipeline import PipelineSpec, load_pipeline
     from .precompute import precompute
     from .tokens import ClassTokens

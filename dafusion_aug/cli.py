@@ -12,6 +12,7 @@ import json
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from . import __version__
 
@@ -120,6 +121,7 @@ def _cmd_generate(args) -> int:
     aug = DiffusionAugment(
         _spec(args),
         tokens=args.tokens,
+        lora=args.lora,
         class_names=None if args.tokens else data.class_names,
         prompt=args.prompt,
         strength=args.strength,
@@ -159,6 +161,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--data", required=True, help="folder with one sub-folder of images per class")
     p.add_argument("--cache", required=True, help="cache folder to fill")
     p.add_argument("--tokens", default=None, help="class-token file (default: class names in the prompt)")
+    p.add_argument("--lora", default=None, help="LoRA file trained with the tokens (fit-tokens --lora-rank)")
     p.add_argument("--prompt", default="a photo of a {name}", help="prompt template; {name} is the class (its token with --tokens)")
     p.add_argument("--strength", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0], help="img2img strengths, one drawn per variant")
     p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale")
@@ -284,11 +287,17 @@ def _cmd_fit_tokens(args) -> int:
         checkpoint_every=args.checkpoint_every,
         resume=not args.no_resume,
         progress=not args.quiet,
+        lora_rank=args.lora_rank,
+        lora_learning_rate=args.lora_lr,
     )
     path = tokens.save(args.out)
+    lora_path = None
+    if tokens.lora is not None:
+        lora_path = tokens.lora.save(args.lora_out or Path(args.out).with_suffix(".lora.safetensors"))
     _print_json(
         {
             "out": str(path),
+            "lora": None if lora_path is None else str(lora_path),
             "class_names": tokens.class_names,
             "tokens": tokens.tokens,
             "num_vectors": tokens.num_vectors,
@@ -311,6 +320,9 @@ def _add_fit_tokens(sub) -> None:
     p.add_argument("--scale-lr", action="store_true", help="multiply --lr by --batch-size (DA-Fusion, diffusers)")
     p.add_argument("--num-vectors", type=int, default=1, help="vectors per token")
     p.add_argument("--initializer", default="class_name", help="'class_name' or one vocabulary word, e.g. 'the'")
+    p.add_argument("--lora-rank", type=int, default=0, help="also train a LoRA of this rank on the UNet's attention (0: tokens only; needs peft)")
+    p.add_argument("--lora-lr", type=float, default=1e-4, help="AdamW learning rate of the LoRA")
+    p.add_argument("--lora-out", default=None, help="LoRA file to write (default: OUT with .lora.safetensors)")
     p.add_argument("--resolution", type=int, default=None, help="training image size (default: the model's native size)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     p.add_argument("--erasure", default=None, help="erasure file applied to the model")

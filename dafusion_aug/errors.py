@@ -6,7 +6,7 @@ Every error the library raises on purpose is a :class:`DafusionError` (or a buil
 
 from __future__ import annotations
 
-__all__ = ["DafusionError", "TokenFileError", "CacheError", "PipelineError", "ErasureFileError", "FitError", "FilterError"]
+__all__ = ["DafusionError", "TokenFileError", "CacheError", "PipelineError", "ErasureFileError", "LoraFileError", "FitError", "FilterError"]
 
 
 class DafusionError(Exception):
@@ -19,6 +19,10 @@ class TokenFileError(DafusionError):
 
 class ErasureFileError(DafusionError):
     """An erasure file is missing, corrupt, or was trained on another base model."""
+
+
+class LoraFileError(DafusionError):
+    """A LoRA file is missing, corrupt, not a UNet LoRA, or was made for another model."""
 
 
 class CacheError(DafusionError):

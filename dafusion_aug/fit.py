@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _peft
 from ._checkpoint import load_numbered, numbered_checkpoints, remove_checkpoints, save_numbered
 from ._checks import check_int
 from ._io import remove_temporaries
@@ -268,13 +269,19 @@ class _Trainer:
     """The trained rows (one set per text encoder: SDXL trains both together), their optimizer and generator,
     private tokenizers, and one step of the loop."""
 
-    def __init__(self, pipe, inits: list[torch.Tensor], expanded: list[list[str]], templates: list[str], lr: float, seed: int) -> None:
+    def __init__(self, pipe, inits: list[torch.Tensor], expanded: list[list[str]], templates: list[str], lr: float, seed: int,
+                 lora: tuple[int, float] | None = None) -> None:
         self.pipe, self.expanded, self.templates, self.seed = pipe, expanded, templates, seed
         self.dev = pipe.unet.device
         self.encoders = [enc for enc, _ in _encoders(pipe)]
         self.rows = nn.Parameter(inits[0].to(self.dev))
         self.rows_2 = nn.Parameter(inits[1].to(self.dev)) if len(inits) > 1 else None
-        self.optimizer = torch.optim.AdamW(self.params(), lr=lr, betas=_BETAS, weight_decay=_WEIGHT_DECAY, eps=_EPS)
+        groups: list[dict[str, Any]] = [{"params": self.params()}]
+        self.lora: _peft.LoraLayers | None = None
+        if lora is not None:  # (rank, learning rate): peft layers in the UNet until detach_lora()
+            self.lora = _peft.attach(pipe.unet, lora[0], seed)
+            groups.append({"params": self.lora.params(), "lr": lora[1]})
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=_BETAS, weight_decay=_WEIGHT_DECAY, eps=_EPS)
         self.gen = torch.Generator().manual_seed(seed)
         self.losses: list[float] = []
         self.start = 0
@@ -308,6 +315,40 @@ class _Trainer:
         """The trained rows, one parameter per text encoder (AdamW's parameter order)."""
         return [self.rows] + ([self.rows_2] if self.rows_2 is not None else [])
 
+    def named_params(self) -> list[tuple[str, nn.Parameter]]:
+        """Every trained parameter with its checkpoint key: the rows (``rows``, ``rows_2``), then the LoRA's
+        factors (``lora.<module>.down`` / ``.up``), in AdamW's order."""
+        out = list(zip(("rows", "rows_2"), self.params()))
+        if self.lora is not None:
+            for name, down, up in zip(self.lora.names, self.lora.down, self.lora.up):
+                out += [(f"lora.{name}.down", down), (f"lora.{name}.up", up)]
+        return out
+
+    @staticmethod
+    def _moment_keys(key: str) -> tuple[str, str, str]:
+        """The checkpoint keys of a parameter's AdamW state (the rows keep their first names)."""
+        if key.startswith("rows"):
+            suffix = key.removeprefix("rows")
+            return "exp_avg" + suffix, "exp_avg_sq" + suffix, "adam_step" + suffix
+        return f"exp_avg|{key}", f"exp_avg_sq|{key}", f"adam_step|{key}"
+
+    def lora_result(self, base_model: str, family: str, metadata: dict[str, Any]):
+        """The trained LoRA as a :class:`~dafusion_aug.ClassLora` (``None`` without one), with the digests of
+        the base weights it adapts (checked when it is applied)."""
+        if self.lora is None:
+            return None
+        from .lora import ClassLora
+
+        unet = self.pipe.unet
+        base = ClassLora.base_digests_of({n: unet.get_submodule(n).get_base_layer().weight for n in self.lora.names})
+        layers = {n: (d.detach(), u.detach()) for n, d, u in zip(self.lora.names, self.lora.down, self.lora.up)}
+        return ClassLora(layers, alpha=self.lora.rank, base_digests=base, base_model=base_model, family=family, metadata=metadata)
+
+    def detach_lora(self) -> None:
+        """Take the peft layers out of the UNet (the caller's modules are back)."""
+        if self.lora is not None:
+            _peft.detach(self.pipe.unet, self.lora.names)
+
     def restore(self, state: tuple[dict[str, Any], dict[str, torch.Tensor]] | None) -> None:
         """Continue from a checkpoint's rows, AdamW state, generator state and losses."""
         if state is None:
@@ -315,11 +356,11 @@ class _Trainer:
         info, tensors = state
         self.start = int(info["step"])
         adam = {}
-        for i, (param, suffix) in enumerate(zip(self.params(), ("", "_2"))):
+        for i, (key, param) in enumerate(self.named_params()):
             with torch.no_grad():
-                param.copy_(tensors["rows" + suffix].to(self.dev))
-            adam[i] = {"step": tensors["adam_step" + suffix].reshape(()), "exp_avg": tensors["exp_avg" + suffix],
-                       "exp_avg_sq": tensors["exp_avg_sq" + suffix]}
+                param.copy_(tensors[key].to(param.device))
+            avg, avg_sq, step = self._moment_keys(key)
+            adam[i] = {"step": tensors[step].reshape(()), "exp_avg": tensors[avg], "exp_avg_sq": tensors[avg_sq]}
         if self.start > 0:
             self.optimizer.load_state_dict({"state": adam, "param_groups": self.optimizer.state_dict()["param_groups"]})
         self.gen.set_state(tensors["rng_state"])
@@ -328,14 +369,15 @@ class _Trainer:
     def snapshot(self) -> dict[str, torch.Tensor]:
         """The tensors of a checkpoint (SDXL adds the second encoder's under ``*_2`` keys)."""
         out = {"rng_state": self.gen.get_state(), "losses": torch.tensor(self.losses, dtype=torch.float64)}
-        for param, suffix in zip(self.params(), ("", "_2")):
+        for key, param in self.named_params():
             adam = self.optimizer.state.get(param, {})
             zeros = torch.zeros_like(param)
+            avg, avg_sq, step = self._moment_keys(key)
             out.update({
-                "rows" + suffix: param.detach(),
-                "exp_avg" + suffix: adam.get("exp_avg", zeros),
-                "exp_avg_sq" + suffix: adam.get("exp_avg_sq", zeros),
-                "adam_step" + suffix: torch.as_tensor(adam.get("step", 0.0), dtype=torch.float32).reshape(1),
+                key: param.detach(),
+                avg: adam.get("exp_avg", zeros),
+                avg_sq: adam.get("exp_avg_sq", zeros),
+                step: torch.as_tensor(adam.get("step", 0.0), dtype=torch.float32).reshape(1),
             })
         return out
 
@@ -359,6 +401,8 @@ class _Trainer:
             for m in modules:
                 m.requires_grad_(False)
                 m.eval()
+            for p in self.lora.params() if self.lora is not None else ():
+                p.requires_grad_(True)
             for enc, original, rows, row_of_id in zip(self.encoders, originals, self.params(), self.row_of_ids):
                 enc.set_input_embeddings(_SplicedEmbedding(original, rows, row_of_id.to(self.dev)))
             yield
@@ -466,6 +510,8 @@ def fit_tokens(
     progress: bool = True,
     device: str | torch.device | None = "auto",
     dtype: str | torch.dtype | None = None,
+    lora_rank: int = 0,
+    lora_learning_rate: float = 1e-4,
     _on_step: Callable[[int, float], None] | None = None,
 ) -> ClassTokens:
     """Learn one token per class (textual inversion), all classes jointly in one run.
@@ -510,10 +556,13 @@ def fit_tokens(
         progress: show a tqdm bar with the running loss.
         device, dtype: where and how to load a model id / folder / spec (not for a loaded pipeline);
             ``device="auto"`` (default) is CUDA when available, else the CPU, or a spec's own device.
+        lora_rank: ``r > 0`` also trains, jointly, a rank-``r`` LoRA of the UNet's attention projections
+            (Diff-Mix: 10; needs ``peft``; the caller's UNet is left as it was). 0 (default): tokens only.
+        lora_learning_rate: AdamW learning rate of the LoRA's factors (never scaled by ``scale_lr``).
 
     Returns:
         :class:`ClassTokens` with ``metadata["base_model"]`` (the base fingerprint), the hyper-parameters
-        and ``final_loss`` (mean loss of the last 50 steps).
+        and ``final_loss`` (mean loss of the last 50 steps); its ``lora`` is the :class:`~dafusion_aug.ClassLora`.
 
     Raises:
         FitError: empty data, a class without images, a label outside ``class_names``, an unreadable image
@@ -528,6 +577,7 @@ def fit_tokens(
     # 1. Check the arguments, the data's form and the class names.
     tmpl, (num_vectors, steps, batch_size, seed, checkpoint_every) = _check_args(
         num_vectors, initializer, steps, batch_size, learning_rate, templates, resolution, seed, checkpoint_every)
+    lora = _check_lora(lora_rank, lora_learning_rate)
     dataset, names = _open_training_data(data, class_names)
     tokens, expanded = _class_tokens(names, num_vectors)
 
@@ -536,12 +586,8 @@ def fit_tokens(
     pipe, base_fp = source.load(fresh=True), source.fingerprint()  # a private copy: modules are swapped while training
     _check_tokens(pipe, expanded, names)
     inits = [_initial_rows(enc, tok, names, initializer, num_vectors) for enc, tok in _encoders(pipe)]
-    family = family_of(pipe)
-    noise_sched = _noise_scheduler(pipe)
-    size = int(resolution) if resolution is not None else native_resolution(pipe)
-    encoder = _LatentEncoder(pipe.vae, size, pipe.unet.device)
-    train = read_labelled_images(dataset, names, encoder.add, error=FitError)
-    latents = _Latents(pipe, train, *encoder.finish(), encoder.sizes, size)
+    family, noise_sched = family_of(pipe), _noise_scheduler(pipe)
+    train, latents, size = _encode(pipe, dataset, names, resolution)
     lr = float(learning_rate) * (batch_size if scale_lr else 1)
     config = {
         "base_model": base_fp, "data": train.digest, "num_images": len(train.labels), "class_names": names, "tokens": tokens,
@@ -551,18 +597,50 @@ def fit_tokens(
     }
     if family != "sd1":  # SD 1.x configs (and their checkpoints' digests) are those of earlier versions
         config["family"] = family
+    if lora is not None:  # only then, so token-only configs (and their checkpoints' digests) are those of earlier versions
+        config.update(lora_rank=lora[0], lora_learning_rate=lora[1], lora_targets="attention-projections")
 
-    # 3. Trainable rows, a private tokenizer, the optimizer and the generator (restored from a checkpoint).
-    trainer = _Trainer(pipe, inits, expanded, tmpl, lr, seed)
-    trainer.resume(checkpoint_dir, resume, config, steps)
+    # 3. Trainable rows (and LoRA), a private tokenizer, the optimizer and the generator (restored from a checkpoint).
+    trainer = _Trainer(pipe, inits, expanded, tmpl, lr, seed, lora=lora)
+    try:  # 4. Train, with the caller's modules restored on the way out.
+        trainer.resume(checkpoint_dir, resume, config, steps)
+        trainer.run(steps, batch_size, train, latents, noise_sched, progress=progress, checkpoint_every=checkpoint_every, on_step=_on_step)
+        trained_lora = trainer.lora_result(base_fp, family, {"steps": steps, **config})
+    finally:
+        trainer.detach_lora()
+    return _result(trainer, config, steps, num_vectors, trained_lora)  # 5. The result.
 
-    # 4. Train, with the caller's modules restored on the way out.
-    trainer.run(steps, batch_size, train, latents, noise_sched, progress=progress, checkpoint_every=checkpoint_every, on_step=_on_step)
 
-    # 5. The result.
+def _encode(pipe, dataset: Any, names: list[str], resolution: int | None) -> tuple[LabelledImages, _Latents, int]:
+    """Decode and check every training image, encode it once at the training size; ``(images, latents, size)``."""
+    size = int(resolution) if resolution is not None else native_resolution(pipe)
+    encoder = _LatentEncoder(pipe.vae, size, pipe.unet.device)
+    train = read_labelled_images(dataset, names, encoder.add, error=FitError)
+    return train, _Latents(pipe, train, *encoder.finish(), encoder.sizes, size), size
+
+
+def _check_lora(lora_rank: Any, lora_learning_rate: Any) -> tuple[int, float] | None:
+    """``(rank, learning rate)`` of the LoRA to train, checked, or ``None`` for ``lora_rank=0``."""
+    lora_rank = check_int(lora_rank, "lora_rank", minimum=0)
+    if lora_rank > 1024:
+        raise ValueError(f"lora_rank must be in [0, 1024], got {lora_rank}")
+    if isinstance(lora_learning_rate, bool) or not isinstance(lora_learning_rate, (int, float)) or not 0 < lora_learning_rate < math.inf:
+        raise ValueError(f"lora_learning_rate must be a positive number, got {lora_learning_rate!r}")
+    if not lora_rank:
+        return None
+    _peft.require_peft()
+    return lora_rank, float(lora_learning_rate)
+
+
+def _result(trainer: _Trainer, config: dict[str, Any], steps: int, num_vectors: int, lora) -> ClassTokens:
+    """The trained rows as :class:`ClassTokens` (with the run's facts as metadata, and its LoRA)."""
+    names = config["class_names"]
     finals = [p.detach().to("cpu", torch.float32) for p in trainer.params()]
     per_class = [[f[k * num_vectors : (k + 1) * num_vectors] for k in range(len(names))] for f in finals]
     window = trainer.losses[-_LOSS_WINDOW:]
     meta = {k: v for k, v in config.items() if k not in ("class_names", "tokens")}
     meta.update(method="textual-inversion (joint)", steps=steps, final_loss=sum(window) / len(window) if window else None)
-    return ClassTokens(names, per_class[0], tokens=tokens, metadata=meta, embeddings_2=per_class[1] if len(per_class) > 1 else None)
+    result = ClassTokens(names, per_class[0], tokens=config["tokens"], metadata=meta,
+                         embeddings_2=per_class[1] if len(per_class) > 1 else None)
+    result.lora = lora
+    return result

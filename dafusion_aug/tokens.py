@@ -295,6 +295,8 @@ class ClassTokens:
         if embs_2 is not None:
             meta["family"] = "sdxl"
         self.metadata: dict[str, Any] = meta
+        #: The :class:`~dafusion_aug.ClassLora` trained with these tokens, or ``None`` (not part of the token file).
+        self.lora: Any = None
 
     # -- basic facts -------------------------------------------------------------------------------
     @property
@@ -379,7 +381,24 @@ class ClassTokens:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> ClassTokens:
+    def load(cls, path: str | os.PathLike, *, lora: Any = None) -> ClassTokens:
+        """Read a token file (see :meth:`_read` for the formats); ``lora``: a LoRA file (or
+        :class:`~dafusion_aug.ClassLora`) trained with these tokens (``fit_tokens(lora_rank=...)``), kept as
+        :attr:`lora` and used by :class:`~dafusion_aug.DiffusionAugment`.
+
+        Raises:
+            TokenFileError: see :meth:`_read`.
+            LoraFileError: the LoRA file is missing, corrupt or no UNet LoRA.
+        """
+        tokens = cls._read(path)
+        if lora is not None:
+            from .lora import ClassLora
+
+            tokens.lora = lora if isinstance(lora, ClassLora) else ClassLora.load(lora)
+        return tokens
+
+    @classmethod
+    def _read(cls, path: str | os.PathLike) -> ClassTokens:
         """Read a token file written by :meth:`save`, a one-token diffusers ``learned_embeds.safetensors``
         (the key is the token, its class the token without angle brackets) or an A1111 ``emb_params``
         safetensors embedding (its class is named after the file, as A1111 does; see :meth:`from_a1111`).

@@ -134,6 +134,22 @@ def _check_generation(seed: Any, resolution: Any, batch_size: Any) -> tuple[int,
     return seed, resolution, batch_size
 
 
+def _load_lora(lora: Any, tokens: ClassTokens | None, class_erasures: Mapping | None):
+    """The transform's :class:`~dafusion_aug.ClassLora`: ``lora`` (a file or ClassLora), else ``tokens.lora``."""
+    from .lora import ClassLora
+
+    if lora is None:
+        lora = getattr(tokens, "lora", None)
+    elif isinstance(lora, (str, os.PathLike)):
+        lora = ClassLora.load(lora)
+    elif not isinstance(lora, ClassLora):
+        raise TypeError(f"lora must be a LoRA file path, a ClassLora or None, got {type(lora).__name__}")
+    if lora is not None and class_erasures:
+        raise ValueError("lora cannot be combined with class_erasures yet: a LoRA is trained on one model, and the leakage-free "
+                         "protocol augments each class with its own erased model")
+    return lora
+
+
 def _load_erasures(mapping: Mapping[int | str, Any] | None, class_names: list[str] | None) -> dict[int, Erasure]:
     """``label or class name -> Erasure or file`` as ``label -> Erasure``."""
     if mapping is None:
@@ -187,6 +203,9 @@ class DiffusionAugment(Transform):
             s[1]["labels"][0]`` makes a detection target's first object the image's class), or ``None`` (no labels).
         resolution: generation size; default the model's native resolution.
         batch_size: most images per UNet call when generating (per pipeline call on the per-strength path).
+        lora: a LoRA file or :class:`~dafusion_aug.ClassLora` trained with the tokens (``fit_tokens(lora_rank=...)``),
+            fused into the UNet while this transform generates and taken out after; default ``tokens.lora``.
+            Part of the cache key.
         class_erasures: ``label or class name -> Erasure or erasure file``: class c is augmented by the model
             with c erased (DA-Fusion's leakage-free protocol). Generation is grouped by class and the small
             erasure deltas are swapped in place, with no model reload and no second UNet in memory.
@@ -241,6 +260,7 @@ class DiffusionAugment(Transform):
         tokens: ClassTokens | str | os.PathLike | None = None,
         class_names: Sequence[str] | None = None,
         *,
+        lora: Any = None,
         prompt: PromptSpec = "a photo of a {name}",
         strength: float | Sequence[float] = DEFAULT_STRENGTHS,
         strength_probs: Sequence[float] | None = None,
@@ -285,6 +305,7 @@ class DiffusionAugment(Transform):
         self.seed, self.resolution, self.batch_size = _check_generation(seed, resolution, batch_size)
         self._labels_getter: LabelsGetter | None = check_labels_getter(labels_getter)
         self.class_erasures = _load_erasures(class_erasures, self.class_names)
+        self.lora = _load_lora(lora, self.tokens, self.class_erasures)
         if self.class_erasures and self.spec is not None and self.spec.erasure is not None:
             raise ValueError("class_erasures cannot be combined with a PipelineSpec that already has an erasure")
         self.region, self.mask_grow, self.on_missing_mask = check_region(region, mask_grow, on_missing_mask)
@@ -306,6 +327,7 @@ class DiffusionAugment(Transform):
                 region=None if self.region == "all" else (self.region, self.mask_grow),
                 filter=None if self.filter is None else filter_fingerprint(
                     self.filter, self.filter_threshold, self.max_tries, self.filter_fallback),
+                lora=None if self.lora is None else self.lora.content_hash(),
             )
         return self._fingerprint
 
@@ -459,7 +481,7 @@ class DiffusionAugment(Transform):
             self.pipeline()  # load outside the lock: load_pipeline has its own
 
         def make(indices: Sequence[int], tries: Sequence[Variant]) -> list[np.ndarray | None]:
-            with pipeline_lock(self._pipe):
+            with pipeline_lock(self._pipe), (self.lora.applied(self._pipe) if self.lora is not None else contextlib.nullcontext()):
                 return self._generate([images[i] for i in indices], tries,
                                       None if labels is None else [labels[i] for i in indices], batch_size, mixed_strengths)
 

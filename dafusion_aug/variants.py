@@ -280,6 +280,7 @@ def generation_fingerprint(
     seed: int,
     region: tuple[str, int] | None = None,
     filter: tuple | None = None,
+    lora: str | None = None,
 ) -> str:
     """Digest of everything that decides the generated pixels besides the image, label and variant.
 
@@ -302,6 +303,7 @@ def generation_fingerprint(
         filter: :func:`~dafusion_aug.filters.filter_fingerprint` of a filtered transform (``None``: no
             filter, not in the digest): a different filter, threshold, ``max_tries`` or fallback is a
             different entry.
+        lora: the content hash of the transform's :class:`~dafusion_aug.ClassLora` (``None``: none, not in the digest).
 
     Returns:
         A sha256 hex digest.
@@ -309,6 +311,7 @@ def generation_fingerprint(
     prompt_fp = fingerprint_callable(prompt, "prompt") if callable(prompt) and not isinstance(prompt, str) else prompt
     extra = [] if region is None else [("region", region[0], int(region[1]))]
     extra += [] if filter is None else [list(filter)]
+    extra += [] if lora is None else [("lora", lora)]
     return stable_digest(
         "generation",
         model,

@@ -195,6 +195,31 @@ def test_the_v3_bank_holds_redraws_and_grey_pictures_with_their_captions():
             scene_bank(**bad)
 
 
+def test_glyph_weights_mark_the_latent_cells_the_glyph_touches():
+    from dafusion_aug.pocket.bank import scene_bank
+    from dafusion_aug.pocket.train import glyph_weights
+
+    bank = scene_bank(copies=2, grey_copies=1)
+    a = scenes("A")
+    n = len(a)
+    assert bank.alphas.shape == (2 * n, 1, 32, 32)
+    assert np.array_equal(bank.alphas[5, 0].numpy(), a.alpha(5).astype(np.float32))  # the renderer's opacity
+    assert torch.equal(bank.alphas[n + 5], bank.images[n + 5].mean(0, keepdim=True))  # a grey picture's brightness
+    w = glyph_weights(bank.alphas, 3.0)
+    assert w.shape == (2 * n, 1, 8, 8) and set(w.unique().tolist()) == {1.0, 4.0}
+    alpha = a.alpha(5)
+    for cy in range(8):
+        for cx in range(8):
+            touched = alpha[4 * cy : 4 * cy + 4, 4 * cx : 4 * cx + 4].max() > 0.25
+            assert (w[5, 0, cy, cx] == 4.0) == touched
+    share = float((w[:n] > 1).float().mean())
+    assert 0.15 < share < 0.5  # a quarter to a third of a scene's cells: the glyph, not the background
+    assert torch.equal(glyph_weights(bank.alphas, 0.0), torch.ones_like(w))
+    for bad in (-1.0, float("inf"), True, "3"):
+        with pytest.raises(ValueError, match="glyph_weight"):
+            glyph_weights(bank.alphas, bad)
+
+
 def test_quick_training_of_the_scene_world_writes_a_v3_model_with_the_scene_words(tmp_path):
     import json
 
@@ -203,9 +228,10 @@ def test_quick_training_of_the_scene_world_writes_a_v3_model_with_the_scene_word
     from dafusion_aug.pocket import arch
     from dafusion_aug.pocket.train import main
 
-    assert main(["--out", str(tmp_path), "--quick", "--world", "scenes", "--no-progress"]) == 0
+    assert main(["--out", str(tmp_path), "--quick", "--world", "scenes", "--glyph-weight", "3", "--no-progress"]) == 0
     report = json.loads((tmp_path / "training.json").read_text())
     assert report["pocket_version"] == 3 and report["config"]["world"] == "scenes" and report["bank"]["grey_share"] == 0.5
+    assert report["config"]["glyph_weight"] == 3.0
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(str(tmp_path / "model"))
     assert pipe.tokenizer.get_vocab() == arch.build_tokenizer(world="scenes").get_vocab()
     for word in ("striped", "speckled", "disc", "pink"):

@@ -30,11 +30,14 @@ class SceneBank:
         images: float ``(N, 3, 32, 32)`` in [0, 1].
         labels: int64 ``(N,)``.
         scenes: per picture, its :class:`~dafusion_aug.pocket.scenes.Scene`, or ``None`` for a grey-world one.
+        alphas: float ``(N, 1, 32, 32)`` in [0, 1], where each picture's glyph is (the renderer's opacity; a
+            grey-world picture's own brightness), for the training's glyph-weighted loss.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     scenes: list[Scene | None]
+    alphas: torch.Tensor
 
     def __len__(self) -> int:
         return len(self.scenes)
@@ -71,16 +74,19 @@ def scene_bank(copies: int = 16, grey_copies: int = 3, seed: int = 0, part: str 
     n = len(world)
     arrays: list[np.ndarray] = []
     kept: list[Scene | None] = []
+    alpha = torch.from_numpy(np.stack([world.alpha(i) for i in range(n)])).float().unsqueeze(1)
     for c in range(copies - grey_copies):
         for i in range(n):
             scene = world.scene(i) if c == 0 else world.redrawn_scene(i, seed * 1000 + c)
             arrays.append(world.array(i, scene))
             kept.append(scene)
     images = [torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)]
+    alphas = [alpha] * (copies - grey_copies)  # a redraw keeps the glyph's side and place
     grey, _ = digits(part).tensors()
     gen = torch.Generator().manual_seed(seed + 7)
     for c in range(grey_copies):
         images.append(grey if c == 0 else random_affine(grey, gen))
+        alphas.append(images[-1].mean(1, keepdim=True))
         kept += [None] * n
     labels = torch.tensor(world.targets, dtype=torch.long).repeat(copies)
-    return SceneBank(torch.cat(images), labels, kept)
+    return SceneBank(torch.cat(images), labels, kept, torch.cat(alphas))

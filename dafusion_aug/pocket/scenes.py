@@ -304,7 +304,7 @@ def caption(scene: Scene, label: int | None) -> str:
 
 
 #: Probabilities of the caption kinds during training (the rest: digit and some scene words).
-P_EMPTY, P_AGNOSTIC, P_CLASS_ONLY, P_SCENE_ONLY = 0.1, 0.05, 0.2, 0.2
+P_EMPTY, P_AGNOSTIC, P_CLASS_ONLY, P_SCENE_ONLY = 0.1, 0.05, 0.25, 0.1
 #: Probability that a caption naming scene words names each of the three parts (at least one is named).
 P_PART = 0.6
 
