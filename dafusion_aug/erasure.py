@@ -43,8 +43,8 @@ _MAX_BYTES = 2**34
 _NARROWER = {"float32": ("float32", "float16", "bfloat16"), "float16": ("float16",), "bfloat16": ("bfloat16",)}
 
 
-def _values_digest(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> str:
-    h = hashlib.sha256(b"dafusion-aug/erasure-base/1")
+def _values_digest(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, domain: bytes = b"dafusion-aug/erasure-base/1") -> str:
+    h = hashlib.sha256(domain)
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").to(dtype).contiguous().reshape(-1)
         h.update(f"|{name}:{tuple(tensors[name].shape)}:{str(dtype)}|".encode())
@@ -52,7 +52,7 @@ def _values_digest(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> s
     return h.hexdigest()
 
 
-def base_digests(tensors: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, str]]:
+def base_digests(tensors: Mapping[str, torch.Tensor], domain: bytes = b"dafusion-aug/erasure-base/1") -> tuple[str, dict[str, str]]:
     """The digests an :class:`Erasure` records of the base model's original values of ``tensors``.
 
     For building an ``Erasure`` by hand: ``Erasure(trained, concepts=..., base_dtype=dtype,
@@ -61,13 +61,14 @@ def base_digests(tensors: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, st
 
     Args:
         tensors: UNet parameter name -> the base model's value.
+        domain: the digest's domain prefix (a :class:`~dafusion_aug.ClassLora` has its own).
 
     Returns:
         ``(dtype name, {dtype name: digest})``: the digest in the tensors' own dtype and in every narrower
         one (so float16 pipelines still match an erasure trained in float32).
     """
     base = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-    return base, {d: _values_digest(tensors, getattr(torch, d)) for d in _NARROWER.get(base, (base,))}
+    return base, {d: _values_digest(tensors, getattr(torch, d), domain) for d in _NARROWER.get(base, (base,))}
 
 
 def _check_header(path: str, what: str, tensors: Mapping[str, TensorHeader], meta: Mapping[str, str]) -> None:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ._io import TensorHeader, check_tensor_headers, read_safetensors, save_safetensors
+from .erasure import _values_digest, base_digests
 from .errors import LoraFileError, PipelineError
 from .families import family_of, requires_family
 
@@ -40,6 +41,7 @@ TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 _MAX_RANK = 1024
 _MAX_ELEMENTS = 1 << 26  # 64 Mi elements per matrix (SDXL's widest rank-1024 factor is 10 Mi)
 _MAX_BYTES = 4 << 30
+_BASE_DOMAIN = b"dafusion-aug/lora-base/1"
 _KEY = re.compile(r"^(?:unet\.)?(?P<module>.+)\.(?:lora\.(?P<du>down|up)|lora_(?P<ab>A|B))\.weight$")
 
 
@@ -50,15 +52,6 @@ def _parse_key(key: str) -> tuple[str, str] | None:
         return None
     side = m.group("du") or {"A": "down", "B": "up"}[m.group("ab")]
     return m.group("module"), side
-
-
-def _values_digest(weights: Mapping[str, torch.Tensor], dtype: torch.dtype) -> str:
-    h = hashlib.sha256(b"dafusion-aug/lora-base/1")
-    for name in sorted(weights):
-        t = weights[name].detach().to("cpu").to(dtype).contiguous().reshape(-1)
-        h.update(f"|{name}:{tuple(weights[name].shape)}:{dtype}|".encode())
-        h.update(t.view(torch.uint8).numpy())
-    return h.hexdigest()
 
 
 def _unet_of(pipe) -> nn.Module:
@@ -173,9 +166,7 @@ class ClassLora:
     def base_digests_of(weights: Mapping[str, torch.Tensor]) -> dict[str, str]:
         """Digests of a base model's adapted weights (module name -> weight), in their dtype and the
         narrower float dtypes, so a float16 pipeline still matches a LoRA trained in float32."""
-        base = next(iter(weights.values())).dtype
-        dtypes = [base] + [d for d in (torch.float16, torch.bfloat16) if base == torch.float32]
-        return {str(d).removeprefix("torch."): _values_digest(weights, d) for d in dtypes}
+        return base_digests(weights, _BASE_DOMAIN)[1]
 
     # -- files -------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
@@ -257,7 +248,7 @@ class ClassLora:
         key = self.base_digests.get(dtype)
         if key is not None and stamp is not None and memo.get(key) == stamp:
             return
-        if key is None or _values_digest(weights, getattr(torch, dtype)) != key:
+        if key is None or _values_digest(weights, getattr(torch, dtype), _BASE_DOMAIN) != key:
             raise LoraFileError(f"this LoRA (rank {self.rank}) was made for another model: the pipeline's values of the "
                                 f"{len(weights)} weights it adapts differ from those it was trained on (base_model={self.base_model!r})")
         if stamp is not None:
