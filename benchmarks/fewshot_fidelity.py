@@ -11,6 +11,10 @@ For each (k, seed) of the demo run (read from its ``results.json``), every varia
 is read back from the cache (nothing is generated) for each generative method and scored by
 ``dafusion_aug.pocket.judge_images``: the share the judge reads as the image's own label, per strength.
 A low share means label noise: the variant shows another digit (or none) under the real image's label.
+The LoRA methods of issue 32 are read too: ``da-fusion-lora`` like da-fusion, and ``diff-mix``, whose
+variants are drawn towards another class, by the share the judge reads as that *target* class. With both
+da-fusion and da-fusion-lora in the runs, a third table pairs them over (k, seed): the LoRA's gain in
+judged fidelity per strength, mean and 95 % t interval.
 A second table gives how far the variants move from their real image: the mean absolute grey-level
 difference, in percent of the full range (0 = a copy), per strength; a faithful variant that is also a near
 copy adds little that the standard augmentation does not.
@@ -28,8 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dafusion_aug import PipelineSpec, few_shot_indices
-from dafusion_aug.fewshot import method_transform
+from dafusion_aug import ClassTokens, PipelineSpec, few_shot_indices
+from dafusion_aug.fewshot import LORA_METHODS, method_transform
+from dafusion_aug.fewshot.report import mean_confidence_interval
 from dafusion_aug.hashing import image_digest
 from dafusion_aug.pocket import digits, judge_images
 
@@ -47,8 +52,9 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     totals: dict[tuple[str, int], dict[float, list[int]]] = collections.defaultdict(lambda: collections.defaultdict(list))
     change: dict[tuple[str, int], dict[float, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+    per_seed: dict[tuple[str, int, int], dict[float, list[int]]] = collections.defaultdict(lambda: collections.defaultdict(list))
     for demo, tokens in zip(a.demo, a.tokens * len(a.demo) if len(a.tokens) == 1 else a.tokens):
-        score_run(Path(demo), Path(tokens), a, totals, change)
+        score_run(Path(demo), Path(tokens), a, totals, change, per_seed)
     strengths = sorted({s for per in totals.values() for s in per})  # every strength any pooled run used
     for title, table, fmt in (("share of variants the judge reads as their label", totals, lambda v: f"{100 * np.mean(v):.0f}%"),
                               ("mean absolute change from the real image (% of the grey range)", change, lambda v: f"{np.mean(v):.1f}")):
@@ -59,14 +65,37 @@ def main(argv=None) -> None:
             cells = [fmt(per[s]) if per.get(s) else "" for s in strengths]
             every = [h for hs in per.values() for h in hs]
             print(f"| {method} | {k} | " + " | ".join(cells) + f" | {fmt(every)} (n={len(every)}) |")
+    paired_table(per_seed, strengths)
 
 
-def score_run(demo: Path, tokens: Path, a: argparse.Namespace, totals: dict, change: dict) -> None:
-    """Add one result folder's variants to ``totals`` (judge hits) and ``change``."""
+def paired_table(per_seed: dict, strengths: list[float], method: str = "da-fusion-lora", reference: str = "da-fusion") -> None:
+    """``method``'s judged share minus ``reference``'s, per strength, paired over every (k, seed) both ran."""
+    pairs = sorted((k, s) for (m, k, s) in per_seed if m == method and (reference, k, s) in per_seed)
+    if not pairs:
+        return
+    print(f"\n{method} minus {reference}: judged share, paired over {len(pairs)} (k, seed) runs (points, mean [95% CI])\n")
+    print("| strength | " + " | ".join(f"{x:g}" for x in strengths) + " |")
+    print("| --- |" + " ---: |" * len(strengths))
+    cells = []
+    for x in strengths:
+        d = [100 * (np.mean(per_seed[(method, k, s)][x]) - np.mean(per_seed[(reference, k, s)][x]))
+             for k, s in pairs if per_seed[(method, k, s)].get(x) and per_seed[(reference, k, s)].get(x)]
+        if not d:
+            cells.append("")
+            continue
+        mean, low, high = mean_confidence_interval(d)
+        cells.append(f"{mean:+.1f} [{low:+.1f}, {high:+.1f}]" if len(d) > 1 else f"{mean:+.1f}")
+    print("| LoRA gain | " + " | ".join(cells) + " |")
+
+
+def score_run(demo: Path, tokens: Path, a: argparse.Namespace, totals: dict, change: dict, per_seed: dict) -> None:
+    """Add one result folder's variants to ``totals`` (judge hits), ``change`` and ``per_seed``."""
     results = json.loads((demo / "results.json").read_text())
     settings = results["settings"]
     # the token file each da-fusion row used (runs before it was recorded: every file of that k and seed)
     used = {(r["k"], r["seed"]): r["tokens"] for r in results["rows"] if r["method"] == "da-fusion" and r.get("tokens")}
+    used_lora = {(r["k"], r["seed"]): r["tokens"] for r in results["rows"] if r["method"] in LORA_METHODS and r.get("tokens")}
+    lora_methods = sorted({r["method"] for r in results["rows"] if r["method"] in LORA_METHODS})
     gen = settings["generation"]
     data = digits("B")
     names = data.class_names
@@ -101,6 +130,11 @@ def score_run(demo: Path, tokens: Path, a: argparse.Namespace, totals: dict, cha
                              f"one the run used ({', '.join(Path(p).name for p, _ in candidates)}); rerun the demo to record it")
                 if candidates:
                     augs["da-fusion"] = candidates[0][1]
+            if (k, seed) in used_lora:
+                path = tokens / used_lora[(k, seed)]
+                lora_tokens = ClassTokens.load(path, lora=path.with_name(path.stem + ".lora.safetensors"))
+                for m in lora_methods:
+                    augs[m] = method_transform(m, spec, names, tokens=lora_tokens, **common)
             for method, aug in augs.items():
                 found, labels = [], []
                 strengths, moved = [], []
@@ -112,7 +146,7 @@ def score_run(demo: Path, tokens: Path, a: argparse.Namespace, totals: dict, cha
                         arr = aug.cache.get(var.key)
                         if arr is not None:
                             found.append(torch.from_numpy(np.array(arr)).permute(2, 0, 1))
-                            labels.append(label)
+                            labels.append(label if var.target is None else var.target)  # diff-mix: its target class
                             strengths.append(var.strength)
                             moved.append(100 * float(np.abs(np.asarray(arr, dtype=np.float32) - real).mean()) / 255)
                 if not found:
@@ -121,6 +155,7 @@ def score_run(demo: Path, tokens: Path, a: argparse.Namespace, totals: dict, cha
                 for s, hit, d in zip(strengths, ok, moved):
                     totals[(method, k)][s].append(int(hit))
                     change[(method, k)][s].append(d)
+                    per_seed[(method, k, seed)][s].append(int(hit))
 
 
 if __name__ == "__main__":

@@ -58,6 +58,8 @@ def main(argv=None) -> None:
     p.add_argument("--prompt", nargs="+", default=["a photo of a {name}"],
                    help="one template, or several: each variant picks one (real-guidance and da-fusion alike)")
     p.add_argument("--agnostic-prompt", default="a photo")
+    p.add_argument("--lora-rank", type=int, default=10, help="the class LoRA of da-fusion-lora and diff-mix (Diff-Mix: 10)")
+    p.add_argument("--lora-lr", type=float, default=1e-4, help="the class LoRA's learning rate")
     p.add_argument("--erase", action="store_true")
     p.add_argument("--erasures", default=None, help="folder of per-class erasures to use or build (default: OUT/erasures)")
     p.add_argument("--tokens", default=None, help="folder for fitted tokens (default: OUT/NAME/tokens)")
@@ -91,6 +93,8 @@ def main(argv=None) -> None:
         num_vectors=a.num_vectors or recipe["num_vectors"],
         prompt=a.prompt[0] if len(a.prompt) == 1 else list(a.prompt),
         agnostic_prompt=a.agnostic_prompt,
+        lora_rank=a.lora_rank,
+        lora_learning_rate=a.lora_lr,
     )
     t0 = time.perf_counter()
     res = run_fewshot("pocket", data, None, out=out / a.name, cache=out / "cache", tokens_dir=a.tokens, erase=a.erase,

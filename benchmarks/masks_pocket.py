@@ -27,7 +27,7 @@ from dafusion_aug.fewshot.demo import ink_mask
 from dafusion_aug.fewshot.report import augmentation_grid
 from dafusion_aug.hashing import image_digest
 from dafusion_aug.pocket import digits, judge_images
-from dafusion_aug.regions import edit_mask
+from dafusion_aug.regions import Region, edit_mask
 
 REGIONS = ("all", "object", "background")
 
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     data = digits("B")
     names = data.class_names
     picked = [i for c in range(10) for i in [j for j, y in enumerate(data.targets) if y == c][: a.per_class]]
-    augs = {r: DiffusionAugment("pocket", class_names=names, region=r, mask_grow=a.grow, strength=a.strength,
+    augs = {r: DiffusionAugment("pocket", class_names=names, region=Region(r, grow=a.grow), strength=a.strength,
                                 num_inference_steps=a.steps, num_variants=a.variants, p=1.0) for r in REGIONS}
     t0 = time.perf_counter()
     rows, judged, bad = [], {r: [] for r in REGIONS}, 0

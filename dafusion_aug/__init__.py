@@ -42,8 +42,10 @@ _WHERE = {
     "PipelineSpec": "pipeline",
     "load_pipeline": "pipeline",
     "precompute": "precompute",
+    "Region": "regions",
     "ClassTokens": "tokens",
     "ClassLora": "lora",
+    "OtherClass": "mixing",
     "DiffusionAugment": "transform",
 }
 
@@ -62,8 +64,10 @@ __all__ = [
     "FilterError",
     "FitError",
     "LoraFileError",
+    "OtherClass",
     "PipelineError",
     "PipelineSpec",
+    "Region",
     "TokenFileError",
     "__version__",
     "diffuse",
@@ -95,8 +99,10 @@ if TYPE_CHECKING:  # what type checkers and IDEs read; at run time __getattr__ i
     from .fit import fit_tokens
     from .functional import diffuse
     from .lora import ClassLora
+    from .mixing import OtherClass
     from .pipeline import PipelineSpec, load_pipeline
     from .precompute import precompute
+    from .regions import Region
     from .tokens import ClassTokens
     from .transform import DiffusionAugment
 

@@ -115,6 +115,7 @@ def _add_info(sub) -> None:
 # -- generate --------------------------------------------------------------------------------------
 def _cmd_generate(args) -> int:
     from .data import image_folder
+    from .regions import Region
     from .transform import DiffusionAugment
 
     data = image_folder(args.data, masks=args.masks)
@@ -131,8 +132,7 @@ def _cmd_generate(args) -> int:
         num_variants=args.num_variants,
         cache=args.cache,
         seed=args.seed,
-        region=args.region,
-        mask_grow=args.mask_grow,
+        region=Region(args.region, grow=args.mask_grow),
         **_filter_args(args, data.class_names),
     )
     from .precompute import precompute  # it refuses a token file whose classes differ from the folder's

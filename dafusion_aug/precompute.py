@@ -29,6 +29,7 @@ import torch
 from ._io import atomic_path, atomic_write_bytes
 from .data import class_names_of, source_of
 from .hashing import image_digest
+from .mixing import mix_labels
 from .tokens import token_for_class
 from .variants import Augmenter, Variant
 
@@ -212,11 +213,16 @@ def _export(augment: Augmenter, dataset: Any, out: Path, records: list) -> int:
             with atomic_path(dst) as tmp:
                 shutil.copyfile(src, tmp)
         written += 1
-        lines.append(json.dumps({
+        record = {
             "file": rel.as_posix(), "source": source_of(dataset, index) or f"#{index}", "index": index, "label": label,
             "class_name": _class_name(names, label), "variant": v,
             "strength": var.strength, "seed": var.seed, "prompt": var.prompt, "key": var.key,
-        }))
+        }
+        if var.target is not None:  # an inter-class edit: its target class and soft label (dafusion_aug.mixing)
+            gamma = augment.target.label_gamma
+            record.update(target=var.target, target_class_name=_class_name(names, var.target), label_gamma=gamma,
+                          soft_label=mix_labels(label, var.target, var.strength, len(names), gamma).tolist())
+        lines.append(json.dumps(record))
     atomic_write_bytes(out / "manifest.jsonl", ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8"))
     return written
 

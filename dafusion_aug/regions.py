@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ from torchvision import tv_tensors
 
 from ._checks import check_int
 
-__all__ = ["REGIONS", "ON_MISSING_MASK", "check_region", "mask_pictures", "boxes_mask", "edit_mask", "edit_digest",
+__all__ = ["REGIONS", "ON_MISSING_MASK", "Region", "check_region", "mask_pictures", "boxes_mask", "edit_mask", "edit_digest",
            "paste_outside", "generation_masks"]
 
 #: ``"all"`` edits the whole image (plain img2img, masks ignored); the others inpaint.
@@ -35,18 +36,50 @@ REGIONS = ("all", "object", "background")
 ON_MISSING_MASK = ("error", "all")
 
 
-def check_region(region: Any, mask_grow: Any, on_missing_mask: Any) -> tuple[str, int, str]:
-    """``(region, mask_grow, on_missing_mask)``, checked.
+@dataclass(frozen=True)
+class Region:
+    """The settings of a masked edit, ``DiffusionAugment(region=Region(...))``; a plain string ``"object"`` or
+    ``"background"`` is ``Region(that string)``.
+
+    Args:
+        where: ``"object"`` (edit only inside the sample's object mask grown by ``grow``), ``"background"``
+            (only outside it) or ``"all"`` (the whole image; masks are ignored).
+        grow: pixels the object mask grows in every direction before an edit (a square dilation at the
+            input's size; the official DA-Fusion code's ``mask_grow_radius=16`` was a 16 px window at 512 px).
+        on_missing: a sample without a mask or boxes is an error (``"error"``) or edited whole (``"all"``,
+            with the keys of ``region="all"``'s plan).
 
     Raises:
-        ValueError, TypeError: an unknown region or policy, or ``mask_grow`` not an int >= 0.
+        ValueError, TypeError: an unknown ``where`` or ``on_missing``, or ``grow`` not an int >= 0.
+
+    Example:
+        >>> Region("background", grow=2)
+        Region(where='background', grow=2, on_missing='error')
     """
-    if region not in REGIONS:
-        raise ValueError(f"region must be one of {REGIONS}, got {region!r}")
-    mask_grow = check_int(mask_grow, "mask_grow", minimum=0, unit="pixels")
-    if on_missing_mask not in ON_MISSING_MASK:
-        raise ValueError(f"on_missing_mask must be one of {ON_MISSING_MASK}, got {on_missing_mask!r}")
-    return region, mask_grow, on_missing_mask
+
+    where: str = "object"
+    grow: int = 16
+    on_missing: str = "error"
+
+    def __post_init__(self) -> None:
+        if self.where not in REGIONS:
+            raise ValueError(f"region must be one of {REGIONS}, got {self.where!r}")
+        object.__setattr__(self, "grow", check_int(self.grow, "grow", minimum=0, unit="pixels"))
+        if self.on_missing not in ON_MISSING_MASK:
+            raise ValueError(f"on_missing must be one of {ON_MISSING_MASK}, got {self.on_missing!r}")
+
+
+def check_region(region: Any) -> tuple[str, int, str]:
+    """``region`` (a string of :data:`REGIONS` or a :class:`Region`) as ``(where, grow, on_missing)``.
+
+    Raises:
+        ValueError, TypeError: an unknown region, or a bad :class:`Region` field.
+    """
+    if isinstance(region, str):
+        region = Region(region)
+    elif not isinstance(region, Region):
+        raise TypeError(f"region must be one of {REGIONS} or a Region, got {type(region).__name__}")
+    return region.where, region.grow, region.on_missing
 
 
 def mask_pictures(mask: torch.Tensor, n: int, size: tuple[int, int], where: str = "mask") -> list[np.ndarray]:

@@ -48,8 +48,9 @@ from .errors import CacheError, PipelineError
 from .filters import check_filter, filter_fingerprint, filter_variants
 from .functional import check_strengths, diffuse, native_resolution
 from .hashing import image_digest
+from .mixing import OtherClass, check_target, mix_labels, one_hot, soft_labels_like, target_class
 from .pipeline import PipelineSpec, pipeline_fingerprint, pipeline_lock, resolve_device, resolve_pipeline
-from .regions import check_region, edit_digest, edit_mask
+from .regions import Region, check_region, edit_digest, edit_mask
 from .tokens import ClassTokens
 from .variants import (
     CACHE_FORMAT_VERSION,
@@ -150,6 +151,41 @@ def _load_lora(lora: Any, tokens: ClassTokens | None, class_erasures: Mapping | 
     return lora
 
 
+def _check_target(target: Any, class_names: list[str] | None, prompt: PromptSpec, class_erasures: Mapping, filter: Any) -> OtherClass | None:
+    """``target`` checked against the rest of the transform (see :func:`dafusion_aug.mixing.check_target`)."""
+    out = check_target(target, class_names)
+    if out is None:
+        return None
+    if not prompt_needs_class(prompt):
+        raise ValueError(f"target='other-class' draws a variant with another class's prompt, but prompt={prompt!r} "
+                         "names no class; use a template with {name}, a per-class dict or a callable")
+    if class_erasures:
+        raise ValueError("target='other-class' cannot be combined with class_erasures: a variant of class i drawn "
+                         "towards class j has no one erased model to come from")
+    if filter is not None:
+        raise ValueError("target='other-class' cannot be combined with a filter: a filter keeps variants that show "
+                         "the image's own class, and an inter-class edit is meant to show another one")
+    return out
+
+
+def _label_leaf(flat: list[Any], labels: Any, image_idx: list[int]) -> int:
+    """Where the label the labels getter found sits among a sample's leaves (``v2.MixUp`` finds it the same way).
+
+    Raises:
+        TypeError: the labels are a list or tuple (torchvision's pytree flattens them; use a tensor).
+        ValueError: the labels getter returned an object that is not one of the sample's leaves.
+    """
+    if isinstance(labels, (list, tuple)):
+        raise TypeError(f"target='other-class' replaces the sample's label by soft labels and needs it as an int, a "
+                        f"class name or a tensor, got a {type(labels).__name__}; pass a tensor of labels for a batch")
+    where = next((i for i, x in enumerate(flat) if x is labels and i not in image_idx), None)
+    if where is None:
+        raise ValueError(f"target='other-class' replaces the sample's label by soft labels, but the labels_getter "
+                         f"returned a {type(labels).__name__} that is not a leaf of the sample; return the "
+                         "sample's own label object")
+    return where
+
+
 def _load_erasures(mapping: Mapping[int | str, Any] | None, class_names: list[str] | None) -> dict[int, Erasure]:
     """``label or class name -> Erasure or file`` as ``label -> Erasure``."""
     if mapping is None:
@@ -206,20 +242,25 @@ class DiffusionAugment(Transform):
         lora: a LoRA file or :class:`~dafusion_aug.ClassLora` trained with the tokens (``fit_tokens(lora_rank=...)``),
             fused into the UNet while this transform generates and taken out after; default ``tokens.lora``.
             Part of the cache key.
+        target: ``"same-class"`` (default: DA-Fusion, a variant shows the image's own class) or
+            ``"other-class"`` / :class:`~dafusion_aug.OtherClass` (Diff-Mix's inter-class edits): variant ``v``
+            of a class-``i`` image is drawn with another class ``j``'s prompt (``j`` from a stable hash of the
+            plan) at the variant's strength ``s``, and the sample's label is replaced by the soft label
+            ``(1 - s^g) e_i + s^g e_j`` (``g = OtherClass.label_gamma``, 0.8), a float vector as ``v2.MixUp``
+            returns; a sample that stays real gets ``e_i``. Needs a prompt that names the class and at least
+            two classes; not with ``class_erasures`` or a ``filter``. See :mod:`dafusion_aug.mixing`.
         class_erasures: ``label or class name -> Erasure or erasure file``: class c is augmented by the model
             with c erased (DA-Fusion's leakage-free protocol). Generation is grouped by class and the small
             erasure deltas are swapped in place, with no model reload and no second UNet in memory.
         region: ``"all"`` (default: the whole image, plain img2img; masks are ignored), ``"object"`` (edit
-            only inside the sample's object mask grown by ``mask_grow``) or ``"background"`` (only outside
-            it). The mask is the sample's ``tv_tensors.Mask`` (the union of its masks), or its
-            ``BoundingBoxes`` turned into a box mask; it comes back unchanged. A region edit runs diffusers'
-            inpainting pipeline on the same components (an inpainting checkpoint's own 9-channel UNet, or
-            the ordinary UNet, as the official DA-Fusion code did) and pastes the real pixels back outside the
-            edited region, so there they *equal* the real image's (tolerance 0).
-        mask_grow: pixels the object mask grows in every direction before an edit (a square dilation at the
-            input's size; the official code's ``mask_grow_radius=16`` was a 16 px window at 512 px).
-        on_missing_mask: with a region edit, a sample without a mask or boxes is an error (``"error"``,
-            default) or edited whole (``"all"``, with the keys of ``region="all"``'s plan).
+            only inside the sample's object mask), ``"background"`` (only outside it), or a
+            :class:`~dafusion_aug.Region` with the mask's growth in pixels (``grow``, default 16) and what a
+            sample without a mask gets (``on_missing``: ``"error"`` or ``"all"``). The mask is the sample's
+            ``tv_tensors.Mask`` (the union of its masks), or its ``BoundingBoxes`` turned into a box mask; it
+            comes back unchanged. A region edit runs diffusers' inpainting pipeline on the same components
+            (an inpainting checkpoint's own 9-channel UNet, or the ordinary UNet, as the official DA-Fusion
+            code did) and pastes the real pixels back outside the edited region, so there they *equal* the
+            real image's (tolerance 0).
         filter: keep only variants that still show their class: a callable ``(images, labels) -> keep mask
             or scores`` (images: the variants as RGB uint8 ``(H, W, 3)`` arrays; see
             :mod:`dafusion_aug.filters`), e.g. :class:`~dafusion_aug.ClassifierFilter` or
@@ -261,6 +302,7 @@ class DiffusionAugment(Transform):
         class_names: Sequence[str] | None = None,
         *,
         lora: Any = None,
+        target: str | OtherClass = "same-class",
         prompt: PromptSpec = "a photo of a {name}",
         strength: float | Sequence[float] = DEFAULT_STRENGTHS,
         strength_probs: Sequence[float] | None = None,
@@ -278,9 +320,7 @@ class DiffusionAugment(Transform):
         resolution: int | None = None,
         batch_size: int | None = None,
         class_erasures: Mapping[int | str, Any] | None = None,
-        region: str = "all",
-        mask_grow: int = 16,
-        on_missing_mask: str = "error",
+        region: str | Region = "all",
         filter: Callable[[list[np.ndarray], list[Label]], Any] | None = None,
         filter_threshold: float | None = None,
         max_tries: int = 4,
@@ -306,9 +346,10 @@ class DiffusionAugment(Transform):
         self._labels_getter: LabelsGetter | None = check_labels_getter(labels_getter)
         self.class_erasures = _load_erasures(class_erasures, self.class_names)
         self.lora = _load_lora(lora, self.tokens, self.class_erasures)
+        self.target = _check_target(target, self.class_names, self.prompt, self.class_erasures, filter)
         if self.class_erasures and self.spec is not None and self.spec.erasure is not None:
             raise ValueError("class_erasures cannot be combined with a PipelineSpec that already has an erasure")
-        self.region, self.mask_grow, self.on_missing_mask = check_region(region, mask_grow, on_missing_mask)
+        self.region, self.mask_grow, self.on_missing_mask = check_region(region)
         self.filter_threshold, self.max_tries, self.filter_fallback = check_filter(filter, filter_threshold, max_tries, filter_fallback)
         self.filter = filter
         self._fingerprint: str | None = None
@@ -328,6 +369,7 @@ class DiffusionAugment(Transform):
                 filter=None if self.filter is None else filter_fingerprint(
                     self.filter, self.filter_threshold, self.max_tries, self.filter_fallback),
                 lora=None if self.lora is None else self.lora.content_hash(),
+                target=None if self.target is None else self.target.fingerprint(),
             )
         return self._fingerprint
 
@@ -341,8 +383,16 @@ class DiffusionAugment(Transform):
         if not 0 <= v < self.num_variants:
             raise ValueError(f"v must be in [0, {self.num_variants}), got {v}")
         strength = variant_strength(self.seed, digest, label, v, self.strength, self.strength_probs)
-        prompt = variant_prompt(self.seed, digest, label, v, prompt_options(self.prompt, label, self.class_names, self.tokens))
-        return Variant(strength, prompt, variant_seed(self.seed, digest, label, v), self.cache_key(digest, label, v, edit), edit)
+        drawn = label if self.target is None else target_class(self.seed, digest, label, v, len(self.class_names))
+        prompt = variant_prompt(self.seed, digest, label, v, prompt_options(self.prompt, drawn, self.class_names, self.tokens))
+        return Variant(strength, prompt, variant_seed(self.seed, digest, label, v), self.cache_key(digest, label, v, edit), edit,
+                       None if self.target is None else drawn)
+
+    def mix(self, digest: str, label: int, v: int) -> tuple[int, float]:
+        """Variant ``v``'s target class and strength with ``target="other-class"`` (what its soft label
+        mixes; see :mod:`dafusion_aug.mixing`): a pure function of the plan, so a cache hit needs no model."""
+        return (target_class(self.seed, digest, label, v, len(self.class_names)),
+                variant_strength(self.seed, digest, label, v, self.strength, self.strength_probs))
 
     def cache_key(self, digest: str, label: Label, v: int, edit: np.ndarray | None = None) -> str:
         """The cache key of variant ``v`` (cheaper than :meth:`variant`: a cache hit needs nothing else); a
@@ -353,10 +403,10 @@ class DiffusionAugment(Transform):
 
     def edit_masks(self, sample: Any) -> list[np.ndarray | None]:
         """The edit mask of each picture of a sample's first image leaf (what :meth:`sample_images` returns):
-        ``None`` everywhere with ``region="all"``, or for a sample without a mask with ``on_missing_mask="all"``.
+        ``None`` everywhere with ``region="all"``, or for a sample without a mask with ``Region(on_missing="all")``.
 
         Raises:
-            ValueError: a region edit of a sample without a mask (``on_missing_mask="error"``), or a bad mask
+            ValueError: a region edit of a sample without a mask (``Region(on_missing="error")``), or a bad mask
                 (another size, not binary, nothing to edit).
         """
         image, _, _ = first_image(sample, None)
@@ -370,7 +420,7 @@ class DiffusionAugment(Transform):
             if self.on_missing_mask == "all":
                 return [None] * n
             raise ValueError(f"region={self.region!r} needs a tv_tensors.Mask or BoundingBoxes in the sample, found "
-                             "neither; add one, or pass on_missing_mask='all' to edit such samples whole")
+                             f"neither; add one, or pass region=Region({self.region!r}, on_missing='all') to edit such samples whole")
         return [edit_mask(m, self.region, self.mask_grow) for m in masks] + [None] * (n - len(masks))
 
     def sample_images(self, sample: Any) -> tuple[list[np.ndarray], list[Label]]:
@@ -399,6 +449,11 @@ class DiffusionAugment(Transform):
             check_one_class(out, "class_erasures")
         if prompt_needs_class(self.prompt):
             check_one_class(out, f"prompt={self.prompt!r}"[:120])
+        if self.target is not None:
+            check_one_class(out, "target='other-class'")
+            if any(label is None for label in out):
+                raise ValueError("target='other-class' needs every image's label (its soft label mixes it with the "
+                                 "target class), got a sample without one; check labels_getter")
         return out
 
     # -- the model -----------------------------------------------------------------------------------
@@ -569,11 +624,13 @@ class DiffusionAugment(Transform):
                 dimension is a batch dimension) is ``n``; a region edit reads its ``Mask`` or ``BoundingBoxes``.
 
         Returns:
-            ``{"apply": [bool] * n, "variant": [int] * n, "labels": [None] * n, "edits": [mask or None] * n}``,
-            everything :meth:`transform` reads; ``forward`` puts the sample's labels into ``"labels"``.
+            ``{"apply": [bool] * n, "variant": [int] * n, "labels": [None] * n, "edits": [mask or None] * n,
+            "mixed": [None] * n}``, everything :meth:`transform` reads; ``forward`` puts the sample's labels
+            into ``"labels"``, and with ``target="other-class"`` :meth:`transform` puts ``(target class,
+            strength)`` into ``"mixed"`` for each picture it replaced.
 
         Raises:
-            ValueError: a region edit without a mask (``on_missing_mask="error"``) or with a bad one.
+            ValueError: a region edit without a mask (``Region(on_missing="error")``) or with a bad one.
         """
         images = [flat_inputs[i] for i in image_leaf_indices(flat_inputs, None)]
         n = max((picture_count(leaf) for leaf in images), default=1)
@@ -581,12 +638,12 @@ class DiffusionAugment(Transform):
         u = torch.rand(n, 2).tolist()  # one RNG call: [apply?, which variant] per sample
         apply = [row[0] < self.p for row in u]
         variants = [min(int(row[1] * self.num_variants), self.num_variants - 1) for row in u]
-        return {"apply": apply, "variant": variants, "labels": [None] * n, "edits": edits}
+        return {"apply": apply, "variant": variants, "labels": [None] * n, "edits": edits, "mixed": [None] * n}
 
     def forward(self, *inputs: Any) -> Any:
         """Find the images and labels of a sample (like ``v2.MixUp``), draw the parameters, transform the images."""
         sample = inputs if len(inputs) > 1 else inputs[0]
-        if self.p == 0.0:
+        if self.p == 0.0 and self.target is None:
             return sample
         flat, spec = tree_flatten(sample)
         labels = self._labels_getter(sample) if self._labels_getter is not None else None
@@ -596,8 +653,14 @@ class DiffusionAugment(Transform):
             return sample
         params = self.make_params([x for x in flat if x is not labels])  # the same images as image_idx
         params["labels"] = self.sample_labels(labels, len(params["apply"]))
+        label_leaf = None if self.target is None else _label_leaf(flat, labels, image_idx)  # checked before any work
         for i in image_idx:
             flat[i] = self.transform(flat[i], params)
+        if label_leaf is not None:
+            c = len(self.class_names)
+            rows = [one_hot(y, c) if m is None else mix_labels(y, m[0], m[1], c, self.target.label_gamma)
+                    for y, m in zip(params["labels"], params["mixed"])]
+            flat[label_leaf] = soft_labels_like(labels, rows)
         return tree_unflatten(flat, spec)
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
@@ -630,8 +693,11 @@ class DiffusionAugment(Transform):
                                  "(masks are read at the size of the sample's first image)")
         jobs = [(arrays[j], image_digest(arrays[j]), params["labels"][j], params["variant"][j], edits[j]) for j in where]
         outs: list[Any] = [None] * len(arrays)
-        for j, arr in zip(where, self._resolve(jobs)):
+        mixed = params.get("mixed") if self.target is not None else None
+        for j, job, arr in zip(where, jobs, self._resolve(jobs)):
             outs[j] = arr
+            if mixed is not None and arr is not None:  # a picture that stays real keeps its one-hot label
+                mixed[j] = self.mix(job[1], job[2], job[3])
         return restore(outs)
 
     # -- pickling --------------------------------------------------------------------------------------
@@ -650,6 +716,7 @@ class DiffusionAugment(Transform):
             f"num_variants={self.num_variants}, p={self.p}, cache={self.cache}, on_miss={self.on_miss!r}"
             + (f", region={self.region!r}, mask_grow={self.mask_grow}" if self.region != "all" else "")
             + (f", filter={self.filter!r}" if self.filter is not None else "")
+            + (f", target={self.target!r}" if self.target is not None else "")
         )
 
     # -- bulk generation -------------------------------------------------------------------------------

@@ -65,14 +65,16 @@ PromptSpec = str | Sequence[str] | Mapping[Any, str | Sequence[str]] | Callable[
 
 
 class Variant(NamedTuple):
-    """What variant ``v`` of an image is: its strength, prompt, seed and cache key, and for a region edit
-    its edit mask (bool ``(H, W)``, ``True`` where it may change; see :mod:`dafusion_aug.regions`)."""
+    """What variant ``v`` of an image is: its strength, prompt, seed and cache key, for a region edit
+    its edit mask (bool ``(H, W)``, ``True`` where it may change; see :mod:`dafusion_aug.regions`), and
+    for an inter-class edit (``target="other-class"``, :mod:`dafusion_aug.mixing`) the class its prompt names."""
 
     strength: float
     prompt: str
     seed: int
     key: str
     edit: np.ndarray | None = None
+    target: int | None = None
 
 
 class Augmenter(Protocol):
@@ -83,6 +85,7 @@ class Augmenter(Protocol):
     class_names: list[str] | None
     num_variants: int
     batch_size: int | None
+    target: Any  # None, or the OtherClass of inter-class edits (dafusion_aug.mixing)
 
     def fingerprint(self) -> str: ...
 
@@ -281,6 +284,7 @@ def generation_fingerprint(
     region: tuple[str, int] | None = None,
     filter: tuple | None = None,
     lora: str | None = None,
+    target: tuple | None = None,
 ) -> str:
     """Digest of everything that decides the generated pixels besides the image, label and variant.
 
@@ -304,6 +308,8 @@ def generation_fingerprint(
             filter, not in the digest): a different filter, threshold, ``max_tries`` or fallback is a
             different entry.
         lora: the content hash of the transform's :class:`~dafusion_aug.ClassLora` (``None``: none, not in the digest).
+        target: :meth:`~dafusion_aug.OtherClass.fingerprint` of an inter-class transform (``None``: variants of
+            the image's own class, not in the digest).
 
     Returns:
         A sha256 hex digest.
@@ -312,6 +318,7 @@ def generation_fingerprint(
     extra = [] if region is None else [("region", region[0], int(region[1]))]
     extra += [] if filter is None else [list(filter)]
     extra += [] if lora is None else [("lora", lora)]
+    extra += [] if target is None else [list(target)]
     return stable_digest(
         "generation",
         model,

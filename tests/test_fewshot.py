@@ -301,12 +301,13 @@ def test_protocol_with_a_region_and_a_leakage_free_filter(tmp_path, tiny_pipe, t
     settings = json.loads(res.files["json"].read_text())["settings"]["generation"]
     assert settings["region"] == "background" and settings["filter"]["filter"] == "subset"
     # the transform run_fewshot used, rebuilt: every variant is in the cache and keeps the centre's real pixels
+    from dafusion_aug import Region
     from dafusion_aug.fewshot import method_transform
 
     subset = [toy_data[i] for i in __import__("dafusion_aug").few_shot_indices(toy_data.targets, 1, 0, num_classes=3)]
     f = subset_filter(small_cnn(steps=4, batch_size=4), subset, 3, k=1, seed=0, threshold=0.3)
     aug = method_transform("real-guidance", tiny_pipe, NAMES, num_variants=2, num_inference_steps=4, guidance_scale=7.5,
-                           cache=tmp_path / "run" / "cache", on_miss="error", region="background", mask_grow=1, filter=f,
+                           cache=tmp_path / "run" / "cache", on_miss="error", region=Region("background", grow=1), filter=f,
                            max_tries=2, p=1.0)
     for image, mask, label in with_masks(subset, _centre):
         out = np.asarray(aug(image, mask, label)[0])

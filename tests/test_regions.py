@@ -9,7 +9,7 @@ from conftest import FAST, random_image
 from PIL import Image
 from torchvision import tv_tensors
 
-from dafusion_aug import DiffusionAugment, PipelineSpec
+from dafusion_aug import DiffusionAugment, PipelineSpec, Region
 from dafusion_aug.functional import diffuse, inpaint_pipeline
 from dafusion_aug.hashing import image_digest
 from dafusion_aug.regions import edit_mask
@@ -30,7 +30,7 @@ def changed(out, real) -> np.ndarray:
 @pytest.mark.parametrize("region", ["object", "background"])
 def test_pixels_outside_the_region_equal_the_real_image(make_aug, region):
     """Tolerance 0: the real pixels are pasted back outside the grown mask; the mask comes back as the same object."""
-    aug = make_aug(**FAST, region=region, mask_grow=2)
+    aug = make_aug(**FAST, region=Region(region, grow=2))
     image, mask = random_image(3), square_mask()
     out_image, out_mask, label = aug(image, mask, 1)
     assert out_mask is mask and label == 1 and isinstance(out_image, Image.Image)
@@ -43,7 +43,7 @@ def test_pixels_outside_the_region_equal_the_real_image(make_aug, region):
 
 
 def test_region_in_dicts_tensors_and_batches(make_aug):
-    aug = make_aug(**FAST, region="object", mask_grow=0)
+    aug = make_aug(**FAST, region=Region("object", grow=0))
     image = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     masks = tv_tensors.Mask(torch.stack([square_mask().as_subclass(torch.Tensor), square_mask(box=(0, 4, 0, 4)).as_subclass(torch.Tensor)]))
     out = aug({"image": tv_tensors.Image(image), "masks": masks, "labels": torch.tensor([0, 2])})
@@ -55,7 +55,7 @@ def test_region_in_dicts_tensors_and_batches(make_aug):
 
 
 def test_boxes_become_a_box_mask(make_aug):
-    aug = make_aug(**FAST, region="object", mask_grow=0)
+    aug = make_aug(**FAST, region=Region("object", grow=0))
     image = random_image(5)
     boxes = tv_tensors.BoundingBoxes([[4, 6, 12, 20]], format="XYXY", canvas_size=(32, 32))
     out, target = aug(image, {"boxes": boxes, "labels": torch.tensor([1])})
@@ -68,7 +68,7 @@ def test_boxes_become_a_box_mask(make_aug):
 
 def test_region_all_ignores_masks_and_keeps_the_keys(make_aug):
     """region='all' is the plain transform: the same key and pixels with or without a mask in the sample."""
-    plain, masked = make_aug(**FAST), make_aug(**FAST, region="all", mask_grow=3)
+    plain, masked = make_aug(**FAST), make_aug(**FAST, region=Region("all", grow=3))
     assert plain.fingerprint() == masked.fingerprint()
     image = random_image(1)
     torch.manual_seed(0)
@@ -82,7 +82,7 @@ def test_the_mask_region_and_grow_are_in_the_key(make_aug, tmp_path):
     digest = image_digest(np.zeros((32, 32, 3), np.uint8))
     e1 = edit_mask(square_mask().numpy().astype(bool), "object", 1)
     e2 = edit_mask(square_mask(box=(0, 8, 0, 8)).numpy().astype(bool), "object", 1)
-    obj, back, grown = make_aug(region="object", mask_grow=1), make_aug(region="background", mask_grow=1), make_aug(region="object", mask_grow=2)
+    obj, back, grown = make_aug(region=Region("object", grow=1)), make_aug(region=Region("background", grow=1)), make_aug(region=Region("object", grow=2))
     keys = {obj.cache_key(digest, 1, 0, e1), obj.cache_key(digest, 1, 0, e2), back.cache_key(digest, 1, 0, e1),
             grown.cache_key(digest, 1, 0, e1), make_aug().cache_key(digest, 1, 0)}
     assert len(keys) == 5
@@ -90,7 +90,7 @@ def test_the_mask_region_and_grow_are_in_the_key(make_aug, tmp_path):
 
 
 def test_a_cache_hit_equals_the_generation(make_aug):
-    aug = make_aug(**FAST, region="object", mask_grow=1)
+    aug = make_aug(**FAST, region=Region("object", grow=1))
     image, mask = random_image(7), square_mask()
     first = aug(image, mask, 2)[0]
     assert aug.cache.stats()["writes"] == 1
@@ -102,10 +102,10 @@ def test_a_cache_hit_equals_the_generation(make_aug):
 
 def test_precompute_fills_what_the_transform_reads(make_aug):
     data = [(random_image(i), square_mask(box=(i, 20, 4, 24)), i % 3) for i in range(3)]
-    aug = make_aug(num_inference_steps=4, strength=(0.5, 1.0), num_variants=2, region="background", mask_grow=1)
+    aug = make_aug(num_inference_steps=4, strength=(0.5, 1.0), num_variants=2, region=Region("background", grow=1))
     counts = aug.precompute(data, progress=False)
     assert counts["generated"] == 6 and counts["failures"] == []
-    reader = make_aug(num_inference_steps=4, strength=(0.5, 1.0), num_variants=2, region="background", mask_grow=1, on_miss="error")
+    reader = make_aug(num_inference_steps=4, strength=(0.5, 1.0), num_variants=2, region=Region("background", grow=1), on_miss="error")
     for image, mask, label in data:
         out = reader(image, mask, label)[0]
         assert not changed(out, image)[mask.numpy().astype(bool)].any()
@@ -115,7 +115,7 @@ def test_precompute_fills_what_the_transform_reads(make_aug):
 def test_missing_mask_is_an_error_or_a_whole_edit(make_aug):
     with pytest.raises(ValueError, match="region='object' needs a tv_tensors.Mask or BoundingBoxes"):
         make_aug(**FAST, region="object")(random_image(0), 1)
-    lenient, plain = make_aug(**FAST, region="object", on_missing_mask="all"), make_aug(**FAST)
+    lenient, plain = make_aug(**FAST, region=Region("object", on_missing="all")), make_aug(**FAST)
     image = random_image(0)
     torch.manual_seed(1)
     a = lenient(image, 1)[0]
@@ -142,13 +142,23 @@ def test_bad_masks_are_clear_errors(make_aug, mask, region, message):
 
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(region="inside"), ValueError, r"region must be one of \('all', 'object', 'background'\), got 'inside'"),
-    (dict(mask_grow=-1), ValueError, "mask_grow must be an int >= 0 .pixels., got -1"),
-    (dict(mask_grow=1.5), TypeError, "mask_grow must be an int .pixels., got float: 1.5"),
-    (dict(on_missing_mask="skip"), ValueError, r"on_missing_mask must be one of \('error', 'all'\), got 'skip'"),
+    (dict(region="Object"), ValueError, r"region must be one of .*got 'Object'"),
+    (dict(region=1), TypeError, "region must be one of .* or a Region, got int"),
 ])
 def test_bad_region_arguments(make_aug, kwargs, error, message):
     with pytest.raises(error, match=message):
         make_aug(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(grow=-1), ValueError, "grow must be an int >= 0 .pixels., got -1"),
+    (dict(grow=1.5), TypeError, "grow must be an int .pixels., got float: 1.5"),
+    (dict(on_missing="skip"), ValueError, r"on_missing must be one of \('error', 'all'\), got 'skip'"),
+    (dict(where="inside"), ValueError, r"region must be one of \('all', 'object', 'background'\), got 'inside'"),
+])
+def test_bad_region_settings(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        Region(**kwargs)
 
 
 def test_diffuse_masks_mixes_masked_and_plain_samples(tiny_pipe):
@@ -185,7 +195,7 @@ def test_an_inpainting_checkpoint_uses_its_own_9_channel_unet(tmp_path):
     edit = edit_mask(mask.numpy().astype(bool), "object", 1)
     # a loaded inpainting pipeline, and a model folder of one (loaded as img2img, its 9-channel UNet then inpaints)
     for source in (pipe, PipelineSpec(folder)):
-        aug = DiffusionAugment(source, class_names=["a", "b"], region="object", mask_grow=1, **FAST)
+        aug = DiffusionAugment(source, class_names=["a", "b"], region=Region("object", grow=1), **FAST)
         diff = changed(aug(image, mask, 0)[0], image)
         assert not diff[~edit].any() and diff[edit].mean() > 0.5
         assert aug.pipeline().unet.config.in_channels == 9
@@ -197,7 +207,7 @@ def test_a_ray_row_carries_the_edit_masks_and_the_filter_counts(make_aug, tiny_f
     from dafusion_aug import PipelineSpec
     from dafusion_aug._ray import RayBatchGenerator, batch_row
 
-    aug = make_aug(**FAST, pipeline=PipelineSpec(tiny_folder), region="object", mask_grow=0,
+    aug = make_aug(**FAST, pipeline=PipelineSpec(tiny_folder), region=Region("object", grow=0),
                    filter=lambda images, labels: [True] * len(images))
     image, mask = np.asarray(random_image(4)), square_mask()
     edit = aug.edit_masks((Image.fromarray(image), mask, 1))[0]

@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from dafusion_aug import AugmentationCache, ClassTokens, DiffusionAugment, PipelineSpec
+from dafusion_aug import AugmentationCache, ClassTokens, DiffusionAugment, PipelineSpec, Region
 from dafusion_aug.errors import CacheError, PipelineError
 from dafusion_aug.hashing import image_digest
 from dafusion_aug.testing import check_transform
@@ -145,7 +145,7 @@ def test_transform_reads_only_what_make_params_returns(make_aug):
     named = make_aug(**FAST)
     with pytest.raises(ValueError, match="needs the class, but the sample has no label"):
         named.transform(img, named.make_params([img]))
-    region = make_aug(**FAST, region="object", mask_grow=0)
+    region = make_aug(**FAST, region=Region("object", grow=0))
     with pytest.raises(ValueError, match="region='object' needs a tv_tensors.Mask or BoundingBoxes"):
         region.make_params([img])
     mask = tv_tensors.Mask(torch.zeros(16, 16, dtype=torch.uint8))

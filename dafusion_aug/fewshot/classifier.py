@@ -276,6 +276,27 @@ def to_input(images: Sequence[Any], size: int) -> torch.Tensor:
     return torch.stack(out).float().div_(255.0)
 
 
+def batch_targets(labels: Sequence[Any], real: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The loss targets of a batch of augmented samples' labels: the class indices ``real`` when every label
+    is still a class index (so a method that never mixes labels trains exactly as before), else one
+    ``(B, num_classes)`` float row per sample (soft labels as they are, class indices one-hot).
+
+    Raises:
+        ValueError: a soft label of another length than ``num_classes``.
+    """
+    if not any(isinstance(y, torch.Tensor) and y.is_floating_point() for y in labels):
+        return real
+    rows = []
+    for y, r in zip(labels, real.tolist()):
+        if isinstance(y, torch.Tensor) and y.is_floating_point():
+            if y.shape != (num_classes,):
+                raise ValueError(f"a soft label must have shape ({num_classes},), got {tuple(y.shape)}")
+            rows.append(y.float())
+        else:
+            rows.append(nn.functional.one_hot(torch.tensor(r), num_classes).float())
+    return torch.stack(rows)
+
+
 def train_classifier(
     spec: ClassifierSpec,
     samples: Sequence[tuple[Any, int]],
@@ -290,7 +311,9 @@ def train_classifier(
         samples: the few-shot training set, ``(PIL image or uint8 array, label)`` pairs.
         num_classes: outputs of the model.
         augment: applied to each ``(image, label)`` sample before the standard augmentation (e.g. a
-            ``DiffusionAugment`` reading its cache); ``None`` for the baseline.
+            ``DiffusionAugment`` reading its cache); ``None`` for the baseline. The labels it returns are
+            trained on: class indices, or soft labels (``target="other-class"``'s float vectors, as
+            ``v2.MixUp`` returns them), which ``cross_entropy`` reads as class probabilities.
         device: where to train.
 
     Returns:
@@ -307,7 +330,8 @@ def train_classifier(
         x = to_input([b[0] for b in batch], spec.image_size)
         if spec.standard_augmentation is not None:
             x = spec.standard_augmentation(x)
-        loss = nn.functional.cross_entropy(model(x.to(device)), labels_all[idx].to(device))
+        target = labels_all[idx] if augment is None else batch_targets([b[1] for b in batch], labels_all[idx], num_classes)
+        loss = nn.functional.cross_entropy(model(x.to(device)), target.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

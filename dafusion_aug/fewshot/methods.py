@@ -26,12 +26,16 @@ from ..tokens import ClassTokens
 from ..transform import DiffusionAugment
 from .classifier import ClassifierSpec, to_input, train_classifier
 
-__all__ = ["METHODS", "GENERATIVE", "method_transform", "fit_subset_tokens", "subset_filter", "with_masks", "MaskedSamples"]
+__all__ = ["METHODS", "LORA_METHODS", "GENERATIVE", "method_transform", "fit_subset_tokens", "subset_filter", "with_masks", "MaskedSamples"]
 
 #: The methods of the protocol, in the order the paper reports them.
 METHODS = ("baseline", "real-guidance", "real-guidance-agnostic", "da-fusion")
+#: Beyond DA-Fusion (issue 32), run only when named: ``da-fusion-lora`` (the tokens and a class LoRA fitted
+#: jointly, ``fit_tokens(lora_rank=...)``) and ``diff-mix`` (the same model, inter-class edits with soft
+#: labels, ``target="other-class"``).
+LORA_METHODS = ("da-fusion-lora", "diff-mix")
 #: The methods that augment with generated variants.
-GENERATIVE = METHODS[1:]
+GENERATIVE = METHODS[1:] + LORA_METHODS
 
 
 def method_transform(
@@ -49,10 +53,12 @@ def method_transform(
 
     Args:
         method: ``"real-guidance"`` (``prompt`` with the class name), ``"real-guidance-agnostic"``
-            (``agnostic_prompt``) or ``"da-fusion"`` (``prompt`` with the class's learned token).
+            (``agnostic_prompt``), ``"da-fusion"`` (``prompt`` with the class's learned token), or one of
+            :data:`LORA_METHODS`: ``"da-fusion-lora"`` (da-fusion with the LoRA the tokens carry) and
+            ``"diff-mix"`` (the same, each variant drawn towards another class, with a soft label).
         pipeline: what :class:`~dafusion_aug.DiffusionAugment` accepts.
         class_names: the classes, index = label.
-        tokens: the learned tokens (``"da-fusion"`` only).
+        tokens: the learned tokens (da-fusion and the LoRA methods; theirs carry ``.lora``).
         prompt, agnostic_prompt: as :func:`~dafusion_aug.fewshot.run_fewshot` takes them.
         class_erasures: ``label -> Erasure or file`` for the erased protocol (``None`` or empty: none).
         kwargs: the rest of the transform (``num_variants``, ``p``, ``strength``, ``num_inference_steps``,
@@ -62,7 +68,8 @@ def method_transform(
         The :class:`~dafusion_aug.DiffusionAugment`.
 
     Raises:
-        ValueError: ``"baseline"`` (it has no transform), an unknown method, or ``"da-fusion"`` without tokens.
+        ValueError: ``"baseline"`` (it has no transform), an unknown method, da-fusion without tokens, or a
+            LoRA method whose tokens carry no LoRA.
 
     Example:
         >>> aug = method_transform("real-guidance", "pocket", CLASS_NAMES, cache="demo/cache", on_miss="real")  # doctest: +SKIP
@@ -70,9 +77,15 @@ def method_transform(
     if method not in GENERATIVE:
         raise ValueError(f"method must be one of the generative methods {list(GENERATIVE)}, got {method!r}")
     erasures = dict(class_erasures) if class_erasures else None
-    if method == "da-fusion":
+    if method == "da-fusion" or method in LORA_METHODS:
         if tokens is None:
-            raise ValueError("method 'da-fusion' needs the learned tokens, got tokens=None")
+            raise ValueError(f"method {method!r} needs the learned tokens, got tokens=None")
+        if method in LORA_METHODS:
+            if isinstance(tokens, (str, os.PathLike)):
+                tokens = ClassTokens.load(tokens)
+            if tokens.lora is None:
+                raise ValueError(f"method {method!r} needs tokens fitted with a LoRA (fit_tokens(lora_rank=...)), got none")
+            kwargs["target"] = "other-class" if method == "diff-mix" else "same-class"
         return DiffusionAugment(pipeline, tokens=tokens, prompt=prompt, class_erasures=erasures, **kwargs)
     text = prompt if method == "real-guidance" else agnostic_prompt
     return DiffusionAugment(pipeline, class_names=list(class_names), prompt=text, class_erasures=erasures, **kwargs)
@@ -103,19 +116,29 @@ def fit_subset_tokens(
         seed: the fit's seed.
         fit_settings: ``steps``, ``batch_size``, ``learning_rate``, ``num_vectors``, ``initializer`` (and any
             other keys, which are recorded in the tokens' metadata when fitting per class).
+            With ``lora_rank`` > 0 (and ``lora_learning_rate``) a class LoRA is fitted with the tokens and
+            kept beside them as ``<path stem>.lora.safetensors``; the tokens come back carrying it (``.lora``).
         erasures: one erasure per class, for the erased protocol.
 
     Returns:
         The tokens.
     """
     path = Path(path)
-    if path.is_file():
-        return ClassTokens.load(path)
+    rank = int(fit_settings.get("lora_rank", 0))
+    lora_path = path.with_name(path.stem + ".lora.safetensors")
+    if path.is_file() and (rank == 0 or lora_path.is_file()):
+        return ClassTokens.load(path, lora=lora_path if rank else None)
     names = list(class_names)
     kw = dict(num_vectors=fit_settings["num_vectors"], initializer=fit_settings["initializer"], batch_size=fit_settings["batch_size"],
               learning_rate=fit_settings["learning_rate"], seed=seed, progress=False)
+    if rank:
+        if erasures is not None:
+            raise ValueError("a class LoRA cannot be fitted for the erased protocol yet (fit_settings lora_rank with erasures)")
+        kw.update(lora_rank=rank, lora_learning_rate=fit_settings["lora_learning_rate"])
     if erasures is None:
         tokens = fit_tokens(pipe, ImageList(subset, names), names, steps=fit_settings["steps"], **kw)
+        if rank:
+            tokens.lora.save(lora_path)  # before the tokens: a token file without its LoRA is fitted again
     else:
         embs, embs_2, family = [], [], {}
         for c, name in enumerate(names):

@@ -26,6 +26,7 @@ from ..errors import CacheError
 from ..filters import filter_fingerprint
 from ..hashing import image_digest, stable_digest, stable_hash
 from ..pipeline import pipeline_fingerprint, resolve_device, resolve_pipeline
+from ..regions import Region
 from ..tokens import ClassTokens
 from ..transform import DiffusionAugment
 from ..variants import DEFAULT_STRENGTHS, fingerprint_callable
@@ -33,6 +34,7 @@ from .classifier import ClassifierSpec, Inputs, evaluate, resolve_classifier, tr
 from .erasures import resolve_erasures
 from .methods import (
     GENERATIVE,
+    LORA_METHODS,
     METHODS,
     MaskedSamples,
     fit_subset_tokens,
@@ -64,9 +66,10 @@ def check_grid(methods: Sequence[str], shots: Sequence[int], seeds: Sequence[int
     """
     if not methods or not shots or not seeds:
         raise ValueError(f"methods, shots and seeds must be non-empty, got methods={list(methods)}, shots={list(shots)}, seeds={list(seeds)}")
-    bad = [m for m in methods if m not in METHODS + UPPER_BOUNDS]
+    known = METHODS + LORA_METHODS + UPPER_BOUNDS
+    bad = [m for m in methods if m not in known]
     if bad:
-        raise ValueError(f"methods must be among {list(METHODS + UPPER_BOUNDS)}, got unknown {bad}")
+        raise ValueError(f"methods must be among {list(known)}, got unknown {bad}")
     for name, values in (("methods", methods), ("shots", shots), ("seeds", seeds)):
         if len(set(values)) != len(values):
             raise ValueError(f"{name} must not repeat entries, got {list(values)}")
@@ -192,6 +195,8 @@ def run_fewshot(
     fit_learning_rate: float = 5e-4,
     num_vectors: int = 1,
     fit_initializer: str | None = None,
+    lora_rank: int = 10,
+    lora_learning_rate: float = 1e-4,
     erase: bool = False,
     erasures: Mapping[Any, Any] | None = None,
     generation_batch_size: int = 32,
@@ -219,13 +224,12 @@ def run_fewshot(
 
     Args:
         pipeline: model id, folder, ``"pocket"``, :class:`PipelineSpec` or a loaded img2img pipeline.
-        train: the training pool, a map-style dataset of ``(PIL image, label)`` with ``.targets``
-            (or ``.class_names``); few-shot subsets are drawn from it per seed with
-            :func:`~dafusion_aug.few_shot_indices`.
+        train: the training pool, a map-style dataset of ``(PIL image, label)`` with ``.targets`` (or
+            ``.class_names``); each seed draws its subsets with :func:`~dafusion_aug.few_shot_indices`.
         test: the test set; ``None`` tests on the rest of the pool (everything not in the subset).
         class_names: class names, index = label; default ``train.class_names`` / ``train.classes``.
         out: the output folder.
-        methods: a subset of :data:`METHODS`.
+        methods: among :data:`METHODS`, ``LORA_METHODS`` (not with ``erase``) and ``oracle-scene``.
         shots: the values of k (examples per class).
         seeds: one trial per seed (subset draw, token fit, classifier initialisation).
         classifier: ``"resnet50"`` (the paper's frozen ResNet-50 + linear head, needs its ImageNet weights),
@@ -237,19 +241,17 @@ def run_fewshot(
         fit_steps, fit_batch_size, fit_learning_rate, num_vectors: textual inversion on the k-shot subset
             (all classes jointly; with ``erase`` one run per class, with that class erased, of ``fit_steps``
             steps each, so every token gets as many optimizer steps as in the joint run).
-        fit_initializer: default ``"class_name"``, or ``"the"`` with ``erase`` (a class-name start would
-            carry class knowledge into the token).
+        fit_initializer: default ``"class_name"``, ``"the"`` with ``erase`` (a name carries class knowledge).
+        lora_rank, lora_learning_rate: the LoRA methods' class LoRA, fitted with their own tokens (Diff-Mix: rank 10).
         erase: augment class c's images with class c erased from the model.
         erasures: ``{label or class name: Erasure or file}`` for ``erase`` (see :func:`build_erasures`).
         generation_batch_size: images per pipeline call in :func:`~dafusion_aug.precompute`.
         cache: the variants' cache folder (default ``out/cache``); runs with other settings can share it.
-        tokens_dir: where fitted tokens are kept (default ``out/tokens``), named by a digest of everything
-            that decides them, so runs over other grids can share them.
+        tokens_dir: where fitted tokens are kept (default ``out/tokens``), named by a digest of their settings.
         grid_classes: also write ``augmentations.png``: for these labels, an image of the first (k, seed)
             subset beside its variant at each strength, one row per generative method.
         confidence: coverage of the confidence intervals.
-        device: where to load a model id / folder and train the classifier (default ``"auto"``: CUDA if
-            available, else the CPU).
+        device: where to load a model id / folder and train the classifier (``"auto"``: CUDA if available).
         progress: show a progress bar over the (method, k, seed) grid.
         region, mask_grow: region edits of every generative method (see
             :class:`~dafusion_aug.DiffusionAugment`); ``region`` other than ``"all"`` needs ``masks``.
@@ -259,8 +261,7 @@ def run_fewshot(
             ``classifier`` trained on the k-shot subset alone (:func:`~dafusion_aug.fewshot.methods.subset_filter`);
             or any filter callable, used as is (it answers for its own leakage: the pocket judge is an upper
             bound that knows every digit).
-        filter_threshold, max_tries, filter_fallback: the filter's settings (``"subset"``'s threshold
-            defaults to 0.5).
+        filter_threshold, max_tries, filter_fallback: the filter's settings (``"subset"``'s threshold: 0.5).
 
     Returns:
         A :class:`FewShotResult`.
@@ -281,14 +282,28 @@ def run_fewshot(
                       guidance_scale=guidance_scale, prompt=prompt, agnostic_prompt=agnostic_prompt)
     generation.update(_edit_settings(region, mask_grow, masks, filter, filter_threshold, max_tries, filter_fallback))
     fitting = _fit_settings(fit_steps, fit_batch_size, fit_learning_rate, num_vectors, fit_initializer, erase)
+    lora = _lora_settings(methods, erase, lora_rank, lora_learning_rate)
     experiment = _Experiment(
         pipeline, train, test, class_names, out=Path(out), methods=list(methods), shots=list(shots), seeds=list(seeds),
         classifier=classifier, generation=generation, fitting=fitting, erase=erase, erasures=erasures,
         batch_size=generation_batch_size, cache=cache, tokens_dir=tokens_dir, confidence=confidence, device=device,
     )
     experiment.masks, experiment.filter = masks, filter
+    experiment.use_lora(lora)
     rows = experiment.run(progress, _on_run)
     return experiment.finish(rows, grid_classes)
+
+
+def _lora_settings(methods: Sequence[str], erase: bool, rank: Any, learning_rate: float) -> dict[str, Any] | None:
+    """The LoRA methods' fit settings (``None`` when no method fits a LoRA), checked before any work."""
+    lora = [m for m in methods if m in LORA_METHODS]
+    if not lora:
+        return None
+    if erase:
+        raise ValueError(f"methods {lora} fit a class LoRA, which the leakage-free protocol (erase=True) does not support yet")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"lora_rank must be an int >= 1 for methods {lora}, got {rank!r}")
+    return dict(lora_rank=rank, lora_learning_rate=learning_rate)
 
 
 def _fit_settings(steps: int, batch_size: int, learning_rate: float, num_vectors: int, initializer: str | None,
@@ -363,7 +378,17 @@ class _Experiment:
         self.augs: dict[Any, DiffusionAugment] = {}
         self.masks: Callable[[Any], Any] | None = None  # set by run_fewshot: region edits and filters
         self.filter: Any = None
-        self.token_files: dict[tuple[int, int], str] = {}  # (k, seed) -> the token file's name, recorded in da-fusion rows
+        self.token_files: dict[tuple[int, int, bool], str] = {}  # (k, seed, lora) -> the token file's name, recorded in rows
+        self.lora: dict[str, Any] | None = None  # the LoRA methods' settings (use_lora)
+
+    def use_lora(self, settings: dict[str, Any] | None) -> None:
+        """Fit a class LoRA with the LoRA methods' tokens; the settings join the rows' config digest (only
+        when set, so the rows of runs without LoRA methods keep theirs)."""
+        if settings is None:
+            return
+        self.lora = settings
+        self.settings["fit_tokens_lora"] = settings
+        self.config = stable_digest(self.config, "lora", settings)
 
     def _digests(self) -> tuple[str, str]:
         """The digest of everything that decides a row, and of everything that decides a token file."""
@@ -391,30 +416,34 @@ class _Experiment:
         return done
 
     # -- the methods' transforms ----------------------------------------------------------------------
-    def tokens(self, subset: list[tuple[Any, int]], k: int, seed: int) -> ClassTokens:
-        """da-fusion's tokens for this subset, kept in ``tokens_dir`` under a name that digests what decides them."""
+    def tokens(self, subset: list[tuple[Any, int]], k: int, seed: int, lora: bool = False) -> ClassTokens:
+        """da-fusion's tokens for this subset (with ``lora``, the LoRA methods' tokens and LoRA), kept in
+        ``tokens_dir`` under a name that digests what decides them."""
         digests = [image_digest(to_canonical(im)[0][0]) for im, _ in subset]
-        key = stable_digest("fewshot-tokens", self.token_config, digests, [y for _, y in subset], seed)
-        path = self.tokens_dir / f"k{k}-seed{seed}-{key[:12]}.safetensors"
-        self.token_files[(k, seed)] = path.name
-        return fit_subset_tokens(self.pipe, subset, self.names, path, seed=seed, fit_settings=self.fitting, erasures=self.erasures)
+        settings = dict(self.fitting, **self.lora) if lora and self.lora else self.fitting
+        config = self.token_config if settings is self.fitting else stable_digest(self.token_config, "lora", self.lora)
+        key = stable_digest("fewshot-tokens", config, digests, [y for _, y in subset], seed)
+        path = self.tokens_dir / f"k{k}-seed{seed}{'-lora' if lora else ''}-{key[:12]}.safetensors"
+        self.token_files[(k, seed, lora)] = path.name
+        return fit_subset_tokens(self.pipe, subset, self.names, path, seed=seed, fit_settings=settings, erasures=self.erasures)
 
     def transform(self, method: str, subset: list[tuple[Any, int]], k: int, seed: int) -> DiffusionAugment:
         """The method's transform (one per method; da-fusion's per subset, with its tokens)."""
-        per_subset = method == "da-fusion" or self.filter == "subset"
+        fitted = method == "da-fusion" or method in LORA_METHODS
+        per_subset = fitted or self.filter == "subset"
         key = method if not per_subset else (method, k, seed)
         if key not in self.augs:
             g = self.generation
             edits: dict[str, Any] = {}
             if "region" in g:
-                edits.update(region=g["region"], mask_grow=g["mask_grow"])
+                edits["region"] = Region(g["region"], grow=g["mask_grow"])
             if "filter" in g:
                 f = g["filter"]
                 edits.update(filter=self.filter, filter_threshold=f["threshold"], max_tries=f["max_tries"], filter_fallback=f["fallback"])
                 if self.filter == "subset":
                     edits["filter"] = subset_filter(self.spec, subset, len(self.names), k=k, seed=seed, threshold=f["threshold"], device=self.device)
             self.augs[key] = method_transform(
-                method, self.pipe, self.names, tokens=self.tokens(subset, k, seed) if method == "da-fusion" else None,
+                method, self.pipe, self.names, tokens=self.tokens(subset, k, seed, method in LORA_METHODS) if fitted else None,
                 prompt=g["prompt"], agnostic_prompt=g["agnostic_prompt"], class_erasures=dict(enumerate(self.erasures or [])),
                 num_variants=g["num_variants"], p=g["p"], strength=tuple(g["strength"]), num_inference_steps=g["num_inference_steps"],
                 guidance_scale=g["guidance_scale"], cache=self.cache_dir, batch_size=self.batch_size, **edits,
@@ -458,8 +487,8 @@ class _Experiment:
         for name in ("accepted", "retried", "fallen_back"):  # this run's generation; 0 when all was cached
             if name in self.filter_counts:
                 row[f"filter_{name}"] = self.filter_counts[name]
-        if method == "da-fusion":
-            row["tokens"] = self.token_files[(k, seed)]  # which file of the tokens folder these variants came from
+        if method == "da-fusion" or method in LORA_METHODS:
+            row["tokens"] = self.token_files[(k, seed, method in LORA_METHODS)]  # which file of the tokens folder these variants came from
         return row
 
     def subset(self, k: int, seed: int) -> tuple[list[int], list[tuple[Any, int]]]:
@@ -515,7 +544,8 @@ class _Experiment:
                 edit = aug.edit_masks(with_masks([(im, c)], self.masks)[0])[0] if aug.region != "all" else None
                 var = aug.variant(image_digest(arr), c, 0, edit)
                 made = aug.generate([arr] * len(strengths), [var._replace(strength=float(s)) for s in strengths], [c] * len(strengths))
-                out_rows.append((f"{self.names[c]}\n{method}", [arr, *made]))
+                towards = "" if var.target is None else f" -> {self.names[var.target]}"  # diff-mix: the target class
+                out_rows.append((f"{self.names[c]}\n{method}{towards}", [arr, *made]))
         return out_rows
 
     def finish(self, rows: list[dict[str, Any]], grid_classes: Sequence[int] | None) -> FewShotResult:
