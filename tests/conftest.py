@@ -100,9 +100,10 @@ def with_header_length(path, length: int) -> None:
         f.write(length.to_bytes(8, "little") + header + data[8 + n :])
 
 
-def ray_matches_local(folder, tmp_path, n_items: int, concurrency: int) -> dict:
+def ray_matches_local(folder, tmp_path, n_items: int, concurrency: int, **settings) -> dict:
     """Precompute ``n_items`` random images with the model folder ``folder`` twice, locally and on a local
-    Ray cluster, assert both caches hold the same keys with bit-identical images, and return Ray's summary."""
+    Ray cluster, assert both caches hold the same keys with bit-identical images, and return Ray's summary.
+    ``settings`` go to both transforms (``target="other-class"``)."""
     import ray
 
     from dafusion_aug import DiffusionAugment, PipelineSpec, precompute
@@ -111,7 +112,7 @@ def ray_matches_local(folder, tmp_path, n_items: int, concurrency: int) -> dict:
 
     def make(cache):
         return DiffusionAugment(PipelineSpec(str(folder), device="cpu"), class_names=CLASS_NAMES, num_inference_steps=4,
-                                guidance_scale=2.0, num_variants=2, p=1.0, cache=cache)
+                                guidance_scale=2.0, num_variants=2, p=1.0, cache=cache, **settings)
 
     local = make(tmp_path / "local")
     precompute(local, items, batch_size=3, progress=False)

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import CLASS_NAMES, random_image
+from conftest import CLASS_NAMES, random_image, ray_matches_local
 from torch.utils.data import default_collate
 from torchvision import tv_tensors
 
@@ -120,6 +120,12 @@ def test_precompute_masks_and_the_manifest(tiny_pipe, tmp_path):
     out, m, y = reader(*items[1])
     real = np.asarray(items[1][0])
     assert np.array_equal(np.asarray(out)[~mask.numpy()], real[~mask.numpy()]) and y[1] < 1 and m is items[1][1]
+
+
+@pytest.mark.slow
+def test_ray_backend_makes_the_same_inter_class_variants(tiny_folder, tmp_path):
+    pytest.importorskip("ray")
+    assert ray_matches_local(tiny_folder, tmp_path, n_items=3, concurrency=1, target="other-class")["generated"] == 6
 
 
 # -- refusals: clear, before any work, nothing cached ---------------------------------------------------------------
