@@ -12,9 +12,10 @@ is read back from the cache (nothing is generated) for each generative method an
 ``dafusion_aug.pocket.judge_images``: the share the judge reads as the image's own label, per strength.
 A low share means label noise: the variant shows another digit (or none) under the real image's label.
 The LoRA methods of issue 32 are read too: ``da-fusion-lora`` like da-fusion, and ``diff-mix``, whose
-variants are drawn towards another class, by the share the judge reads as that *target* class. With both
-da-fusion and da-fusion-lora in the runs, a third table pairs them over (k, seed): the LoRA's gain in
-judged fidelity per strength, mean and 95 % t interval.
+variants are drawn towards another class, by the share the judge reads as that *target* class, and
+``diff-mix-no-lora`` (the same edits with da-fusion's tokens alone) likewise. Two more tables pair the runs
+over (k, seed): da-fusion-lora minus da-fusion, and diff-mix minus diff-mix-no-lora, the LoRA's gain in
+judged fidelity per strength (mean and 95 % t interval).
 A second table gives how far the variants move from their real image: the mean absolute grey-level
 difference, in percent of the full range (0 = a copy), per strength; a faithful variant that is also a near
 copy adds little that the standard augmentation does not.
@@ -66,6 +67,7 @@ def main(argv=None) -> None:
             every = [h for hs in per.values() for h in hs]
             print(f"| {method} | {k} | " + " | ".join(cells) + f" | {fmt(every)} (n={len(every)}) |")
     paired_table(per_seed, strengths)
+    paired_table(per_seed, strengths, "diff-mix", "diff-mix-no-lora")
 
 
 def paired_table(per_seed: dict, strengths: list[float], method: str = "da-fusion-lora", reference: str = "da-fusion") -> None:
@@ -85,7 +87,7 @@ def paired_table(per_seed: dict, strengths: list[float], method: str = "da-fusio
             continue
         mean, low, high = mean_confidence_interval(d)
         cells.append(f"{mean:+.1f} [{low:+.1f}, {high:+.1f}]" if len(d) > 1 else f"{mean:+.1f}")
-    print("| LoRA gain | " + " | ".join(cells) + " |")
+    print(f"| {method} - {reference} | " + " | ".join(cells) + " |")
 
 
 def score_run(demo: Path, tokens: Path, a: argparse.Namespace, totals: dict, change: dict, per_seed: dict) -> None:
@@ -96,6 +98,7 @@ def score_run(demo: Path, tokens: Path, a: argparse.Namespace, totals: dict, cha
     used = {(r["k"], r["seed"]): r["tokens"] for r in results["rows"] if r["method"] == "da-fusion" and r.get("tokens")}
     used_lora = {(r["k"], r["seed"]): r["tokens"] for r in results["rows"] if r["method"] in LORA_METHODS and r.get("tokens")}
     lora_methods = sorted({r["method"] for r in results["rows"] if r["method"] in LORA_METHODS})
+    present = {r["method"] for r in results["rows"]}
     gen = settings["generation"]
     data = digits("B")
     names = data.class_names
@@ -130,6 +133,8 @@ def score_run(demo: Path, tokens: Path, a: argparse.Namespace, totals: dict, cha
                              f"one the run used ({', '.join(Path(p).name for p, _ in candidates)}); rerun the demo to record it")
                 if candidates:
                     augs["da-fusion"] = candidates[0][1]
+            if "diff-mix-no-lora" in present and "da-fusion" in augs:  # inter-class edits with da-fusion's tokens
+                augs["diff-mix-no-lora"] = method_transform("diff-mix-no-lora", spec, names, tokens=augs["da-fusion"].tokens, **common)
             if (k, seed) in used_lora:
                 path = tokens / used_lora[(k, seed)]
                 lora_tokens = ClassTokens.load(path, lora=path.with_name(path.stem + ".lora.safetensors"))

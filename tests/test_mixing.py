@@ -176,13 +176,16 @@ def test_protocol_runs_the_lora_methods(tiny_pipe, tmp_path):
     data = ImageList([(random_image(10 * c + i), c) for c in range(3) for i in range(4)], names)
     kw = dict(shots=[1], seeds=[0], num_variants=2, num_inference_steps=4, fit_steps=3, lora_rank=2,
               classifier=small_cnn(steps=4, batch_size=4), progress=False)
-    res = run_fewshot(tiny_pipe, data, out=tmp_path / "run", methods=["baseline", "da-fusion-lora", "diff-mix"], **kw)
+    methods = ["baseline", "da-fusion", "da-fusion-lora", "diff-mix", "diff-mix-no-lora"]
+    res = run_fewshot(tiny_pipe, data, out=tmp_path / "run", methods=methods, **kw)
     rows = {r["method"]: r for r in res.rows}
-    assert set(rows) == {"baseline", "da-fusion-lora", "diff-mix"}
+    assert set(rows) == set(methods)
+    assert rows["diff-mix-no-lora"]["tokens"] == rows["da-fusion"]["tokens"] and "-lora-" not in rows["da-fusion"]["tokens"]
     assert rows["diff-mix"]["synthetic_share"] > 0 and rows["diff-mix"]["tokens"] == rows["da-fusion-lora"]["tokens"]
     assert "-lora-" in rows["diff-mix"]["tokens"]
     assert len(list((tmp_path / "run" / "tokens").glob("*.lora.safetensors"))) == 1  # one fit for both methods
-    with pytest.raises(ValueError, match="erase=True"):
-        run_fewshot(tiny_pipe, data, out=tmp_path / "x", methods=["diff-mix"], erase=True, **kw)
+    for method in ("diff-mix", "diff-mix-no-lora"):
+        with pytest.raises(ValueError, match="erase=True"):
+            run_fewshot(tiny_pipe, data, out=tmp_path / "x", methods=[method], erase=True, **kw)
     with pytest.raises(ValueError, match="lora_rank"):
         run_fewshot(tiny_pipe, data, out=tmp_path / "x", methods=["da-fusion-lora"], **{**kw, "lora_rank": 0})

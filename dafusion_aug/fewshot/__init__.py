@@ -32,11 +32,12 @@ from .demo import (
     run_demo,
 )
 from .erasures import build_erasures, resolve_erasures
-from .methods import GENERATIVE, LORA_METHODS, METHODS, fit_subset_tokens, method_transform
+from .methods import BEYOND, GENERATIVE, LORA_METHODS, METHODS, fit_subset_tokens, method_transform
 from .protocol import FewShotResult, check_grid, run_fewshot
 
 __all__ = [
     "METHODS",
+    "BEYOND",
     "GENERATIVE",
     "LORA_METHODS",
     "FewShotResult",

@@ -26,16 +26,19 @@ from ..tokens import ClassTokens
 from ..transform import DiffusionAugment
 from .classifier import ClassifierSpec, to_input, train_classifier
 
-__all__ = ["METHODS", "LORA_METHODS", "GENERATIVE", "method_transform", "fit_subset_tokens", "subset_filter", "with_masks", "MaskedSamples"]
+__all__ = ["METHODS", "BEYOND", "LORA_METHODS", "GENERATIVE", "method_transform", "fit_subset_tokens", "subset_filter", "with_masks", "MaskedSamples"]
 
 #: The methods of the protocol, in the order the paper reports them.
 METHODS = ("baseline", "real-guidance", "real-guidance-agnostic", "da-fusion")
 #: Beyond DA-Fusion (issue 32), run only when named: ``da-fusion-lora`` (the tokens and a class LoRA fitted
-#: jointly, ``fit_tokens(lora_rank=...)``) and ``diff-mix`` (the same model, inter-class edits with soft
-#: labels, ``target="other-class"``).
-LORA_METHODS = ("da-fusion-lora", "diff-mix")
+#: jointly, ``fit_tokens(lora_rank=...)``), ``diff-mix`` (the same model, inter-class edits with soft labels,
+#: ``target="other-class"``) and ``diff-mix-no-lora`` (inter-class edits with da-fusion's tokens alone: the
+#: ablation that shows what the LoRA adds).
+BEYOND = ("da-fusion-lora", "diff-mix", "diff-mix-no-lora")
+#: The methods whose tokens are fitted with a class LoRA.
+LORA_METHODS = BEYOND[:2]
 #: The methods that augment with generated variants.
-GENERATIVE = METHODS[1:] + LORA_METHODS
+GENERATIVE = METHODS[1:] + BEYOND
 
 
 def method_transform(
@@ -54,8 +57,9 @@ def method_transform(
     Args:
         method: ``"real-guidance"`` (``prompt`` with the class name), ``"real-guidance-agnostic"``
             (``agnostic_prompt``), ``"da-fusion"`` (``prompt`` with the class's learned token), or one of
-            :data:`LORA_METHODS`: ``"da-fusion-lora"`` (da-fusion with the LoRA the tokens carry) and
-            ``"diff-mix"`` (the same, each variant drawn towards another class, with a soft label).
+            :data:`BEYOND`: ``"da-fusion-lora"`` (da-fusion with the LoRA the tokens carry), ``"diff-mix"``
+            (the same, each variant drawn towards another class, with a soft label) and ``"diff-mix-no-lora"``
+            (inter-class edits with tokens that carry no LoRA).
         pipeline: what :class:`~dafusion_aug.DiffusionAugment` accepts.
         class_names: the classes, index = label.
         tokens: the learned tokens (da-fusion and the LoRA methods; theirs carry ``.lora``).
@@ -77,15 +81,16 @@ def method_transform(
     if method not in GENERATIVE:
         raise ValueError(f"method must be one of the generative methods {list(GENERATIVE)}, got {method!r}")
     erasures = dict(class_erasures) if class_erasures else None
-    if method == "da-fusion" or method in LORA_METHODS:
+    if method == "da-fusion" or method in BEYOND:
         if tokens is None:
             raise ValueError(f"method {method!r} needs the learned tokens, got tokens=None")
-        if method in LORA_METHODS:
-            if isinstance(tokens, (str, os.PathLike)):
-                tokens = ClassTokens.load(tokens)
-            if tokens.lora is None:
-                raise ValueError(f"method {method!r} needs tokens fitted with a LoRA (fit_tokens(lora_rank=...)), got none")
-            kwargs["target"] = "other-class" if method == "diff-mix" else "same-class"
+        if isinstance(tokens, (str, os.PathLike)):
+            tokens = ClassTokens.load(tokens)
+        if (method in LORA_METHODS) != (tokens.lora is not None) and method != "da-fusion":
+            raise ValueError(f"method {method!r} needs tokens {'with' if method in LORA_METHODS else 'without'} a LoRA "
+                             "(fit_tokens(lora_rank=...) makes one)")
+        if method in BEYOND:
+            kwargs["target"] = "same-class" if method == "da-fusion-lora" else "other-class"
         return DiffusionAugment(pipeline, tokens=tokens, prompt=prompt, class_erasures=erasures, **kwargs)
     text = prompt if method == "real-guidance" else agnostic_prompt
     return DiffusionAugment(pipeline, class_names=list(class_names), prompt=text, class_erasures=erasures, **kwargs)

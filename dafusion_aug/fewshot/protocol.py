@@ -33,6 +33,7 @@ from ..variants import DEFAULT_STRENGTHS, fingerprint_callable
 from .classifier import ClassifierSpec, Inputs, evaluate, resolve_classifier, train_classifier
 from .erasures import resolve_erasures
 from .methods import (
+    BEYOND,
     GENERATIVE,
     LORA_METHODS,
     METHODS,
@@ -66,7 +67,7 @@ def check_grid(methods: Sequence[str], shots: Sequence[int], seeds: Sequence[int
     """
     if not methods or not shots or not seeds:
         raise ValueError(f"methods, shots and seeds must be non-empty, got methods={list(methods)}, shots={list(shots)}, seeds={list(seeds)}")
-    known = METHODS + LORA_METHODS + UPPER_BOUNDS
+    known = METHODS + BEYOND + UPPER_BOUNDS
     bad = [m for m in methods if m not in known]
     if bad:
         raise ValueError(f"methods must be among {list(known)}, got unknown {bad}")
@@ -229,7 +230,7 @@ def run_fewshot(
         test: the test set; ``None`` tests on the rest of the pool (everything not in the subset).
         class_names: class names, index = label; default ``train.class_names`` / ``train.classes``.
         out: the output folder.
-        methods: among :data:`METHODS`, ``LORA_METHODS`` (not with ``erase``) and ``oracle-scene``.
+        methods: among :data:`METHODS`, ``BEYOND`` (issue 32; not with ``erase``) and ``oracle-scene``.
         shots: the values of k (examples per class).
         seeds: one trial per seed (subset draw, token fit, classifier initialisation).
         classifier: ``"resnet50"`` (the paper's frozen ResNet-50 + linear head, needs its ImageNet weights),
@@ -296,11 +297,13 @@ def run_fewshot(
 
 def _lora_settings(methods: Sequence[str], erase: bool, rank: Any, learning_rate: float) -> dict[str, Any] | None:
     """The LoRA methods' fit settings (``None`` when no method fits a LoRA), checked before any work."""
+    beyond = [m for m in methods if m in BEYOND]
+    if beyond and erase:
+        raise ValueError(f"methods {beyond} (a class LoRA, inter-class edits) are not supported by the leakage-free protocol "
+                         "(erase=True) yet")
     lora = [m for m in methods if m in LORA_METHODS]
     if not lora:
         return None
-    if erase:
-        raise ValueError(f"methods {lora} fit a class LoRA, which the leakage-free protocol (erase=True) does not support yet")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"lora_rank must be an int >= 1 for methods {lora}, got {rank!r}")
     return dict(lora_rank=rank, lora_learning_rate=learning_rate)
@@ -429,7 +432,7 @@ class _Experiment:
 
     def transform(self, method: str, subset: list[tuple[Any, int]], k: int, seed: int) -> DiffusionAugment:
         """The method's transform (one per method; da-fusion's per subset, with its tokens)."""
-        fitted = method == "da-fusion" or method in LORA_METHODS
+        fitted = method == "da-fusion" or method in BEYOND
         per_subset = fitted or self.filter == "subset"
         key = method if not per_subset else (method, k, seed)
         if key not in self.augs:
@@ -487,7 +490,7 @@ class _Experiment:
         for name in ("accepted", "retried", "fallen_back"):  # this run's generation; 0 when all was cached
             if name in self.filter_counts:
                 row[f"filter_{name}"] = self.filter_counts[name]
-        if method == "da-fusion" or method in LORA_METHODS:
+        if method == "da-fusion" or method in BEYOND:
             row["tokens"] = self.token_files[(k, seed, method in LORA_METHODS)]  # which file of the tokens folder these variants came from
         return row
 
