@@ -382,8 +382,10 @@ class DiffusionAugment(Transform):
         """
         if not 0 <= v < self.num_variants:
             raise ValueError(f"v must be in [0, {self.num_variants}), got {v}")
-        strength = variant_strength(self.seed, digest, label, v, self.strength, self.strength_probs)
-        drawn = label if self.target is None else target_class(self.seed, digest, label, v, len(self.class_names))
+        if self.target is None:
+            drawn, strength = label, variant_strength(self.seed, digest, label, v, self.strength, self.strength_probs)
+        else:
+            drawn, strength = self.mix(digest, label, v)
         prompt = variant_prompt(self.seed, digest, label, v, prompt_options(self.prompt, drawn, self.class_names, self.tokens))
         return Variant(strength, prompt, variant_seed(self.seed, digest, label, v), self.cache_key(digest, label, v, edit), edit,
                        None if self.target is None else drawn)

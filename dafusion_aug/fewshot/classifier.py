@@ -22,6 +22,7 @@ from torch import nn
 
 from .._images import to_canonical
 from ..hashing import image_digest, stable_digest
+from ..mixing import one_hot
 
 __all__ = [
     "ClassifierSpec",
@@ -293,7 +294,7 @@ def batch_targets(labels: Sequence[Any], real: torch.Tensor, num_classes: int) -
                 raise ValueError(f"a soft label must have shape ({num_classes},), got {tuple(y.shape)}")
             rows.append(y.float())
         else:
-            rows.append(nn.functional.one_hot(torch.tensor(r), num_classes).float())
+            rows.append(one_hot(r, num_classes))
     return torch.stack(rows)
 
 

@@ -423,8 +423,10 @@ class _Experiment:
         """da-fusion's tokens for this subset (with ``lora``, the LoRA methods' tokens and LoRA), kept in
         ``tokens_dir`` under a name that digests what decides them."""
         digests = [image_digest(to_canonical(im)[0][0]) for im, _ in subset]
-        settings = dict(self.fitting, **self.lora) if lora and self.lora else self.fitting
-        config = self.token_config if settings is self.fitting else stable_digest(self.token_config, "lora", self.lora)
+        if lora and self.lora:
+            settings, config = dict(self.fitting, **self.lora), stable_digest(self.token_config, "lora", self.lora)
+        else:
+            settings, config = self.fitting, self.token_config
         key = stable_digest("fewshot-tokens", config, digests, [y for _, y in subset], seed)
         path = self.tokens_dir / f"k{k}-seed{seed}{'-lora' if lora else ''}-{key[:12]}.safetensors"
         self.token_files[(k, seed, lora)] = path.name
